@@ -1,0 +1,122 @@
+"""The `mlci` command line. Thin: parse, call the library, choose the exit code.
+
+Exit codes (DESIGN.md): 0 pass, 1 gate failed (for `run`: a model failed),
+2 usage or configuration error, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mlci import __version__
+from mlci.config import DEFAULT_CONFIG_NAME, ConfigError, load_config
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+app = typer.Typer(
+    name="mlci",
+    help="Compile, tune, verify and benchmark ONNX models with Apache TVM on every commit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"mlci {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True)] = False,
+) -> None:
+    """mlci keeps ML models fast and portable as they change."""
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Target name from [targets] (default: the first).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only this model (repeatable).")] = None,
+    trials: Annotated[int | None, typer.Option(min=0, help="Tuning trials per model (overrides the config).")] = None,
+    tune_seconds: Annotated[float | None, typer.Option(min=0.001, help="Tuning wall-clock cap per model, seconds.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Results file (default: .mlci/results/TARGET.json).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db).")] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+) -> None:
+    """Compile, tune, check and benchmark every model of the config on one target."""
+    from mlci.commands.run import RunOptions, execute
+    from mlci.console import RunReporter, results_table
+
+    try:
+        cfg = load_config(config)
+        options = RunOptions(
+            target=target, models=model or [], trials=trials, tune_seconds=tune_seconds,
+            output=output, tracking=not no_tracking, tracking_uri=tracking_uri,
+        )
+        with RunReporter(err) as reporter:
+            outcome = execute(cfg, options, reporter)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        err.print("[red]internal error[/red] (please report it):")
+        err.print(escape(traceback.format_exc()))
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+    out.print(results_table(outcome.results))
+    out.print(f"results: {escape(str(outcome.results_path))}")
+    if outcome.tracking_error:
+        err.print(f"[yellow]warning:[/yellow] {escape(outcome.tracking_error)} (results kept in the file above)")
+    elif not no_tracking:
+        out.print(f"MLflow: {escape(tracking_uri or cfg.tracking_uri())} (experiment {escape(cfg.tracking.experiment)})")
+    failed = [m.name for m in outcome.results.models if not m.ok]
+    if failed:
+        err.print(f"[red]{len(failed)} model(s) failed:[/red] {escape(', '.join(failed))}")
+        raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+def doctor(
+    no_tune: Annotated[bool, typer.Option("--no-tune", help="Skip the tuning proof (a few trials).")] = False,
+) -> None:
+    """Versions, the detected host target, CUDA and GPU, and a quick proof that tuning works."""
+    from rich.table import Table
+
+    from mlci.commands.doctor import run_checks
+
+    with err.status("checking (the tuning proof takes about a minute)..."):
+        checks = run_checks(tune=not no_tune)
+    table = Table(title="mlci doctor", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    for check in checks:
+        mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
+        table.add_row(check.name, f"{mark} {escape(check.value)}")
+    out.print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(EXIT_GATE)
+
+
+def entrypoint() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,1 @@
+"""One module per CLI command (asv-style); `mlci.cli` only parses and wires."""

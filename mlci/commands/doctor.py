@@ -1,0 +1,111 @@
+"""`mlci doctor`: can this machine compile, tune and measure? Versions, target, GPU, a tuning proof."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    ok: bool = True
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def tiny_matmul_model(n: int = 64):
+    """A one-node ONNX MatMul with a constant weight: a single, quick tuning task."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((n, n), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")],
+        "doctor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def tuning_proof(trials: int = 4) -> Check:
+    """Tune a tiny kernel for real with mlci's builder; say how many candidates built and ran."""
+    import onnx
+
+    from mlci import compile as tvm_compile
+    from mlci import tuning
+    from mlci.config import ModelConfig
+    from mlci.models import prepare_model
+    from mlci.targets import detect_host_target
+
+    import tvm
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mlci-doctor-") as tmp:
+        path = Path(tmp) / "matmul.onnx"
+        onnx.save(tiny_matmul_model(), path)
+        prepared = prepare_model(ModelConfig(name="matmul", path=path, key="doctor"))
+        target = tvm.target.Target(detect_host_target())
+        mod = tvm_compile.import_relax(prepared)
+        kernels = tuning.extract_kernels(tvm_compile.fuse_for_tuning(mod, target), target)
+        cache = tuning.TuningCache(Path(tmp) / "cache")
+        outcome = tuning.tune(
+            kernels, target, cache, trials=trials, seconds=120, per_round=trials, log_dir=Path(tmp) / "logs"
+        )
+    seconds = time.monotonic() - start
+    ok = outcome.trials_valid_new > 0
+    return Check(
+        "tuning works",
+        f"{outcome.trials_valid_new} of {outcome.trials_new} candidates built and ran "
+        f"({len(kernels)} kernel, {seconds:.1f} s)",
+        ok,
+    )
+
+
+def run_checks(tune: bool = True) -> list[Check]:
+    from mlci.targets import detect_host_target, llvm_version
+
+    import tvm
+
+    checks = [
+        Check("mlci", _version("mlci")),
+        Check("apache-tvm", tvm.__version__),
+        Check("apache-tvm-ffi", _version("apache-tvm-ffi")),
+        Check("LLVM", llvm_version() or "not built in", llvm_version() is not None),
+        Check("onnx", _version("onnx")),
+        Check("onnxruntime", _version("onnxruntime")),
+        Check("mlflow", _version("mlflow")),
+    ]
+    try:
+        checks.append(Check("host target", str(detect_host_target())))
+    except Exception as exc:
+        checks.append(Check("host target", f"detection failed: {exc}", False))
+    nvcc = shutil.which("nvcc")
+    cuda_built = tvm.support.libinfo().get("USE_CUDA", "OFF") not in ("OFF", "", None)
+    checks.append(
+        Check("CUDA compilation", f"possible (nvcc at {nvcc})" if nvcc and cuda_built else
+              ("no nvcc on PATH" if cuda_built else "TVM built without CUDA"))
+    )
+    gpu_visible = tvm.cuda(0).exist
+    checks.append(Check("GPU visible", tvm.cuda(0).device_name if gpu_visible else "no"))
+    if tune:
+        try:
+            checks.append(tuning_proof())
+        except Exception as exc:
+            checks.append(Check("tuning works", f"failed: {type(exc).__name__}: {exc}", False))
+    return checks

@@ -1,0 +1,355 @@
+"""`mlci.toml`: schema, defaults and validation.
+
+Every error names the file and the dotted key (``models[1].inputs.x``) so a
+user can fix the config without reading mlci's code. All errors of a file are
+collected and reported together rather than one per run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_NAME = "mlci.toml"
+HOST_TARGET = "host"
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; the message lists all of them."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: invalid configuration\n{lines}")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    trials: int = 64
+    """MetaSchedule trials per model (summed over its kernels)."""
+    seconds: float = 600.0
+    """Wall-clock cap on searching, per model."""
+    trials_per_round: int = 16
+    """Candidates generated and measured per search round of a kernel."""
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    warmup: int = 5
+    samples: int = 40
+    min_sample_ms: float = 2.0
+    """Calls are batched into one sample until it lasts at least this long."""
+    max_seconds: float = 10.0
+    """Cap on timing one implementation of one model (TVM or ONNX Runtime)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class NumericsConfig:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "mlci"
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    tvm: str | dict[str, Any] = HOST_TARGET
+    """``"host"`` (detect this machine's CPU) or a TVM Target JSON object."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: Path
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
+    trials: int | None = None
+    seconds: float | None = None
+    key: str = ""
+    """Where this model sits in the config (``models[2]``), for error messages."""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    root: Path
+    """Directory of the config file: relative paths are resolved from here."""
+    models: list[ModelConfig]
+    targets: dict[str, TargetConfig]
+    tuning: TuningConfig = TuningConfig()
+    measure: MeasureConfig = MeasureConfig()
+    numerics: NumericsConfig = NumericsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    prepare: list[str] = field(default_factory=list)
+    cache_dir: Path = Path(".mlci/cache")
+    results_dir: Path = Path(".mlci/results")
+    state_dir: Path = Path(".mlci")
+
+    def tracking_uri(self) -> str:
+        """`MLFLOW_TRACKING_URI` wins (CI injects servers that way), then the config, then sqlite."""
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+
+# --- schema -----------------------------------------------------------------
+# Each section maps key -> (accepted python types, human type name).
+
+_NUM = (int, float)
+_TOP_KEYS = {"prepare", "cache_dir", "results_dir", "tracking", "tuning", "measure",
+             "numerics", "targets", "models"}
+_SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "tuning": {
+        "trials": ((int,), "a non-negative integer"),
+        "seconds": (_NUM, "a number of seconds"),
+        "trials_per_round": ((int,), "a positive integer"),
+    },
+    "measure": {
+        "warmup": ((int,), "a non-negative integer"),
+        "samples": ((int,), "a positive integer"),
+        "min_sample_ms": (_NUM, "a number of milliseconds"),
+        "max_seconds": (_NUM, "a number of seconds"),
+        "seed": ((int,), "an integer"),
+    },
+    "numerics": {
+        "atol": (_NUM, "a non-negative number"),
+        "rtol": (_NUM, "a non-negative number"),
+    },
+    "tracking": {
+        "uri": ((str,), "a string"),
+        "experiment": ((str,), "a string"),
+    },
+}
+_MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"),
+    "path": ((str,), "a path string"),
+    "inputs": ((dict,), "a table of input name -> shape list"),
+    "dims": ((dict,), "a table of dimension name -> integer"),
+    "atol": (_NUM, "a non-negative number"),
+    "rtol": (_NUM, "a non-negative number"),
+    "trials": ((int,), "a non-negative integer"),
+    "seconds": (_NUM, "a number of seconds"),
+}
+_TARGET_KEYS = {"tvm", "runs_on"}
+_POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
+
+
+def _unknown(key: str, where: str, known: set[str] | dict) -> str:
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"{where}{key}: unknown key{suggestion}; known keys: {', '.join(sorted(known))}"
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    # bool is an int subclass in Python; `trials = true` is a mistake, not 1.
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> dict:
+    out = {}
+    for key, value in table.items():
+        if key not in schema:
+            problems.append(_unknown(key, where, schema))
+            continue
+        types, type_name = schema[key]
+        if not _type_ok(value, types):
+            problems.append(f"{where}{key}: expected {type_name}, got {type(value).__name__} {value!r}")
+            continue
+        if isinstance(value, _NUM) and value < 0:
+            problems.append(f"{where}{key}: must not be negative, got {value!r}")
+            continue
+        if key in _POSITIVE and value == 0:
+            problems.append(f"{where}{key}: must be greater than 0")
+            continue
+        out[key] = float(value) if float in types and int in types else value
+    return out
+
+
+def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> ModelConfig | None:
+    where = f"models[{index}]."
+    if not isinstance(raw, dict):
+        problems.append(f"models[{index}]: expected a table ([[models]]), got {type(raw).__name__}")
+        return None
+    n_before = len(problems)
+    values = _check_table(raw, _MODEL_KEYS, where, problems)
+    if "path" not in raw:
+        problems.append(f"{where}path: required key is missing")
+    inputs: dict[str, list[int]] = {}
+    for name, shape in values.get("inputs", {}).items():
+        ok = isinstance(shape, list) and all(_type_ok(d, (int,)) and d > 0 for d in shape)
+        if not ok:
+            problems.append(f"{where}inputs.{name}: expected a list of positive integers, got {shape!r}")
+        else:
+            inputs[name] = list(shape)
+    dims: dict[str, int] = {}
+    for name, value in values.get("dims", {}).items():
+        if not _type_ok(value, (int,)) or value <= 0:
+            problems.append(f"{where}dims.{name}: expected a positive integer, got {value!r}")
+        else:
+            dims[name] = value
+    if len(problems) > n_before or "path" not in values:
+        return None
+    path = Path(values["path"])
+    path = path if path.is_absolute() else root / path
+    return ModelConfig(
+        name=values.get("name") or path.stem,
+        path=path,
+        inputs=inputs,
+        dims=dims,
+        atol=values.get("atol"),
+        rtol=values.get("rtol"),
+        trials=values.get("trials"),
+        seconds=values.get("seconds"),
+        key=f"models[{index}]",
+    )
+
+
+def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | None:
+    where = f"targets.{name}."
+    if not isinstance(raw, dict):
+        problems.append(f"targets.{name}: expected a table, got {type(raw).__name__}")
+        return None
+    for key in raw:
+        if key not in _TARGET_KEYS:
+            problems.append(_unknown(key, where, _TARGET_KEYS))
+    tvm = raw.get("tvm", HOST_TARGET)
+    if isinstance(tvm, str):
+        if tvm != HOST_TARGET:
+            problems.append(
+                f"{where}tvm: expected \"host\" or a TVM Target JSON table such as "
+                f"{{ kind = \"llvm\", mcpu = \"znver3\" }}, got {tvm!r}"
+            )
+            return None
+    elif isinstance(tvm, dict):
+        if not isinstance(tvm.get("kind"), str):
+            problems.append(f"{where}tvm.kind: required string (\"llvm\", \"cuda\", ...) is missing")
+            return None
+    else:
+        problems.append(f"{where}tvm: expected \"host\" or a table, got {type(tvm).__name__}")
+        return None
+    return TargetConfig(name=name, tvm=tvm)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate a config's text; raises ConfigError listing every problem found."""
+    path = Path(path)
+    root = path.resolve().parent
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+
+    problems: list[str] = []
+    for key in data:
+        if key not in _TOP_KEYS:
+            problems.append(_unknown(key, "", _TOP_KEYS))
+
+    sections = {}
+    for section, schema in _SECTIONS.items():
+        raw = data.get(section, {})
+        if not isinstance(raw, dict):
+            problems.append(f"{section}: expected a table [{section}], got {type(raw).__name__}")
+            raw = {}
+        sections[section] = _check_table(raw, schema, f"{section}.", problems)
+
+    prepare = data.get("prepare", [])
+    if isinstance(prepare, str):
+        prepare = shlex.split(prepare)
+    if not (isinstance(prepare, list) and all(isinstance(p, str) for p in prepare)):
+        problems.append(f"prepare: expected a command as a string or list of strings, got {prepare!r}")
+        prepare = []
+
+    dirs = {}
+    for key in ("cache_dir", "results_dir"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{key}: expected a path string, got {type(value).__name__} {value!r}")
+            value = None
+        if value is not None:
+            p = Path(value)
+            dirs[key] = p if p.is_absolute() else root / p
+
+    raw_targets = data.get("targets", {})
+    targets: dict[str, TargetConfig] = {}
+    if not isinstance(raw_targets, dict):
+        problems.append("targets: expected tables [targets.NAME]")
+    else:
+        for name, raw in raw_targets.items():
+            target = _check_target(name, raw, problems)
+            if target:
+                targets[name] = target
+    if not raw_targets:
+        targets = {"cpu": TargetConfig(name="cpu", tvm=HOST_TARGET)}
+
+    raw_models = data.get("models", [])
+    models: list[ModelConfig] = []
+    if not isinstance(raw_models, list):
+        problems.append("models: expected an array of tables ([[models]])")
+    else:
+        for i, raw in enumerate(raw_models):
+            model = _check_model(i, raw, root, problems)
+            if model:
+                models.append(model)
+        if not raw_models:
+            problems.append("models: no models configured; add a [[models]] table with a path")
+    seen: dict[str, str] = {}
+    for model in models:
+        if model.name in seen:
+            problems.append(f"{model.key}.name: duplicate model name {model.name!r} (also {seen[model.name]})")
+        seen[model.name] = model.key
+
+    if problems:
+        raise ConfigError(path, problems)
+    return Config(
+        path=path,
+        root=root,
+        models=models,
+        targets=targets,
+        tuning=TuningConfig(**sections["tuning"]),
+        measure=MeasureConfig(**sections["measure"]),
+        numerics=NumericsConfig(**sections["numerics"]),
+        tracking=TrackingConfig(**sections["tracking"]),
+        prepare=prepare,
+        cache_dir=dirs.get("cache_dir", root / ".mlci" / "cache"),
+        results_dir=dirs.get("results_dir", root / ".mlci" / "results"),
+        state_dir=root / ".mlci",
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"cannot read: {exc}"]) from None
+    return parse_config(text, path)
+
+
+def check_model_files(config: Config) -> None:
+    """Missing model files are config errors, checked after `prepare` has run."""
+    problems = [
+        f"{m.key}.path: model file not found: {m.path}"
+        for m in config.models
+        if not m.path.is_file()
+    ]
+    if problems:
+        raise ConfigError(config.path, problems)

@@ -1,0 +1,192 @@
+"""Timing harness, ONNX Runtime reference and peer latency, numerics check.
+
+TVM and ONNX Runtime are timed by the same harness, from the same Python
+loop, with the cheapest call each offers (a VM function on prebuilt tensors;
+ONNX Runtime with I/O binding), so the speedup compares the engines rather
+than their Python overheads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlci.models import InputSpec
+
+
+def make_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: normal floats, small non-negative integers (safe as indices), random bools."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        if np.issubdtype(spec.dtype, np.floating):
+            value = rng.standard_normal(spec.shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            value = rng.integers(0, 2, size=spec.shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            value = rng.integers(0, 2, size=spec.shape).astype(np.bool_)
+        else:
+            raise ValueError(f"input {spec.name!r}: cannot generate data of type {spec.dtype}")
+        inputs[spec.name] = value
+    return inputs
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    samples: int,
+    min_sample_ms: float,
+    max_seconds: float,
+    sync: Callable[[], None] | None = None,
+) -> list[float]:
+    """Milliseconds per call, one value per sample; fast calls are batched into a sample
+    lasting at least `min_sample_ms`. Stops early at `max_seconds` (keeping >= 3 samples)."""
+    sync = sync or (lambda: None)
+    for _ in range(max(warmup, 1)):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    single = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, math.ceil(min_sample_ms / 1e3 / single))
+    out: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3 / number)
+        if len(out) >= 3 and time.perf_counter() > deadline:
+            break
+    return out
+
+
+@dataclass
+class OrtModel:
+    """ONNX Runtime on the original model: the reference outputs and the peer latency."""
+
+    session: Any
+    output_names: list[str]
+
+    @classmethod
+    def load(cls, model_bytes: bytes) -> OrtModel:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return cls(session, [o.name for o in session.get_outputs()])
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(self.output_names, inputs))
+
+    def timer(self, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name)
+        return lambda: self.session.run_with_iobinding(binding)
+
+
+class TvmModel:
+    """A compiled Relax executable loaded in a VirtualMachine on one device."""
+
+    def __init__(self, executable: Any, device: Any):
+        from tvm import relax
+
+        self.device = device
+        self.vm = relax.VirtualMachine(executable, device)
+        self.main = self.vm["main"]
+
+    def _args(self, inputs: dict[str, np.ndarray], names: list[str]) -> list[Any]:
+        import tvm
+
+        return [tvm.runtime.tensor(inputs[n], self.device) for n in names]
+
+    def run(self, inputs: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        result = self.main(*self._args(inputs, names))
+        return [np.asarray(t.numpy()) for t in _flatten(result)]
+
+    def timer(self, inputs: dict[str, np.ndarray], names: list[str]) -> Callable[[], Any]:
+        args = self._args(inputs, names)
+        main = self.main
+        return lambda: main(*args)
+
+    def sync(self) -> None:
+        self.device.sync()
+
+
+def _flatten(result: Any) -> list[Any]:
+    if hasattr(result, "numpy"):
+        return [result]
+    flat = []
+    for item in result:
+        flat.extend(_flatten(item))
+    return flat
+
+
+@dataclass
+class NumericsReport:
+    max_abs_err: float
+    max_rel_err: float
+    atol: float
+    rtol: float
+    passed: bool
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "passed": self.passed,
+        }
+
+
+def compare_outputs(
+    got: list[np.ndarray], expected: list[np.ndarray], names: list[str], atol: float, rtol: float
+) -> NumericsReport:
+    """numpy.isclose semantics (|got - expected| <= atol + rtol * |expected|, NaN == NaN);
+    on failure the message names the worst output, its index and both values."""
+    if len(got) != len(expected):
+        return NumericsReport(math.inf, math.inf, atol, rtol, False,
+                              f"TVM returned {len(got)} outputs, ONNX Runtime {len(expected)}")
+    max_abs = max_rel = 0.0
+    worst: tuple[float, str] | None = None
+    for name, g, e in zip(names, got, expected):
+        if g.shape != e.shape:
+            return NumericsReport(math.inf, math.inf, atol, rtol, False,
+                                  f"output {name!r}: shape {g.shape} from TVM, {e.shape} from ONNX Runtime")
+        if g.size == 0:
+            continue
+        g64 = g.astype(np.float64)
+        e64 = e.astype(np.float64)
+        both_nan = np.isnan(g64) & np.isnan(e64)
+        abs_err = np.where(both_nan, 0.0, np.abs(g64 - e64))
+        abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)
+        rel_err = abs_err / np.maximum(np.abs(e64), np.finfo(np.float64).tiny)
+        max_abs = max(max_abs, float(abs_err.max()))
+        max_rel = max(max_rel, float(np.where(abs_err == 0, 0.0, rel_err).max()))
+        excess = abs_err - (atol + rtol * np.abs(e64))
+        flat = int(np.argmax(excess))
+        if excess.flat[flat] > 0 and (worst is None or excess.flat[flat] > worst[0]):
+            index = np.unravel_index(flat, g.shape)
+            worst = (
+                float(excess.flat[flat]),
+                f"output {name!r} at index {tuple(int(i) for i in index)}: TVM {g.flat[flat]!r}, "
+                f"ONNX Runtime {e.flat[flat]!r} (abs err {abs_err.flat[flat]:.3g}, "
+                f"rel err {rel_err.flat[flat]:.3g}; atol {atol:g}, rtol {rtol:g})",
+            )
+    if worst:
+        return NumericsReport(max_abs, max_rel, atol, rtol, False, "numerics mismatch: " + worst[1])
+    return NumericsReport(max_abs, max_rel, atol, rtol, True)

@@ -1,0 +1,144 @@
+"""Named targets -> TVM Target JSON, host detection, environment fingerprint.
+
+The fingerprint says what a latency was measured on. Two results are only
+comparable when their fingerprints match, and the tuning cache is keyed by it:
+schedules tuned on one CPU or TVM version are not reused on another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+from mlci.config import HOST_TARGET, TargetConfig
+
+GPU_KINDS = {"cuda", "rocm", "vulkan", "metal", "opencl"}
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    name: str
+    tvm_target: dict[str, Any]
+    """TVM Target JSON, e.g. {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}."""
+
+    @property
+    def kind(self) -> str:
+        return str(self.tvm_target["kind"])
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in GPU_KINDS
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (cgroups and affinity included), not the host's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def detect_host_target() -> dict[str, Any]:
+    from tvm.target import codegen
+
+    target: dict[str, Any] = {"kind": "llvm", "num-cores": usable_cores()}
+    cpu = codegen.llvm_get_system_cpu()
+    if cpu and cpu != "generic":
+        target["mcpu"] = cpu
+    return target
+
+
+def resolve_target(cfg: TargetConfig) -> ResolvedTarget:
+    if cfg.tvm == HOST_TARGET:
+        return ResolvedTarget(cfg.name, detect_host_target())
+    tvm_target = dict(cfg.tvm)
+    if tvm_target.get("kind") == "llvm":
+        tvm_target.setdefault("num-cores", usable_cores())
+    return ResolvedTarget(cfg.name, tvm_target)
+
+
+def tvm_target_object(target: ResolvedTarget):
+    """Build the tvm.target.Target; raises ValueError naming the bad field."""
+    import tvm
+
+    return tvm.target.Target(target.tvm_target)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "Hardware", "CPU part")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def _gpu() -> tuple[str | None, str | None]:
+    """(GPU name, driver version) from nvidia-smi, or (None, None) when none is visible."""
+    if not shutil.which("nvidia-smi"):
+        return None, None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if not out:
+        return None, None
+    name, _, driver = out[0].partition(",")
+    return name.strip(), driver.strip()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def llvm_version() -> str | None:
+    import tvm
+
+    return tvm.support.libinfo().get("LLVM_VERSION") or None
+
+
+def environment_fingerprint(target: ResolvedTarget) -> dict[str, Any]:
+    """What the numbers depend on: hardware, toolchain, and the target itself."""
+    import onnxruntime
+    import tvm
+
+    gpu, driver = _gpu() if target.is_gpu else (None, None)
+    fields = {
+        "cpu": _cpu_model(),
+        "arch": platform.machine(),
+        "cores": usable_cores(),
+        "gpu": gpu,
+        "driver": driver,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tvm": tvm.__version__,
+        "tvm_ffi": _version("apache-tvm-ffi"),
+        "llvm": llvm_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "tvm_target": target.tvm_target,
+    }
+    fields["hash"] = fingerprint_hash(fields)
+    return fields
+
+
+def fingerprint_hash(fields: dict[str, Any]) -> str:
+    """Stable short hash over the fields that decide comparability (kernel release excluded)."""
+    keyed = {k: v for k, v in fields.items() if k not in ("hash", "os", "python")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]

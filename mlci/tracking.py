@@ -1,0 +1,170 @@
+"""MLflow logging: one run per commit x model x target.
+
+Uses `MlflowClient` (create_run + log_batch + set_terminated) rather than the
+fluent API: 0.05 s against 0.33 s a run, and no global active-run state.
+Tags are set explicitly since MLflow's own git detection fails on detached
+HEADs in CI. Each run carries an idempotency key (`mlci.job_key`) so a retried
+create never leaves duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from mlci.results import ModelResult, Results
+
+# A down server otherwise hangs each call for minutes (NOTES-mlflow "Faults").
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def run_name(model: str, target: str) -> str:
+    return f"{model}@{target}"
+
+
+def model_tags(results: Results, model: ModelResult, job_key: str) -> dict[str, str]:
+    git = results.git
+    tags = {
+        "mlci.model": model.name,
+        "mlci.target": results.target.name,
+        "mlci.commit": git.commit or "",
+        "mlci.branch": git.branch or "",
+        "mlci.pr": str(git.pr) if git.pr is not None else "",
+        "mlci.status": model.status,
+        "mlci.fingerprint": str(results.target.fingerprint.get("hash", "")),
+        "mlci.job_key": job_key,
+        "mlci.sha256": model.sha256 or "",
+        "mlflow.runName": run_name(model.name, results.target.name),
+    }
+    if git.commit:
+        tags["mlflow.source.git.commit"] = git.commit
+    if git.repository:
+        tags["mlci.repository"] = git.repository
+    if model.error:
+        tags["mlci.error"] = model.error[:5000]
+    return tags
+
+
+def model_metrics(model: ModelResult) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if model.latency_ms:
+        lat = model.latency_ms
+        for key in ("median", "mean", "std", "min", "p90"):
+            metrics[f"latency_ms_{key}"] = getattr(lat, key)
+        metrics["latency_samples"] = lat.n
+    for key, name in (("onnxruntime_median_ms", "onnxruntime_median_ms"), ("speedup", "speedup_vs_onnxruntime")):
+        if model.peer.get(key) is not None:
+            metrics[name] = model.peer[key]
+    if "seconds" in model.compile:
+        metrics["compile_s"] = model.compile["seconds"]
+    for key, name in (("seconds", "tune_s"), ("trials_new", "trials_new"), ("trials_cached", "trials_cached"),
+                      ("tasks", "tuning_tasks"), ("tasks_from_cache", "tuning_tasks_from_cache")):
+        if model.tuning.get(key) is not None:
+            metrics[name] = model.tuning[key]
+    for key in ("max_abs_err", "max_rel_err"):
+        if model.numerics.get(key) is not None:
+            metrics[f"numerics_{key}"] = model.numerics[key]
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def model_params(results: Results, model: ModelResult, extra: dict[str, Any]) -> dict[str, str]:
+    fp = results.target.fingerprint
+    params = {
+        "target": results.target.name,
+        "tvm_target": str(results.target.tvm_target),
+        "tvm_version": fp.get("tvm"),
+        "tvm_ffi_version": fp.get("tvm_ffi"),
+        "llvm_version": fp.get("llvm"),
+        "onnxruntime_version": fp.get("onnxruntime"),
+        "cpu": fp.get("cpu"),
+        "gpu": fp.get("gpu"),
+        "mlci_version": results.mlci_version,
+        "model_path": model.path,
+        "atol": model.numerics.get("atol"),
+        "rtol": model.numerics.get("rtol"),
+        **extra,
+    }
+    return {k: str(v)[:6000] for k, v in params.items() if v is not None}
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        db = _sqlite_path(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # Several processes creating a new sqlite store at once break it for good;
+            # the first one initialises it under a lock (NOTES-mlflow).
+            with FileLock(str(db) + ".lock"):
+                self.client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._experiment(experiment, artifact_root)
+        else:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        location = (artifact_root / name).resolve().as_uri() if artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def find_run(self, job_key: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlci.job_key` = '{job_key}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def log_model(
+        self,
+        results: Results,
+        model: ModelResult,
+        *,
+        job_key: str,
+        params: dict[str, Any],
+        artifacts: list[tuple[Path, str | None]],
+    ) -> str:
+        """Create (or find again, by job key) the run of one model, fill it, finish it."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        run_id = self.find_run(job_key)
+        tags = model_tags(results, model, job_key)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=tags["mlflow.runName"], tags={"mlci.job_key": job_key}
+            )
+            run_id = run.info.run_id
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in model_metrics(model).items()],
+            params=[Param(k, v) for k, v in model_params(results, model, params).items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        for path, artifact_dir in artifacts:
+            if path.exists():
+                self.client.log_artifact(run_id, str(path), artifact_dir)
+        self.client.set_terminated(run_id, "FINISHED" if model.ok else "FAILED")
+        return run_id

@@ -1,0 +1,300 @@
+"""MetaSchedule driving, budgets, and the incremental tuning cache.
+
+The cache is one MetaSchedule JSON database per target fingerprint (workloads
+are keyed by TVM's structural hash, so a kernel that did not change is found
+again whatever model or layer it comes from), plus a ledger of how many trials
+each kernel has already had. A run only searches what the budget still owes a
+kernel: nothing for an unchanged model, only the changed kernels after an edit,
+and the difference when the budget grows (the search then starts from the best
+cached schedules, as MetaSchedule's evolutionary search seeds from the database).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from mlci.budget import allocate_trials, trials_to_search
+
+MS_LOGGER = "tvm.s_tir.meta_schedule"
+# Trace-replay keys are not files: inspect.getmodule scans every module for each (pitfall 1).
+_FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
+
+
+def speed_up_tensor_intrin_import() -> None:
+    """Importing tvm.s_tir.tensor_intrin parses TVMScript, which calls inspect.stack();
+    without this, each call scans all of sys.modules for frozen importlib frames
+    (43 s -> 11 s measured; NOTES-tvm pitfall 1)."""
+    for name in _FROZEN_FRAMES:
+        inspect.modulesbyfile.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def builder_worker_init() -> None:
+    speed_up_tensor_intrin_import()
+
+
+def fast_build(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default_build minus the `tensor_intrin` import that outlives the
+    builder's timeout here; schedules arrive already tensorized, so nothing needs it."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+@dataclass
+class Kernel:
+    """One tuning task: a fused TIR function of the model."""
+
+    name: str
+    key: str
+    """Structural hash of the workload: equal kernels share tuning records."""
+    weight: int
+    """How many times the model calls it."""
+    flops: float
+    task: Any = field(repr=False)
+
+    @property
+    def cost(self) -> float:
+        return max(self.flops, 1.0) * self.weight
+
+
+def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
+    import tvm_ffi
+    from tvm.s_tir.analysis import estimate_tir_flops
+    from tvm.s_tir import meta_schedule as ms
+
+    kernels = []
+    for task in ms.relax_integration.extract_tasks(fused_mod, tvm_target):
+        workload = task.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(workload))
+        except Exception:  # data-movement kernels may have no estimate
+            flops = 1.0
+        kernels.append(
+            Kernel(
+                name=task.task_name,
+                key=f"{tvm_ffi.structural_hash(workload) & 0xFFFFFFFFFFFFFFFF:016x}",
+                weight=int(task.weight),
+                flops=flops,
+                task=task,
+            )
+        )
+    return kernels
+
+
+class TuningCache:
+    """A directory holding one target's MetaSchedule database and the trials ledger.
+
+    Hold `lock()` while tuning: JSON records point at workloads by line number,
+    so two writers would corrupt each other.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ledger_path = self.dir / "ledger.json"
+        self._database = None
+
+    def lock(self, timeout: float = -1) -> FileLock:
+        return FileLock(str(self.dir / ".lock"), timeout=timeout)
+
+    @property
+    def database(self) -> Any:
+        if self._database is None:
+            from tvm.s_tir import meta_schedule as ms
+
+            self._database = ms.database.JSONDatabase(work_dir=str(self.dir))
+        return self._database
+
+    def ledger(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads(self._ledger_path.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError):
+            return {}  # a damaged ledger costs re-searching, never a crash
+
+    def save_ledger(self, ledger: dict[str, int]) -> None:
+        tmp = self._ledger_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ledger, indent=0, sort_keys=True))
+        tmp.replace(self._ledger_path)
+
+    def valid_records(self, kernel: Kernel) -> list[Any]:
+        db = self.database
+        workload = kernel.task.dispatched[0]
+        if not db.has_workload(workload):
+            return []
+        return list(db.get_top_k(db.commit_workload(workload), 1 << 30))
+
+    def export_records(self, kernels: list[Kernel], path: Path, top_k: int = 8) -> int:
+        """Write the best records of these kernels as JSON (an MLflow artifact); returns the count."""
+        entries = []
+        for kernel in kernels:
+            records = self.valid_records(kernel)[:top_k]
+            if not records:
+                continue
+            entries.append(
+                {
+                    "kernel": kernel.name,
+                    "key": kernel.key,
+                    "workload": records[0].workload.as_json(),
+                    "records": [r.as_json() for r in records],
+                }
+            )
+        path.write_text(json.dumps(entries, default=str))
+        return sum(len(e["records"]) for e in entries)
+
+
+@dataclass
+class TuningOutcome:
+    trials_new: int = 0
+    trials_valid_new: int = 0
+    trials_cached: int = 0
+    tasks: int = 0
+    tasks_from_cache: int = 0
+    seconds: float = 0.0
+    deadline_hit: bool = False
+    planned: list[int] = field(default_factory=list)
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def _quiet_metaschedule_console() -> None:
+    """MetaSchedule logs to stdout at DEBUG; keep that in its log files, not on the console."""
+    logger = logging.getLogger(MS_LOGGER)
+    for handler in list(logger.handlers):
+        if (handler.get_name() or "").endswith(".console"):
+            logger.removeHandler(handler)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
+def _progress_callback(on_trial: Callable[[int, int], bool]) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            valid = sum(
+                1
+                for b, r in zip(builder_results, runner_results)
+                if b.error_msg is None and r.error_msg is None and r.run_secs
+            )
+            if on_trial(len(runner_results), valid):
+                task_scheduler.terminate_task(task_id)
+
+    return _Progress()
+
+
+def tune(
+    kernels: list[Kernel],
+    tvm_target: Any,
+    cache: TuningCache,
+    *,
+    trials: int,
+    seconds: float,
+    per_round: int,
+    log_dir: Path,
+    seed: int = 0,
+    on_progress: ProgressFn | None = None,
+) -> TuningOutcome:
+    """Search what the budget still owes each kernel; every record lands in the cache."""
+    start = time.monotonic()
+    deadline = start + seconds
+    outcome = TuningOutcome(tasks=len(kernels))
+    ledger = cache.ledger()
+    planned = allocate_trials([k.cost for k in kernels], trials, per_round)
+    done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]
+    owed = trials_to_search(planned, done_before)
+    outcome.planned = planned
+    outcome.trials_cached = sum(min(p, d) for p, d in zip(planned, done_before))
+    outcome.tasks_from_cache = sum(1 for o, d in zip(owed, done_before) if o == 0 and d > 0)
+    total_owed = sum(owed)
+    if on_progress:
+        on_progress(0, total_owed, "")
+    if total_owed == 0:
+        outcome.seconds = time.monotonic() - start
+        return outcome
+
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import LocalBuilder
+    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
+
+    speed_up_tensor_intrin_import()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cores = int(tvm_target.attrs.get("num-cores", 1) or 1) if tvm_target.kind.name == "llvm" else 1
+    builder = LocalBuilder(
+        f_build=fast_build, initializer=builder_worker_init, max_workers=max(1, cores), timeout_sec=60
+    )
+    runner = LocalRunner(
+        timeout_sec=30,
+        evaluator_config=EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
+    )
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores))
+    database = cache.database
+
+    searched_total = 0
+    for index, kernel in enumerate(kernels):
+        need = owed[index]
+        if need == 0:
+            continue
+        if time.monotonic() >= deadline:
+            outcome.deadline_hit = True
+            break
+        logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+        contexts, weights = extracted_tasks_to_tune_contexts(
+            [kernel.task], work_dir=str(log_dir), seed=seed + index, num_threads=max(1, cores)
+        )
+        _quiet_metaschedule_console()
+        if not contexts:  # already scheduled by the importer: nothing to search
+            continue
+        state = {"done": 0}
+
+        def on_trial(measured: int, valid: int, _kernel=kernel) -> bool:
+            state["done"] += measured
+            outcome.trials_new += measured
+            outcome.trials_valid_new += valid
+            if on_progress:
+                on_progress(searched_total + state["done"], total_owed, _kernel.name)
+            if time.monotonic() >= deadline:
+                outcome.deadline_hit = True
+                return True
+            return False
+
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+        callbacks.append(_progress_callback(on_trial))
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(log_dir),
+            max_trials_global=need,
+            max_trials_per_task=need,
+            num_trials_per_iter=min(per_round, need),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=cost_model,
+            measure_callbacks=callbacks,
+            task_scheduler="round-robin",
+        )
+        searched_total += state["done"]
+        # A search space smaller than the budget ends early: it has had its due
+        # unless the deadline cut it short.
+        credit = need if not outcome.deadline_hit else state["done"]
+        ledger[kernel.key] = done_before[index] + credit
+        cache.save_ledger(ledger)
+    outcome.seconds = time.monotonic() - start
+    return outcome
