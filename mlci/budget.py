@@ -13,7 +13,8 @@ from __future__ import annotations
 def allocate_trials(costs: list[float], total: int, per_round: int) -> list[int]:
     """Trials per kernel, summing to `total` (when there are enough kernels to take them).
 
-    Every kernel gets ``min(per_round, total // n)`` first; with fewer trials than
+    Every kernel gets ``min(per_round, total // (2 n))`` (at least 1) first, so half
+    the budget or more follows cost; with fewer trials than
     kernels the costliest kernels get one each. The remainder follows cost shares
     (largest-remainder rounding, ties to the earlier kernel), so the result is
     deterministic for the same inputs.
@@ -27,7 +28,7 @@ def allocate_trials(costs: list[float], total: int, per_round: int) -> list[int]
         for i in order[:total]:
             alloc[i] = 1
         return alloc
-    floor = max(1, min(per_round, total // n))
+    floor = max(1, min(per_round, total // (2 * n)))
     alloc = [floor] * n
     rest = total - floor * n
     weights = [max(c, 0.0) for c in costs]

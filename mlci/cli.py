@@ -57,7 +57,7 @@ def run(
 ) -> None:
     """Compile, tune, check and benchmark every model of the config on one target."""
     from mlci.commands.run import RunOptions, execute
-    from mlci.console import RunReporter, results_table
+    from mlci.console import RunReporter, failure_lines, results_table
 
     try:
         cfg = load_config(config)
@@ -78,6 +78,8 @@ def run(
         raise typer.Exit(EXIT_INTERNAL) from None
 
     out.print(results_table(outcome.results))
+    for line in failure_lines(outcome.results):
+        out.print(line)
     out.print(f"results: {escape(str(outcome.results_path))}")
     if outcome.tracking_error:
         err.print(f"[yellow]warning:[/yellow] {escape(outcome.tracking_error)} (results kept in the file above)")

@@ -73,11 +73,10 @@ def results_table(results: Results) -> Table:
     table = Table(title=f"mlci run: target {escape(results.target.name)}", title_justify="left")
     table.add_column("model")
     table.add_column("status")
-    table.add_column("TVM median ms", justify="right")
-    table.add_column("ORT median ms", justify="right")
+    table.add_column("TVM ms", justify="right")
+    table.add_column("ORT ms", justify="right")
     table.add_column("speedup", justify="right")
     table.add_column("trials new/cached", justify="right")
-    table.add_column("note", overflow="fold", max_width=60)
     for m in results.models:
         speed = m.peer.get("speedup")
         status_style = "green" if m.ok else "red"
@@ -91,6 +90,10 @@ def results_table(results: Results) -> Table:
             _ms(m.peer.get("onnxruntime_median_ms")),
             "-" if speed is None else f"{speed:.2f}x",
             trials,
-            escape(m.error or ""),
         )
     return table
+
+
+def failure_lines(results: Results) -> list[str]:
+    """One line per failed model, printed under the table where long messages fit."""
+    return [f"[red]{escape(m.name)}[/red] ({m.status}): {escape(m.error or '')}" for m in results.models if not m.ok]

@@ -121,8 +121,17 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
 
 
 def _with_static_inputs(model: onnx.ModelProto, specs: list[InputSpec]) -> onnx.ModelProto:
+    """Bound input shapes, and weights that old models list as inputs turned into plain
+    initializers (IR >= 4), so the optimiser may fold through them and TVM binds them as
+    constants instead of asking for them as arguments."""
     static = onnx.ModelProto()
     static.CopyFrom(model)
+    initializers = {init.name for init in static.graph.initializer}
+    if any(i.name in initializers for i in static.graph.input):
+        kept = [i for i in static.graph.input if i.name not in initializers]
+        del static.graph.input[:]
+        static.graph.input.extend(kept)
+        static.ir_version = max(static.ir_version, 4)
     by_name = {s.name: s for s in specs}
     for value in static.graph.input:
         spec = by_name.get(value.name)

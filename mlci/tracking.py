@@ -9,6 +9,7 @@ create never leaves duplicates.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        for name in ("mlflow", "alembic"):  # schema migrations log INFO lines to the console
+            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient
 
         self.uri = uri

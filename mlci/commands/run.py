@@ -121,7 +121,7 @@ class ModelRunner:
     def _device(self) -> Any:
         import tvm
 
-        device = tvm.device(self.target.kind, 0)
+        device = tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
         if not device.exist:
             raise ModelError(
                 "run_failed",
