@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny real ONNX models built in code, and config writers."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def tiny_mlp(widths=(32, 64, 8), seed: int = 0, batch="batch") -> onnx.ModelProto:
+    """Gemm+Relu layers; changing one width changes only the kernels around that layer."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"))
+        inits.append(numpy_helper.from_array(np.full(b, 0.1, np.float32), f"b{i}"))
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"fc{i}"], name=f"fc{i}"))
+        prev = f"fc{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"relu{i}"], name=f"relu{i}"))
+            prev = f"relu{i}"
+    graph = helper.make_graph(
+        nodes, "tiny_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, widths[0]])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [batch, widths[-1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def lstm_model(hidden: int = 8, inp: int = 4, seq: int = 5) -> onnx.ModelProto:
+    """A real LSTM node (ONNX Runtime runs it; TVM's importer has no converter)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, inp)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="encoder/lstm_1", hidden_size=hidden)
+    graph = helper.make_graph(
+        [node], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, 1, inp])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, 1, hidden])],
+        [w, r],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def write_config(directory: Path, body: str) -> Path:
+    path = directory / "mlci.toml"
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+@pytest.fixture
+def tmp_repo(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,127 @@
+"""Config errors name the file and the key, and list every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlci.cli import app
+from mlci.config import ConfigError, check_model_files, load_config, parse_config
+
+from .conftest import save, tiny_mlp, write_config
+
+
+def test_valid_config_defaults_and_overrides(tmp_path: Path) -> None:
+    save(tiny_mlp(), tmp_path / "m.onnx")
+    cfg = load_config(write_config(tmp_path, """
+        [tuning]
+        trials = 12
+        [[models]]
+        path = "m.onnx"
+        dims = { batch = 2 }
+        atol = 0.01
+    """))
+    assert cfg.tuning.trials == 12
+    assert cfg.tuning.seconds == 600.0
+    assert cfg.models[0].name == "m"  # defaults to the file stem
+    assert cfg.models[0].path == tmp_path / "m.onnx"
+    assert cfg.models[0].dims == {"batch": 2}
+    assert list(cfg.targets) == ["cpu"]  # host CPU when no target is configured
+    assert cfg.cache_dir == tmp_path / ".mlci" / "cache"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        [tuning]
+        trails = 5
+        [[models]]
+        path = "m.onnx"
+        shape = { x = [1, 2] }
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "tuning.trails: unknown key (did you mean 'trials'?)" in text
+    assert "models[0].shape: unknown key" in text
+
+
+def test_bad_types_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            """
+            [tuning]
+            trials = "64"
+            [measure]
+            samples = true
+            [[models]]
+            path = "m.onnx"
+            inputs = { x = [1, -3] }
+            """,
+            tmp_path / "mlci.toml",
+        )
+    problems = err.value.problems
+    assert any(p.startswith("tuning.trials: expected a non-negative integer, got str '64'") for p in problems)
+    assert any(p.startswith("measure.samples: expected a positive integer, got bool") for p in problems)
+    assert any(p.startswith("models[0].inputs.x: expected a list of positive integers") for p in problems)
+
+
+def test_missing_model_file_is_named(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, """
+        [[models]]
+        name = "ghost"
+        path = "models/ghost.onnx"
+    """))
+    with pytest.raises(ConfigError) as err:
+        check_model_files(cfg)
+    assert "models[0].path: model file not found" in str(err.value)
+    assert "ghost.onnx" in str(err.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[tuning\n", tmp_path / "mlci.toml")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_bad_target_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            """
+            [targets.gpu]
+            tvm = "cuda -arch=sm_80"
+            [targets.arm]
+            tvm = { mcpu = "neoverse-n1" }
+            [[models]]
+            path = "m.onnx"
+            """,
+            tmp_path / "mlci.toml",
+        )
+    text = str(err.value)
+    assert "targets.gpu.tvm: expected \"host\" or a TVM Target JSON table" in text
+    assert "targets.arm.tvm.kind: required string" in text
+
+
+def test_cli_exits_2_and_names_file_and_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        [[models]]
+        path = "missing.onnx"
+        atol = "tight"
+    """)
+    result = CliRunner().invoke(app, ["run", "-c", str(path), "--no-tracking"])
+    assert result.exit_code == 2
+    assert "models[0].atol: expected a non-negative number, got str 'tight'" in result.output
+    assert "mlci.toml" in result.output
+
+
+def test_cli_missing_model_file_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        [[models]]
+        path = "missing.onnx"
+    """)
+    result = CliRunner().invoke(app, ["run", "-c", str(path), "--no-tracking"])
+    assert result.exit_code == 2
+    assert "models[0].path: model file not found" in result.output

@@ -1,0 +1,81 @@
+"""Loading, shape binding, folding and import of real ONNX files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlci import compile as tvm_compile
+from mlci.config import ModelConfig
+from mlci.models import ModelError, prepare_model
+
+from .conftest import REPO, lstm_model, save, tiny_mlp
+
+
+def _cfg(path: Path, **kw) -> ModelConfig:
+    return ModelConfig(name=path.stem, path=path, key="models[0]", **kw)
+
+
+def test_unbound_dynamic_dimension_is_named(tmp_path: Path) -> None:
+    path = save(tiny_mlp(), tmp_path / "m.onnx")
+    with pytest.raises(ModelError) as err:
+        prepare_model(_cfg(path))
+    assert err.value.status == "import_failed"
+    assert "input 'x' dimension 0 ('batch') is dynamic and has no binding" in str(err.value)
+    assert "models[0].dims.batch" in str(err.value)
+
+
+def test_dims_and_inputs_bind_shapes(tmp_path: Path) -> None:
+    path = save(tiny_mlp(), tmp_path / "m.onnx")
+    by_dim = prepare_model(_cfg(path, dims={"batch": 3}))
+    by_input = prepare_model(_cfg(path, inputs={"x": [3, 32]}))
+    assert by_dim.inputs[0].shape == by_input.inputs[0].shape == (3, 32)
+    assert by_dim.sha256 == by_input.sha256 and len(by_dim.sha256) == 64
+
+
+def test_config_input_that_contradicts_the_model(tmp_path: Path) -> None:
+    path = save(tiny_mlp(), tmp_path / "m.onnx")
+    with pytest.raises(ModelError) as err:
+        prepare_model(_cfg(path, inputs={"x": [1, 99], "y": [1]}))
+    assert "models[0].inputs.x: dimension 1 is fixed to 32 in the model, the config gives 99" in str(err.value)
+    assert "models[0].inputs.y: the model has no input 'y'" in str(err.value)
+
+
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        prepare_model(_cfg(path))
+
+
+def test_lstm_is_reported_with_its_node_name(tmp_path: Path) -> None:
+    path = save(lstm_model(), tmp_path / "lstm.onnx")
+    prepared = prepare_model(_cfg(path))  # ONNX Runtime can load it ...
+    with pytest.raises(ModelError) as err:  # ... TVM cannot import it
+        tvm_compile.import_relax(prepared)
+    assert err.value.status == "import_failed"
+    assert "LSTM (node 'encoder/lstm_1')" in str(err.value)
+
+
+def test_runtime_reshape_is_folded_so_tvm_imports_it(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import make_models
+    finally:
+        sys.path.pop(0)
+    path = save(make_models.cnn(), tmp_path / "cnn.onnx")
+    prepared = prepare_model(_cfg(path, dims={"batch": 1}))
+    assert "Shape" not in {n.op_type for n in prepared.folded.graph.node}
+    mod = tvm_compile.import_relax(prepared)
+    assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+def test_ir3_zoo_model_weights_become_constants() -> None:
+    import onnx
+
+    zoo = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    prepared = prepare_model(ModelConfig(name="sq", path=zoo, key="models[0]"))
+    assert [s.name for s in prepared.inputs] == ["data_0"]
+    assert [i.name for i in prepared.folded.graph.input] == ["data_0"]

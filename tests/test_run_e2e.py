@@ -1,0 +1,150 @@
+"""`mlci run` end to end in a subprocess: real TVM tuning, ONNX Runtime, MLflow sqlite store.
+
+One config holds a tiny model that must pass, an LSTM model TVM cannot import
+and a model checked with zero tolerance (TVM and ONNX Runtime sum in different
+orders): the failures are reported and the good model still finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import lstm_model, save, tiny_mlp, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def mlci(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlci.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
+    save(lstm_model(), root / "models" / "lstm.onnx")
+    save(tiny_mlp((256, 512, 16), seed=5), root / "models" / "strict.onnx")
+    write_config(root, """
+        [tuning]
+        trials = 4
+        trials_per_round = 4
+        [measure]
+        samples = 10
+        min_sample_ms = 0.5
+        [[models]]
+        name = "tiny"
+        path = "models/tiny.onnx"
+        dims = { batch = 1 }
+        [[models]]
+        name = "lstm"
+        path = "models/lstm.onnx"
+        [[models]]
+        name = "strict"
+        path = "models/strict.onnx"
+        dims = { batch = 1 }
+        atol = 0.0
+        rtol = 0.0
+    """)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cold(project: Path) -> subprocess.CompletedProcess:
+    return mlci("run", cwd=project)
+
+
+@pytest.fixture(scope="module")
+def results(cold: subprocess.CompletedProcess, project: Path) -> dict:
+    return json.loads((project / ".mlci" / "results" / "cpu.json").read_text())
+
+
+def _model(results: dict, name: str) -> dict:
+    return next(m for m in results["models"] if m["name"] == name)
+
+
+def test_failures_fail_the_run_but_every_model_is_reported(cold, results) -> None:
+    assert cold.returncode == 1, cold.stderr
+    assert [m["name"] for m in results["models"]] == ["tiny", "lstm", "strict"]
+    for name in ("tiny", "lstm", "strict"):
+        assert name in cold.stdout  # the final table
+    assert "2 model(s) failed: lstm, strict" in cold.stderr
+
+
+def test_good_model_is_tuned_checked_and_benchmarked(results) -> None:
+    tiny = _model(results, "tiny")
+    assert tiny["status"] == "ok", tiny["error"]
+    assert tiny["tuning"]["trials_new"] > 0
+    assert tiny["numerics"]["passed"] is True
+    lat = tiny["latency_ms"]
+    assert lat["n"] == len(lat["samples"]) >= 3
+    assert lat["min"] <= lat["median"] <= lat["p90"]
+    assert tiny["peer"]["onnxruntime_median_ms"] > 0
+    assert tiny["peer"]["speedup"] > 0
+    assert len(tiny["sha256"]) == 64
+    fp = results["target"]["fingerprint"]
+    assert fp["tvm"].startswith("0.27") and fp["cores"] >= 1 and fp["hash"]
+    assert results["target"]["tvm_target"]["kind"] == "llvm"
+
+
+def test_lstm_is_unsupported_with_node_named(results) -> None:
+    lstm = _model(results, "lstm")
+    assert lstm["status"] == "import_failed"
+    assert "LSTM (node 'encoder/lstm_1')" in lstm["error"]
+
+
+def test_numerics_mismatch_is_detected(results) -> None:
+    strict = _model(results, "strict")
+    assert strict["status"] == "numerics_failed"
+    assert strict["error"].startswith("numerics mismatch: output ")
+    assert "at index (0, " in strict["error"]
+    assert strict["numerics"]["passed"] is False and strict["numerics"]["max_abs_err"] > 0
+
+
+def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.mlci' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mlci")
+    assert experiment.artifact_location.startswith("file://")
+    runs = {r.data.tags["mlci.model"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"tiny", "lstm", "strict"}
+
+    tiny = runs["tiny"]
+    assert tiny.info.status == "FINISHED"
+    assert tiny.info.run_id == _model(results, "tiny")["mlflow_run_id"]
+    tags = tiny.data.tags
+    assert tags["mlci.target"] == "cpu"
+    assert tags["mlci.status"] == "ok"
+    assert tags["mlci.fingerprint"] == results["target"]["fingerprint"]["hash"]
+    assert tags["mlflow.runName"] == "tiny@cpu"
+    assert tags["mlci.job_key"]
+    metrics = tiny.data.metrics
+    assert metrics["latency_ms_median"] == pytest.approx(_model(results, "tiny")["latency_ms"]["median"])
+    assert metrics["speedup_vs_onnxruntime"] > 0
+    assert {"compile_s", "tune_s", "trials_new", "onnxruntime_median_ms"} <= set(metrics)
+    assert tiny.data.params["tvm_version"].startswith("0.27")
+    assert tiny.data.params["trials_budget"] == "4"
+    artifacts = {a.path for a in client.list_artifacts(tiny.info.run_id)}
+    assert {"results.json", "tuning", "compiled"} <= artifacts
+    assert [a.path for a in client.list_artifacts(tiny.info.run_id, "compiled")] == ["compiled/tiny.so"]
+    assert client.list_artifacts(tiny.info.run_id, "tuning")[0].path == "tuning/tuning_records.json"
+
+    assert runs["lstm"].info.status == "FAILED"
+    assert runs["lstm"].data.tags["mlci.status"] == "import_failed"
+    assert "encoder/lstm_1" in runs["lstm"].data.tags["mlci.error"]
+
+
+def test_warm_rerun_searches_nothing(results, project: Path) -> None:
+    warm = mlci("run", "--model", "tiny", "--no-tracking", "-o", "warm.json", cwd=project)
+    assert warm.returncode == 0, warm.stderr
+    tiny = _model(json.loads((project / "warm.json").read_text()), "tiny")
+    assert tiny["tuning"]["trials_new"] == 0
+    assert tiny["tuning"]["trials_cached"] == 4
+    assert tiny["status"] == "ok"

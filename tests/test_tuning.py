@@ -1,0 +1,67 @@
+"""The tuning cache with real MetaSchedule tuning: miss, hit, partial hit, growing budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlci import compile as tvm_compile
+from mlci import tuning
+from mlci.config import ModelConfig
+from mlci.models import prepare_model
+from mlci.targets import detect_host_target
+
+from .conftest import save, tiny_mlp
+
+pytestmark = pytest.mark.slow
+
+
+def _kernels(tmp_path: Path, widths, name: str):
+    import tvm
+
+    path = save(tiny_mlp(widths), tmp_path / f"{name}.onnx")
+    prepared = prepare_model(ModelConfig(name=name, path=path, dims={"batch": 1}, key="models[0]"))
+    target = tvm.target.Target(detect_host_target())
+    mod = tvm_compile.import_relax(prepared)
+    return tuning.extract_kernels(tvm_compile.fuse_for_tuning(mod, target), target), target
+
+
+def _tune(kernels, target, cache_dir: Path, trials: int, log_dir: Path) -> tuning.TuningOutcome:
+    # A fresh TuningCache object each time: what a new `mlci run` process sees.
+    cache = tuning.TuningCache(cache_dir)
+    with cache.lock():
+        return tuning.tune(kernels, target, cache, trials=trials, seconds=300, per_round=4, log_dir=log_dir)
+
+
+def test_cache_miss_hit_partial_hit_and_growing_budget(tmp_path: Path) -> None:
+    cache_dir, logs = tmp_path / "cache", tmp_path / "logs"
+    kernels_a, target = _kernels(tmp_path, (32, 64, 8), "a")
+    assert len(kernels_a) == 2
+
+    miss = _tune(kernels_a, target, cache_dir, 8, logs)
+    assert miss.trials_new > 0 and miss.trials_valid_new > 0
+    assert miss.trials_cached == 0 and miss.tasks_from_cache == 0
+
+    hit = _tune(kernels_a, target, cache_dir, 8, logs)
+    assert hit.trials_new == 0  # an unchanged model searches nothing
+    assert hit.tasks_from_cache == 2
+    assert hit.trials_cached == 8
+
+    # Change the last layer only: the first layer's kernel is found again by its structure.
+    kernels_b, _ = _kernels(tmp_path, (32, 64, 16), "b")
+    shared = {k.key for k in kernels_a} & {k.key for k in kernels_b}
+    assert len(shared) == 1
+    partial = _tune(kernels_b, target, cache_dir, 8, logs)
+    assert partial.tasks_from_cache == 1
+    changed = [p for k, p in zip(kernels_b, partial.planned) if k.key not in shared]
+    assert 0 < partial.trials_new <= sum(changed)
+
+    # A larger budget continues from what is cached instead of starting over.
+    grown = _tune(kernels_a, target, cache_dir, 16, logs)
+    assert grown.trials_cached == 8
+    assert 0 < grown.trials_new <= 8
+
+    # Schedules found are applied at build time.
+    cache = tuning.TuningCache(cache_dir)
+    assert all(cache.valid_records(k) for k in kernels_a)
