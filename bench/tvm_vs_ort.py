@@ -64,7 +64,7 @@ BUDGET_MULTIPLIER = 4
 ORT_OVER_TVM_GOAL = 0.9
 WARM_OVER_COLD_GOAL = 0.25
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # --- results ----------------------------------------------------------------

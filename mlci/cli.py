@@ -52,7 +52,10 @@ def run(
     trials: Annotated[int | None, typer.Option(min=0, help="Tuning trials per model (overrides the config).")] = None,
     tune_seconds: Annotated[float | None, typer.Option(min=0.001, help="Tuning wall-clock cap per model, seconds.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Results file (default: .mlci/results/TARGET.json).")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db).")] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db)."),
+    ] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
 ) -> None:
     """Compile, tune, check and benchmark every model of the config on one target."""

@@ -80,7 +80,7 @@ class Results:
     schema: str = SCHEMA
     mlci_version: str = __version__
     created_at: str = field(
-        default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
 
     def to_dict(self) -> dict[str, Any]:

@@ -104,8 +104,8 @@ class Kernel:
 
 def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
     import tvm_ffi
-    from tvm.s_tir.analysis import estimate_tir_flops
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
 
     kernels = []
     for task in ms.relax_integration.extract_tasks(fused_mod, tvm_target):
@@ -307,12 +307,12 @@ def tune(
             continue
         state = {"done": 0}
 
-        def on_trial(measured: int, valid: int, _kernel=kernel) -> bool:
-            state["done"] += measured
+        def on_trial(measured: int, valid: int, _kernel=kernel, _state=state, _base=searched_total) -> bool:
+            _state["done"] += measured
             outcome.trials_new += measured
             outcome.trials_valid_new += valid
             if on_progress:
-                on_progress(searched_total + state["done"], total_owed, _kernel.name)
+                on_progress(_base + _state["done"], total_owed, _kernel.name)
             if time.monotonic() >= deadline:
                 outcome.deadline_hit = True
                 return True

@@ -46,14 +46,13 @@ def tiny_matmul_model(n: int = 64):
 def tuning_proof(trials: int = 4) -> Check:
     """Tune a tiny kernel for real with mlci's builder; say how many candidates built and ran."""
     import onnx
+    import tvm
 
     from mlci import compile as tvm_compile
     from mlci import tuning
     from mlci.config import ModelConfig
     from mlci.models import prepare_model
     from mlci.targets import detect_host_target
-
-    import tvm
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mlci-doctor-") as tmp:
@@ -78,9 +77,9 @@ def tuning_proof(trials: int = 4) -> Check:
 
 
 def run_checks(tune: bool = True) -> list[Check]:
-    from mlci.targets import detect_host_target, llvm_version
-
     import tvm
+
+    from mlci.targets import detect_host_target, llvm_version
 
     checks = [
         Check("mlci", _version("mlci")),

@@ -1,0 +1,52 @@
+"""MLflow store behaviour that matters in CI: many processes on a new sqlite store, idempotent runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+from mlci.results import GitInfo, Latency, ModelResult, Results, TargetInfo
+
+
+def _results(model: str) -> tuple[Results, ModelResult]:
+    m = ModelResult(
+        name=model, path=f"{model}.onnx", sha256="0" * 64,
+        latency_ms=Latency(samples=[1.0], median=1.0, mean=1.0, std=0.0, min=1.0, p90=1.0, n=1),
+        peer={"onnxruntime_median_ms": 2.0, "speedup": 2.0},
+    )
+    r = Results(git=GitInfo(commit="c0ffee", branch="main"),
+                target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"}, fingerprint={"hash": "fp"}),
+                models=[m])
+    return r, m
+
+
+def _log_one(args: tuple[str, str, str]) -> str:
+    uri, root, model = args
+    from mlci.tracking import Tracker
+
+    tracker = Tracker(uri, "mlci", artifact_root=Path(root) / "artifacts")
+    results, m = _results(model)
+    return tracker.log_model(results, m, job_key=f"job/{model}", params={}, artifacts=[])
+
+
+def test_processes_starting_together_on_a_new_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    jobs = [(uri, str(tmp_path), f"model{i}") for i in range(4)]
+    with mp.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(_log_one, jobs)
+    assert len(set(run_ids)) == 4
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("mlci")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["mlci.model"] for r in runs) == [f"model{i}" for i in range(4)]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_same_job_key_reuses_the_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _log_one((uri, str(tmp_path), "m"))
+    again = _log_one((uri, str(tmp_path), "m"))  # e.g. a retried job step
+    assert first == again
