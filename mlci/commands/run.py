@@ -121,11 +121,15 @@ class ModelRunner:
     def _device(self) -> Any:
         import tvm
 
-        device = tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
+        return tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
+
+    def _require_device(self) -> Any:
+        device = self._device()
         if not device.exist:
             raise ModelError(
                 "run_failed",
-                f"compiled for {self.target.kind}, but no {self.target.kind} device is visible on this machine",
+                f"compiled for {self.target.kind}, but no {self.target.kind} device is visible on this "
+                "machine: not tuned, checked or measured (run this target on a runner that has one)",
             )
         return device
 
@@ -163,6 +167,8 @@ class ModelRunner:
             kernels = tuning.extract_kernels(fused, self.tvm_target)
         import_seconds = time.monotonic() - start
 
+        if not self._device().exist:
+            budget_trials = 0  # candidates cannot be measured here; compile with what is cached
         report.stage(name, "tuning")
         with _Stage("tune_failed", "tuning"), self.cache.lock():
             outcome = tuning.tune(
@@ -208,7 +214,7 @@ class ModelRunner:
 
         report.stage(name, "checking numerics")
         with _Stage("run_failed", "running the model"):
-            device = self._device()
+            device = self._require_device()
             compiled = measure.TvmModel(executable, device)
             reference = measure.OrtModel.load(prepared.original)
             inputs = measure.make_inputs(prepared.inputs, self.config.measure.seed)

@@ -1,0 +1,70 @@
+"""Targets: host detection, TVM Target JSON, fingerprints, a CUDA target on a machine with no GPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlci.config import TargetConfig
+from mlci.targets import environment_fingerprint, fingerprint_hash, resolve_target
+
+from .conftest import save, tiny_mlp, write_config
+
+
+def test_host_target_is_detected() -> None:
+    host = resolve_target(TargetConfig(name="cpu"))
+    assert host.tvm_target["kind"] == "llvm"
+    assert host.tvm_target["num-cores"] >= 1
+    assert "mcpu" in host.tvm_target
+
+
+def test_fingerprint_names_hardware_and_toolchain() -> None:
+    fp = environment_fingerprint(resolve_target(TargetConfig(name="cpu")))
+    assert {"cpu", "cores", "gpu", "driver", "tvm", "tvm_ffi", "llvm", "onnxruntime", "hash"} <= set(fp)
+    assert fp["tvm"].startswith("0.27") and fp["tvm_ffi"] == "0.1.14.post0"
+    assert fp["hash"] == fingerprint_hash(fp)
+    other = {**fp, "cpu": "another CPU"}
+    assert fingerprint_hash(other) != fp["hash"]
+
+
+def test_invalid_tvm_target_is_a_config_error(tmp_path: Path) -> None:
+    save(tiny_mlp(), tmp_path / "m.onnx")
+    path = write_config(tmp_path, """
+        [targets.bad]
+        tvm = { kind = "no-such-kind" }
+        [[models]]
+        path = "m.onnx"
+        dims = { batch = 1 }
+    """)
+    proc = subprocess.run([sys.executable, "-m", "mlci.cli", "run", "-c", str(path), "--no-tracking"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "targets.bad.tvm: TVM rejects this target" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile CUDA code")
+def test_cuda_target_compiles_here_and_says_it_cannot_run(tmp_path: Path) -> None:
+    save(tiny_mlp(), tmp_path / "m.onnx")
+    write_config(tmp_path, """
+        [targets.gpu-cuda]
+        tvm = { kind = "cuda", arch = "sm_80" }
+        [[models]]
+        path = "m.onnx"
+        dims = { batch = 1 }
+    """)
+    proc = subprocess.run([sys.executable, "-m", "mlci.cli", "run", "--no-tracking"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    model = json.loads((tmp_path / ".mlci/results/gpu-cuda.json").read_text())["models"][0]
+    if model["status"] == "ok":  # a GPU is visible after all: it was tuned, checked and measured
+        assert proc.returncode == 0
+        return
+    assert proc.returncode == 1
+    assert model["status"] == "run_failed"
+    assert "no cuda device is visible" in model["error"]
+    assert model["compile"]["seconds"] > 0  # it did compile: a target that stops compiling is caught here
+    assert (tmp_path / ".mlci/work/gpu-cuda/m/m.so").exists()
