@@ -95,5 +95,14 @@ def results_table(results: Results) -> Table:
 
 
 def failure_lines(results: Results) -> list[str]:
-    """One line per failed model, printed under the table where long messages fit."""
-    return [f"[red]{escape(m.name)}[/red] ({m.status}): {escape(m.error or '')}" for m in results.models if not m.ok]
+    """One line per failed or cut-short model, printed under the table where long messages fit."""
+    lines = []
+    for m in results.models:
+        if not m.ok:
+            lines.append(f"[red]{escape(m.name)}[/red] ({m.status}): {escape(m.error or '')}")
+        elif m.tuning.get("deadline_hit"):
+            lines.append(
+                f"[yellow]{escape(m.name)}[/yellow]: tuning stopped at its time cap after "
+                f"{m.tuning['seconds']:.0f} s; the next run continues where it stopped"
+            )
+    return lines

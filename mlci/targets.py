@@ -109,9 +109,17 @@ def _version(dist: str) -> str | None:
 
 
 def llvm_version() -> str | None:
+    """LLVM major version TVM was built with (the wheel's libinfo has no full version)."""
     import tvm
+    from tvm.target import codegen
 
-    return tvm.support.libinfo().get("LLVM_VERSION") or None
+    info = tvm.support.libinfo()
+    if info.get("LLVM_VERSION"):
+        return str(info["LLVM_VERSION"])
+    if info.get("USE_LLVM", "OFF") in ("OFF", ""):
+        return None
+    major = codegen.llvm_version_major(allow_none=True)
+    return str(major) if major else None
 
 
 def environment_fingerprint(target: ResolvedTarget) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from filelock import FileLock
 from mlci.budget import allocate_trials, trials_to_search
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
+CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
 # Trace-replay keys are not files: inspect.getmodule scans every module for each (pitfall 1).
 _FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
 
@@ -226,20 +227,24 @@ def _quiet_metaschedule_console() -> None:
         logger.addHandler(logging.NullHandler())
 
 
-def _progress_callback(on_trial: Callable[[int, int], bool]) -> Any:
+def _progress_callback(counts: dict[str, Any]) -> Any:
+    """Counts measured and valid candidates and reports progress. It never terminates a
+    task itself: the scheduler terminates it again when its trials run out, which fails
+    a check inside TVM (found here), so the deadline is enforced between chunks instead."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            valid = sum(
+            counts["measured"] += len(runner_results)
+            counts["valid"] += sum(
                 1
                 for b, r in zip(builder_results, runner_results)
                 if b.error_msg is None and r.error_msg is None and r.run_secs
             )
-            if on_trial(len(runner_results), valid) and not task_scheduler.tasks_[task_id].is_terminated:
-                task_scheduler.terminate_task(task_id)
+            if counts.get("on_progress"):
+                counts["on_progress"](counts["measured"])
 
     return _Progress()
 
@@ -289,6 +294,9 @@ def tune(
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores))
     database = cache.database
 
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    counts = {"measured": 0, "valid": 0}
+    callbacks.append(_progress_callback(counts))
     searched_total = 0
     for index, kernel in enumerate(kernels):
         need = owed[index]
@@ -297,48 +305,51 @@ def tune(
         if time.monotonic() >= deadline:
             outcome.deadline_hit = True
             break
-        logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
-        contexts, weights = extracted_tasks_to_tune_contexts(
-            [kernel.task], work_dir=str(log_dir), strategy=search_strategy(), seed=seed + index,
-            num_threads=max(1, cores),
-        )
-        _quiet_metaschedule_console()
-        if not contexts:  # already scheduled by the importer: nothing to search
-            continue
-        state = {"done": 0}
-
-        def on_trial(measured: int, valid: int, _kernel=kernel, _state=state, _base=searched_total) -> bool:
-            _state["done"] += measured
+        done = 0
+        # Search in chunks so the deadline is checked every couple of rounds; each chunk
+        # starts from the best schedules so far (evolutionary search seeds from the database).
+        chunk_no = 0
+        while done < need and time.monotonic() < deadline:
+            chunk = min(need - done, CHUNK_ROUNDS * per_round)
+            logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+            contexts, weights = extracted_tasks_to_tune_contexts(
+                [kernel.task], work_dir=str(log_dir), strategy=search_strategy(),
+                seed=seed + 1000 * index + chunk_no, num_threads=max(1, cores),
+            )
+            _quiet_metaschedule_console()
+            if not contexts:  # already scheduled by the importer: nothing to search
+                break
+            counts["measured"] = counts["valid"] = 0
+            progress = (lambda measured, _base=searched_total + done, _name=kernel.name:
+                        on_progress(_base + measured, total_owed, _name)) if on_progress else None
+            counts["on_progress"] = progress
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(log_dir),
+                max_trials_global=chunk,
+                max_trials_per_task=chunk,
+                num_trials_per_iter=min(per_round, chunk),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=callbacks,
+                task_scheduler="round-robin",
+            )
+            measured = counts["measured"]
             outcome.trials_new += measured
-            outcome.trials_valid_new += valid
-            if on_progress:
-                on_progress(_base + _state["done"], total_owed, _kernel.name)
-            if time.monotonic() >= deadline:
-                outcome.deadline_hit = True
-                return True
-            return False
-
-        callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-        callbacks.append(_progress_callback(on_trial))
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(log_dir),
-            max_trials_global=need,
-            max_trials_per_task=need,
-            num_trials_per_iter=min(per_round, need),
-            builder=builder,
-            runner=runner,
-            database=database,
-            cost_model=cost_model,
-            measure_callbacks=callbacks,
-            task_scheduler="round-robin",
-        )
-        searched_total += state["done"]
-        # A search space smaller than the budget ends early: it has had its due
-        # unless the deadline cut it short.
-        credit = need if not outcome.deadline_hit else state["done"]
-        ledger[kernel.key] = done_before[index] + credit
+            outcome.trials_valid_new += counts["valid"]
+            done += measured
+            chunk_no += 1
+            if measured < chunk:  # the search space is exhausted
+                break
+        searched_total += done
+        cut_short = done < need and time.monotonic() >= deadline
+        outcome.deadline_hit = outcome.deadline_hit or cut_short
+        # A kernel whose search space ran out has had its due; one cut by the deadline
+        # is credited only what it got, so a later run picks up the rest.
+        ledger[kernel.key] = done_before[index] + (done if cut_short else need)
         cache.save_ledger(ledger)
     outcome.seconds = time.monotonic() - start
     return outcome

@@ -27,11 +27,11 @@ def _kernels(tmp_path: Path, widths, name: str):
     return tuning.extract_kernels(tvm_compile.fuse_for_tuning(mod, target), target), target
 
 
-def _tune(kernels, target, cache_dir: Path, trials: int, log_dir: Path) -> tuning.TuningOutcome:
+def _tune(kernels, target, cache_dir: Path, trials: int, log_dir: Path, seconds: float = 300) -> tuning.TuningOutcome:
     # A fresh TuningCache object each time: what a new `mlci run` process sees.
     cache = tuning.TuningCache(cache_dir)
     with cache.lock():
-        return tuning.tune(kernels, target, cache, trials=trials, seconds=300, per_round=4, log_dir=log_dir)
+        return tuning.tune(kernels, target, cache, trials=trials, seconds=seconds, per_round=4, log_dir=log_dir)
 
 
 def test_cache_miss_hit_partial_hit_and_growing_budget(tmp_path: Path) -> None:
@@ -65,3 +65,14 @@ def test_cache_miss_hit_partial_hit_and_growing_budget(tmp_path: Path) -> None:
     # Schedules found are applied at build time.
     cache = tuning.TuningCache(cache_dir)
     assert all(cache.valid_records(k) for k in kernels_a)
+
+
+def test_time_cap_stops_tuning_and_the_next_run_continues(tmp_path: Path) -> None:
+    cache_dir, logs = tmp_path / "cache", tmp_path / "logs"
+    kernels, target = _kernels(tmp_path, (16, 48, 4), "capped")
+    capped = _tune(kernels, target, cache_dir, 64, logs, seconds=4.0)
+    assert capped.deadline_hit
+    assert 0 < capped.trials_new < 64  # at least one chunk ran, far from the budget
+    resumed = _tune(kernels, target, cache_dir, 64, logs, seconds=4.0)
+    assert resumed.trials_cached == capped.trials_new  # only what was searched is credited
+    assert resumed.trials_new > 0
