@@ -218,13 +218,15 @@ def search_strategy() -> Any:
 
 
 def _quiet_metaschedule_console() -> None:
-    """MetaSchedule logs to stdout at DEBUG; keep that in its log files, not on the console."""
+    """MetaSchedule logs to stdout at DEBUG; keep that in its log files, not on the console.
+
+    Its logger setup re-lists every handler of its logger by name on each call and
+    crashes on an unnamed one, so unnamed handlers are dropped too (never added)."""
     logger = logging.getLogger(MS_LOGGER)
     for handler in list(logger.handlers):
-        if (handler.get_name() or "").endswith(".console"):
+        name = handler.get_name()
+        if name is None or name.endswith(".console"):
             logger.removeHandler(handler)
-    if not logger.handlers:
-        logger.addHandler(logging.NullHandler())
 
 
 def _progress_callback(counts: dict[str, Any]) -> Any:
@@ -312,6 +314,7 @@ def tune(
         while done < need and time.monotonic() < deadline:
             chunk = min(need - done, CHUNK_ROUNDS * per_round)
             logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+            _quiet_metaschedule_console()
             contexts, weights = extracted_tasks_to_tune_contexts(
                 [kernel.task], work_dir=str(log_dir), strategy=search_strategy(),
                 seed=seed + 1000 * index + chunk_no, num_threads=max(1, cores),
