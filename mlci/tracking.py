@@ -101,9 +101,12 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        for name in ("mlflow", "alembic"):  # schema migrations log INFO lines to the console
-            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient
+
+        # After the import: mlflow sets its own logger to INFO when imported, and creating
+        # or migrating a store then prints INFO lines between mlci's progress lines.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = uri
         db = _sqlite_path(uri)

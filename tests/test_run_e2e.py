@@ -42,6 +42,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         name = "tiny"
         path = "models/tiny.onnx"
         dims = { batch = 1 }
+        seconds = 300
         [[models]]
         name = "lstm"
         path = "models/lstm.onnx"
@@ -131,6 +132,7 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     assert {"compile_s", "tune_s", "trials_new", "onnxruntime_median_ms"} <= set(metrics)
     assert tiny.data.params["tvm_version"].startswith("0.27")
     assert tiny.data.params["trials_budget"] == "4"
+    assert tiny.data.params["tune_seconds_budget"] == "300.0"  # the model's own cap, not the global one
     artifacts = {a.path for a in client.list_artifacts(tiny.info.run_id)}
     assert {"results.json", "tuning", "compiled"} <= artifacts
     assert [a.path for a in client.list_artifacts(tiny.info.run_id, "compiled")] == ["compiled/tiny.so"]

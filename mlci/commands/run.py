@@ -187,6 +187,7 @@ class ModelRunner:
                 "trials_valid_new": outcome.trials_valid_new,
                 "trials_cached": outcome.trials_cached,
                 "trials_budget": budget_trials,
+                "seconds_budget": budget_seconds,
                 "tasks": outcome.tasks,
                 "tasks_from_cache": outcome.tasks_from_cache,
                 "seconds": round(outcome.seconds, 3),
@@ -311,7 +312,7 @@ def log_to_mlflow(
                 job_key=f"{invocation}/{results.git.commit or 'nocommit'}/{results.target.name}/{model.name}",
                 params={
                     "trials_budget": model.tuning.get("trials_budget"),
-                    "tune_seconds_budget": options.tune_seconds or config.tuning.seconds,
+                    "tune_seconds_budget": model.tuning.get("seconds_budget"),
                     "samples": config.measure.samples,
                 },
                 artifacts=[
