@@ -7,6 +7,7 @@ before MLflow is contacted, so nothing computed is lost to a tracking outage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import subprocess
@@ -266,9 +267,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     unknown = sorted(set(options.models) - {m.name for m in config.models})
     if unknown:
         raise ConfigError(config.path, [f"--model {n}: no such model in models[].name" for n in unknown])
-    check_model_files(
-        Config(**{**config.__dict__, "models": selected})  # only the models this run uses
-    )
+    check_model_files(dataclasses.replace(config, models=selected))  # only the models this run uses
     target = pick_target(config, options.target)
     _setup_file_logging(config)
     tuning.speed_up_tensor_intrin_import()
@@ -281,8 +280,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     path = options.output or config.results_dir / f"{target.name}.json"
     for cfg in selected:
         results.models.append(runner.run(cfg))
-        write_results(results, path)
-    write_results(results, path)
+        write_results(results, path)  # after every model: a crash later loses nothing
 
     outcome = RunOutcome(results, path)
     if options.tracking:
