@@ -53,3 +53,76 @@ def speedup(reference_ms: float | None, candidate_ms: float | None) -> float | N
     if not reference_ms or not candidate_ms or candidate_ms <= 0:
         return None
     return reference_ms / candidate_ms
+
+
+# --- comparing two sets of samples (issue 3's gate builds on these) ----------
+
+VERDICTS = ("regression", "improvement", "unchanged", "inconclusive")
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """head/base ratio of median latency with a bootstrap confidence interval."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+
+
+def median_ratio_ci(
+    base: list[float],
+    head: list[float],
+    *,
+    paired: bool,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> RatioEstimate:
+    """Percentile bootstrap of median(head) / median(base).
+
+    Paired (A/B samples taken in alternating blocks, sample i of each from the same
+    moment): indices are resampled jointly, so noise that hit both alike cancels.
+    Unpaired: each side is resampled on its own.
+    """
+    import numpy as np
+
+    b = np.asarray(base, dtype=np.float64)
+    h = np.asarray(head, dtype=np.float64)
+    if b.size == 0 or h.size == 0:
+        raise ValueError("both sides need at least one sample")
+    if paired and b.size != h.size:
+        raise ValueError(f"paired samples need equal counts, got {b.size} and {h.size}")
+    ratio = float(np.median(h) / np.median(b))
+    rng = np.random.default_rng(seed)
+    if paired:
+        idx = rng.integers(0, b.size, size=(resamples, b.size))
+        boot = np.median(h[idx], axis=1) / np.median(b[idx], axis=1)
+    else:
+        bi = rng.integers(0, b.size, size=(resamples, b.size))
+        hi = rng.integers(0, h.size, size=(resamples, h.size))
+        boot = np.median(h[hi], axis=1) / np.median(b[bi], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return RatioEstimate(ratio, float(min(low, ratio)), float(max(high, ratio)), confidence)
+
+
+def classify(estimate: RatioEstimate, threshold: float) -> str:
+    """The verdict rule, Bencher-style: a change counts only when the whole interval
+    says so and the estimate clears the threshold; `unchanged` needs the interval
+    inside the threshold band; anything else is `inconclusive` (never a guess)."""
+    upper, lower = 1.0 + threshold, 1.0 / (1.0 + threshold)
+    if estimate.low > 1.0 and estimate.ratio >= upper:
+        return "regression"
+    if estimate.high < 1.0 and estimate.ratio <= lower:
+        return "improvement"
+    if estimate.low >= lower and estimate.high <= upper:
+        return "unchanged"
+    return "inconclusive"
+
+
+def cell_confidence(cells: int, family_confidence: float = 0.95) -> float:
+    """Bonferroni: each of `cells` intervals at 1 - alpha/cells keeps the chance of any
+    false alarm across the whole model x target matrix at most alpha."""
+    alpha = 1.0 - family_confidence
+    return 1.0 - alpha / max(cells, 1)
