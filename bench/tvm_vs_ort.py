@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from mlci import measure, tuning
 from mlci.commands.run import pick_target, run_prepare
 from mlci.config import Config, ModelConfig, load_config
 from mlci.models import prepare_model
+from mlci.results import json_safe
 from mlci.stats import speedup, summarize
 from mlci.targets import ResolvedTarget, environment_fingerprint, tvm_target_object
 
@@ -425,21 +425,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinities as null, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False))
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, default=_json_default, allow_nan=False))
     tmp.replace(path)
 
 

@@ -84,7 +84,7 @@ class Results:
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Results:
@@ -111,14 +111,14 @@ class Results:
             raise ResultsError(f"malformed results file: {exc}") from None
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null (used for every JSON mlci writes)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
