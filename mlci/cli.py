@@ -1,6 +1,6 @@
 """The `mlci` command line. Thin: parse, call the library, choose the exit code.
 
-Exit codes (DESIGN.md): 0 pass, 1 gate failed (for `run`: a model failed),
+Exit codes (DESIGN.md): 0 pass, 1 gate failed (`compare`; for `run`: a model failed),
 2 usage or configuration error, 3 internal error.
 """
 
@@ -57,6 +57,11 @@ def run(
         typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db)."),
     ] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Git ref to A/B against: its merge-base's models are built and measured interleaved "
+                          "with the head (default: the pull request's base, else [gate].base)."),
+    ] = None,
 ) -> None:
     """Compile, tune, check and benchmark every model of the config on one target."""
     from mlci.commands.run import RunOptions, execute
@@ -66,7 +71,7 @@ def run(
         cfg = load_config(config)
         options = RunOptions(
             target=target, models=model or [], trials=trials, tune_seconds=tune_seconds,
-            output=output, tracking=not no_tracking, tracking_uri=tracking_uri,
+            output=output, tracking=not no_tracking, tracking_uri=tracking_uri, base=base,
         )
         with RunReporter(err) as reporter:
             outcome = execute(cfg, options, reporter)
@@ -92,6 +97,67 @@ def run(
     if failed:
         err.print(f"[red]{len(failed)} model(s) failed:[/red] {escape(', '.join(failed))}")
         raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+def compare(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Results files or directories (searched for *.json). Default: .mlci/results."),
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(help="regression (regressions and failures fail), failure (only failures), never. "
+                          "Default: the config's [gate].fail_on recorded by `mlci run`."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Relative change that counts, e.g. 0.05 (overrides the config).")
+    ] = None,
+    report_dir: Annotated[Path, typer.Option(help="Where comment.md, summary.md and decision.json are written.")] = Path(
+        ".mlci/report"
+    ),
+    github: Annotated[
+        bool | None,
+        typer.Option("--github/--no-github", help="Post the PR comment, commit status and outputs "
+                                                  "(default: when running in GitHub Actions)."),
+    ] = None,
+    comment: Annotated[bool, typer.Option("--comment/--no-comment", help="Post or update the sticky PR comment.")] = True,
+) -> None:
+    """Decide pass or fail from the results of every target job; report it (terminal, PR comment, job summary)."""
+    from mlci.commands.compare import CompareOptions, CompareUsageError, execute
+    from mlci.gate import FAIL_ON
+    from mlci.report import terminal_table
+
+    if fail_on is not None and fail_on not in FAIL_ON:
+        err.print(f"[red]error:[/red] --fail-on must be one of {', '.join(FAIL_ON)}, not {escape(fail_on)!r}")
+        raise typer.Exit(EXIT_USAGE)
+    options = CompareOptions(
+        paths=paths or [Path(".mlci/results")], fail_on=fail_on, threshold=threshold,
+        report_dir=report_dir, github=github, comment=comment,
+    )
+    try:
+        outcome = execute(options, print_line=lambda line: print(line, flush=True))
+    except CompareUsageError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        err.print("[red]internal error[/red] (please report it):")
+        err.print(escape(traceback.format_exc()))
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+    decision = outcome.decision
+    out.print(terminal_table(decision))
+    for problem in decision.problems:
+        err.print(f"[red]error:[/red] {escape(problem)}")
+    for note in outcome.notes:
+        err.print(f"note: {escape(note)}")
+    out.print(f"report: {escape(str(outcome.comment_path))}")
+    if decision.failed:
+        err.print(f"[red]gate failed[/red] (fail-on {decision.fail_on}): {escape(decision.headline)}")
+        raise typer.Exit(EXIT_GATE)
+    out.print(f"[green]gate passed[/green] (fail-on {decision.fail_on}): {escape(decision.headline)}")
 
 
 @app.command()

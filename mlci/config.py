@@ -42,8 +42,9 @@ class TuningConfig:
 @dataclass(frozen=True)
 class MeasureConfig:
     warmup: int = 5
-    samples: int = 40
-    min_sample_ms: float = 2.0
+    samples: int = 60
+    """Samples per implementation; with A/B, pairs per round."""
+    min_sample_ms: float = 5.0
     """Calls are batched into one sample until it lasts at least this long."""
     max_seconds: float = 10.0
     """Cap on timing one implementation of one model (TVM or ONNX Runtime)."""
@@ -54,6 +55,23 @@ class MeasureConfig:
 class NumericsConfig:
     atol: float = 1e-4
     rtol: float = 1e-3
+
+
+FAIL_ON = ("regression", "failure", "never")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    threshold: float = 0.05
+    """Relative change of median latency that counts (0.05: 5% slower is a regression)."""
+    fail_on: str = "regression"
+    """``regression`` (regressions and failures fail the build), ``failure`` or ``never``."""
+    confidence: float = 0.95
+    """Family-wise: the chance of any false alarm across the whole matrix is at most 1 - this."""
+    remeasure: int = 1
+    """Extra A/B rounds for a cell that is inconclusive or flagged after the first."""
+    base: str | None = None
+    """Default base ref for A/B when neither --base nor a pull-request event gives one."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ class ModelConfig:
     rtol: float | None = None
     trials: int | None = None
     seconds: float | None = None
+    threshold: float | None = None
     key: str = ""
     """Where this model sits in the config (``models[2]``), for error messages."""
 
@@ -94,6 +113,7 @@ class Config:
     measure: MeasureConfig = MeasureConfig()
     numerics: NumericsConfig = NumericsConfig()
     tracking: TrackingConfig = TrackingConfig()
+    gate: GateConfig = GateConfig()
     prepare: list[str] = field(default_factory=list)
     cache_dir: Path = Path(".mlci/cache")
     results_dir: Path = Path(".mlci/results")
@@ -114,7 +134,7 @@ class Config:
 
 _NUM = (int, float)
 _TOP_KEYS = {"prepare", "cache_dir", "results_dir", "tracking", "tuning", "measure",
-             "numerics", "targets", "models"}
+             "numerics", "gate", "targets", "models"}
 _SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "tuning": {
         "trials": ((int,), "a non-negative integer"),
@@ -136,6 +156,13 @@ _SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "uri": ((str,), "a string"),
         "experiment": ((str,), "a string"),
     },
+    "gate": {
+        "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
+        "fail_on": ((str,), "one of " + ", ".join(f'"{v}"' for v in FAIL_ON)),
+        "confidence": (_NUM, "a fraction between 0 and 1, such as 0.95"),
+        "remeasure": ((int,), "a non-negative integer"),
+        "base": ((str,), "a git ref"),
+    },
 }
 _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "a string"),
@@ -146,8 +173,10 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "rtol": (_NUM, "a non-negative number"),
     "trials": ((int,), "a non-negative integer"),
     "seconds": (_NUM, "a number of seconds"),
+    "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
 }
 _TARGET_KEYS = {"tvm", "runs_on"}
+_FRACTIONS = {"threshold", "confidence"}
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
 
@@ -177,6 +206,12 @@ def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> 
             continue
         if key in _POSITIVE and value == 0:
             problems.append(f"{where}{key}: must be greater than 0")
+            continue
+        if key in _FRACTIONS and not 0 < value < 1:
+            problems.append(f"{where}{key}: expected {type_name}, got {value!r}")
+            continue
+        if key == "fail_on" and value not in FAIL_ON:
+            problems.append(f"{where}{key}: expected {type_name}, got {value!r}")
             continue
         out[key] = float(value) if float in types and int in types else value
     return out
@@ -217,6 +252,7 @@ def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> Model
         rtol=values.get("rtol"),
         trials=values.get("trials"),
         seconds=values.get("seconds"),
+        threshold=values.get("threshold"),
         key=f"models[{index}]",
     )
 
@@ -326,6 +362,7 @@ def parse_config(text: str, path: Path) -> Config:
         measure=MeasureConfig(**sections["measure"]),
         numerics=NumericsConfig(**sections["numerics"]),
         tracking=TrackingConfig(**sections["tracking"]),
+        gate=GateConfig(**sections["gate"]),
         prepare=prepare,
         cache_dir=dirs.get("cache_dir", root / ".mlci" / "cache"),
         results_dir=dirs.get("results_dir", root / ".mlci" / "results"),

@@ -69,6 +69,82 @@ def time_callable(
     return out
 
 
+def time_interleaved(
+    base: Callable[[], Any],
+    head: Callable[[], Any],
+    *,
+    warmup: int,
+    samples: int,
+    min_sample_ms: float,
+    max_seconds: float,
+    sync: Callable[[], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Paired A/B samples (ms per call): block i times base and head back to back, in
+    ABBA order (base first on even blocks, head first on odd), so runner drift, a
+    neighbour's burst or thermal state hits both sides of a pair alike.
+
+    Both sides batch the same number of calls per sample. `max_seconds` caps the
+    whole interleaved round (keeping >= 3 pairs)."""
+    sync = sync or (lambda: None)
+    singles = []
+    for fn in (base, head):
+        for _ in range(max(warmup, 1)):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        singles.append(max(time.perf_counter() - t0, 1e-7))
+    number = max(1, math.ceil(min_sample_ms / 1e3 / max(singles)))
+
+    def one(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / number
+
+    out_base: list[float] = []
+    out_head: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    for i in range(samples):
+        if i % 2 == 0:
+            out_base.append(one(base))
+            out_head.append(one(head))
+        else:
+            out_head.append(one(head))
+            out_base.append(one(base))
+        if len(out_base) >= 3 and time.perf_counter() > deadline:
+            break
+    return out_base, out_head
+
+
+def measure_ab(
+    base: Callable[[], Any],
+    head: Callable[[], Any],
+    *,
+    settled: Callable[[list[float], list[float]], bool],
+    max_rounds: int,
+    on_round: Callable[[int], None] = lambda n: None,
+    **timing: Any,
+) -> tuple[list[float], list[float], int]:
+    """Interleaved rounds until `settled(base, head)` says the samples decide, at most
+    `max_rounds`: an inconclusive or flagged cell gets more data before anyone decides.
+    Returns both sample lists (paired by index) and the rounds used."""
+    base_samples: list[float] = []
+    head_samples: list[float] = []
+    rounds = 0
+    while rounds < max(max_rounds, 1):
+        on_round(rounds)
+        b, h = time_interleaved(base, head, **timing)
+        base_samples += b
+        head_samples += h
+        rounds += 1
+        if settled(base_samples, head_samples):
+            break
+    return base_samples, head_samples, rounds
+
+
 @dataclass
 class OrtModel:
     """ONNX Runtime on the original model: the reference outputs and the peer latency."""

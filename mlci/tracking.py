@@ -16,7 +16,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from mlci.results import ModelResult, Results
+from mlci.results import History, Latency, ModelResult, Results
 
 # A down server otherwise hangs each call for minutes (NOTES-mlflow "Faults").
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
@@ -75,6 +75,16 @@ def model_metrics(model: ModelResult) -> dict[str, float]:
         if model.numerics.get(key) is not None:
             metrics[f"numerics_{key}"] = model.numerics[key]
     return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def fingerprint_diff(baseline: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """key -> [baseline, current] for fingerprint entries that differ (hash and host noise excluded)."""
+    keys = (set(baseline) | set(current)) - {"hash", "os", "python"}
+    return {k: [baseline.get(k), current.get(k)] for k in sorted(keys) if baseline.get(k) != current.get(k)}
 
 
 def model_params(results: Results, model: ModelResult, extra: dict[str, Any]) -> dict[str, str]:
@@ -174,3 +184,96 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_dir)
         self.client.set_terminated(run_id, "FINISHED" if model.ok else "FAILED")
         return run_id
+
+    def run_url(self, run_id: str) -> str | None:
+        """A web address for the run when the tracking server has one (not for sqlite/files)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def history(
+        self,
+        model: str,
+        target: str,
+        fingerprint: dict[str, Any],
+        *,
+        base_commit: str | None,
+        default_branch: str | None,
+        exclude_commit: str | None,
+        trend_points: int = 20,
+    ) -> History | None:
+        """The MLflow baseline of one model x target: the finished run of the merge-base
+        commit, else the newest finished run on the default branch (not this commit),
+        plus the recent default-branch trend of median latency."""
+        scope = f"tags.`mlci.model` = '{_quote(model)}' and tags.`mlci.target` = '{_quote(target)}' and " \
+                "attributes.status = 'FINISHED'"
+        chosen = None
+        if base_commit:
+            found = self.client.search_runs([self.experiment_id], f"{scope} and tags.`mlci.commit` = '{_quote(base_commit)}'",
+                                            max_results=1, order_by=["attributes.start_time DESC"])
+            chosen = found[0] if found else None
+        trend_runs = []
+        branch = default_branch or "main"
+        recent = self.client.search_runs([self.experiment_id], f"{scope} and tags.`mlci.branch` = '{_quote(branch)}'",
+                                         max_results=trend_points * 3, order_by=["attributes.start_time DESC"])
+        seen: set[str] = set()
+        for run in recent:
+            commit = run.data.tags.get("mlci.commit", "")
+            if commit == exclude_commit or commit in seen or "latency_ms_median" not in run.data.metrics:
+                continue
+            seen.add(commit)
+            trend_runs.append(run)
+            if chosen is None:
+                chosen = run
+            if len(trend_runs) >= trend_points:
+                break
+        if chosen is None:
+            return None
+        tags = chosen.data.tags
+        stored = self._stored_results(chosen.info.run_id)
+        theirs = stored.get("target", {}).get("fingerprint", {}) if stored else {}
+        their_hash = tags.get("mlci.fingerprint") or theirs.get("hash")
+        match = their_hash == fingerprint.get("hash")
+        latency = None
+        for m in (stored or {}).get("models", []):
+            if m.get("name") == model and m.get("latency_ms"):
+                latency = Latency(**m["latency_ms"])
+        if latency is None and "latency_ms_median" in chosen.data.metrics:
+            median = chosen.data.metrics["latency_ms_median"]
+            latency = Latency(samples=[], median=median, mean=median, std=0.0, min=median, p90=median, n=0)
+        return History(
+            commit=tags.get("mlci.commit") or None,
+            branch=tags.get("mlci.branch") or None,
+            run_id=chosen.info.run_id,
+            created_at=_iso(chosen.info.start_time),
+            fingerprint=their_hash,
+            fingerprint_match=match,
+            fingerprint_diff={} if match else fingerprint_diff(theirs, fingerprint) or {"hash": [their_hash, fingerprint.get("hash")]},
+            latency_ms=latency,
+            trend=[
+                {"commit": r.data.tags.get("mlci.commit"), "median": r.data.metrics["latency_ms_median"],
+                 "created_at": _iso(r.info.start_time)}
+                for r in reversed(trend_runs)
+            ],
+        )
+
+    def _stored_results(self, run_id: str) -> dict[str, Any] | None:
+        """The run's own results.json artifact (samples and the full fingerprint); best effort."""
+        import json
+        import tempfile
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.client.download_artifacts(run_id, "results.json", tmp)
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception as exc:  # an old run without the artifact, or the store is unreachable
+            logging.getLogger("mlci").info("no results.json for MLflow run %s: %s", run_id, exc)
+            return None
+
+
+def _iso(millis: int | None) -> str | None:
+    import datetime as dt
+
+    if not millis:
+        return None
+    return dt.datetime.fromtimestamp(millis / 1000, dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,285 @@
+"""The regression gate: results files in, one verdict per model x target out. Pure (no I/O).
+
+`mlci compare` reads the results of every matrix job, calls `decide`, renders
+the outcome and picks the exit code from `Decision.failed`. The statistics
+(interval, verdict rule, matrix-wide false-alarm control) live in `stats.py`.
+
+Where the baseline comes from, in order:
+1. A/B: the base commit's model measured interleaved with the head in the
+   same job (`ModelResult.base`): paired samples, immune to runner drift.
+2. History: the MLflow run of the merge-base or the newest default-branch run
+   (`ModelResult.history`), compared only when the environment fingerprint
+   matches; a mismatch is reported, never compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlci.config import FAIL_ON, GateConfig
+from mlci.results import GitInfo, Latency, ModelResult, Results
+from mlci.stats import RatioEstimate, cell_confidence, classify, median_ratio_ci, speedup
+
+DEFAULT_THRESHOLD = GateConfig.threshold
+DEFAULT_CONFIDENCE = GateConfig.confidence
+# Worst first: the order of the table and of the headline.
+VERDICT_ORDER = ("failed", "regression", "inconclusive", "improvement", "new", "removed", "unchanged")
+
+
+@dataclass(frozen=True)
+class HistoryNote:
+    """How the head compares with the MLflow baseline; shown, gating only without A/B."""
+
+    commit: str | None
+    branch: str | None
+    run_id: str
+    comparable: bool
+    """False when the environment fingerprint differs: never compared blindly."""
+    fingerprint_diff: dict[str, list[Any]]
+    ratio: float | None
+    trend: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    target: str
+    verdict: str
+    reason: str
+    """One line for the reviewer: why this verdict."""
+    threshold: float
+    baseline: str | None = None
+    """``ab`` (same-runner A/B), ``history`` (an MLflow run) or None."""
+    base_commit: str | None = None
+    base_ms: float | None = None
+    head_ms: float | None = None
+    estimate: RatioEstimate | None = None
+    speedup_vs_ort: float | None = None
+    blocking: bool = False
+    """Whether this cell fails the build under the decision's fail-on policy."""
+    known_failure: bool = False
+    """Failed at the base commit too: shown, but does not fail the build."""
+    status: str | None = None
+    error: str | None = None
+    tuning: dict[str, Any] = field(default_factory=dict)
+    numerics: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 0
+    mlflow_run_id: str | None = None
+    mlflow_url: str | None = None
+    history: HistoryNote | None = None
+
+    @property
+    def change(self) -> float | None:
+        """Relative change of the median latency, head vs base (+0.07 = 7% slower)."""
+        return self.estimate.ratio - 1.0 if self.estimate else None
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    name: str
+    fingerprint: dict[str, Any]
+    commit: str | None
+    base_commit: str | None
+    base_ref: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    cells: list[Cell]
+    fail_on: str
+    family_confidence: float
+    cell_confidence: float
+    targets: list[TargetSummary]
+    git: GitInfo
+    problems: tuple[str, ...] = ()
+    """Inputs that could not be used (an unreadable results file): the gate cannot vouch."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(VERDICT_ORDER, 0)
+        for cell in self.cells:
+            counts[cell.verdict] += 1
+        return counts
+
+    @property
+    def blocking(self) -> list[Cell]:
+        return [c for c in self.cells if c.blocking]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.blocking) or (bool(self.problems) and self.fail_on != "never")
+
+    @property
+    def verdict(self) -> str:
+        """One word for the whole matrix (the `verdict` output): failed, regression or pass."""
+        kinds = {c.verdict for c in self.blocking}
+        if "failed" in kinds or (self.problems and self.fail_on != "never"):
+            return "failed"
+        if "regression" in kinds:
+            return "regression"
+        return "pass"
+
+    @property
+    def headline(self) -> str:
+        parts = []
+        for verdict, singular, plural in (
+            ("failed", "failure", "failures"),
+            ("regression", "regression", "regressions"),
+            ("improvement", "improvement", "improvements"),
+        ):
+            cells = [c for c in self.cells if c.verdict == verdict]
+            if cells:
+                targets = sorted({c.target for c in cells})
+                noun = singular if len(cells) == 1 else plural
+                parts.append(f"{len(cells)} {noun} on {', '.join(targets)}")
+        if not parts:
+            compared = [c for c in self.cells if c.verdict == "unchanged"]
+            parts.append("No significant change" if compared or not self.cells else "Nothing compared")
+        inconclusive = self.counts["inconclusive"]
+        if inconclusive:
+            parts.append(f"{inconclusive} inconclusive")
+        if self.problems:
+            parts.append(f"{len(self.problems)} unreadable results file{'s' if len(self.problems) > 1 else ''}")
+        return ", ".join(parts)
+
+
+def decide(
+    results: list[Results],
+    *,
+    fail_on: str | None = None,
+    threshold: float | None = None,
+    family_confidence: float | None = None,
+    problems: list[str] | None = None,
+) -> Decision:
+    """Verdicts for every model x target of every results file.
+
+    Explicit arguments override what `mlci run` recorded from the config
+    (`Results.gate`); per-model thresholds from the config win over the global one
+    unless `threshold` is given.
+    """
+    gate = results[0].gate if results else {}
+    fail_on = fail_on or gate.get("fail_on") or "regression"
+    if fail_on not in FAIL_ON:
+        raise ValueError(f"fail-on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
+    family = family_confidence or gate.get("confidence") or DEFAULT_CONFIDENCE
+
+    compared = sum(1 for r in results for m in r.models if _samples(m) is not None)
+    per_cell = cell_confidence(compared, family)
+    cells: list[Cell] = []
+    for res in results:
+        for model in res.models:
+            limit = threshold if threshold is not None else (model.threshold or gate.get("threshold") or DEFAULT_THRESHOLD)
+            cells.append(_cell(res, model, limit, per_cell))
+        for name in res.removed_models:
+            cells.append(Cell(name, res.target.name, "removed", "in the base commit's config, not in the head's",
+                              threshold or DEFAULT_THRESHOLD, base_commit=res.git.base_commit))
+    cells = [_with_blocking(c, fail_on) for c in cells]
+    cells.sort(key=lambda c: (VERDICT_ORDER.index(c.verdict), c.model, c.target))
+    targets = [
+        TargetSummary(r.target.name, r.target.fingerprint, r.git.commit, r.git.base_commit, r.base_ref)
+        for r in results
+    ]
+    git = results[0].git if results else GitInfo()
+    return Decision(cells, fail_on, family, per_cell, targets, git, tuple(problems or ()))
+
+
+def _with_blocking(cell: Cell, fail_on: str) -> Cell:
+    if cell.known_failure or fail_on == "never":
+        return cell
+    blocking = cell.verdict == "failed" or (fail_on == "regression" and cell.verdict == "regression")
+    if not blocking:
+        return cell
+    from dataclasses import replace
+
+    return replace(cell, blocking=True)
+
+
+def _median(latency: Latency | None) -> float | None:
+    return latency.median if latency else None
+
+
+def _samples(model: ModelResult) -> tuple[list[float], list[float], bool, str] | None:
+    """(base, head, paired, kind) when this cell has samples to compare, else None."""
+    if not model.ok or model.latency_ms is None:
+        return None
+    base = model.base
+    if base is not None and base.status == "ok" and base.latency_ms and base.latency_ms.n == model.latency_ms.n:
+        return base.latency_ms.samples, model.latency_ms.samples, True, "ab"
+    hist = model.history
+    if base is None and hist is not None and hist.fingerprint_match and hist.latency_ms and hist.latency_ms.samples:
+        return hist.latency_ms.samples, model.latency_ms.samples, False, "history"
+    return None
+
+
+def _history_note(model: ModelResult) -> HistoryNote | None:
+    hist = model.history
+    if hist is None:
+        return None
+    ratio = None
+    if hist.fingerprint_match and model.latency_ms and hist.latency_ms and hist.latency_ms.median:
+        ratio = model.latency_ms.median / hist.latency_ms.median
+    return HistoryNote(hist.commit, hist.branch, hist.run_id, hist.fingerprint_match,
+                       hist.fingerprint_diff, ratio, hist.trend)
+
+
+def _cell(res: Results, model: ModelResult, threshold: float, confidence: float) -> Cell:
+    base = model.base
+    common: dict[str, Any] = dict(
+        model=model.name,
+        target=res.target.name,
+        threshold=threshold,
+        status=model.status,
+        error=model.error,
+        tuning=model.tuning,
+        numerics=model.numerics,
+        mlflow_run_id=model.mlflow_run_id,
+        mlflow_url=model.mlflow_url,
+        history=_history_note(model),
+        head_ms=_median(model.latency_ms),
+        speedup_vs_ort=speedup(model.peer.get("onnxruntime_median_ms"), _median(model.latency_ms)),
+        base_commit=base.commit if base else (model.history.commit if model.history else None),
+        rounds=base.rounds if base else 0,
+    )
+    if not model.ok:
+        if model.status == "numerics_failed":
+            return Cell(verdict="failed", reason=f"wrong numbers: {model.error}", **common)
+        if base is not None and base.status == "ok":
+            return Cell(verdict="failed", reason=f"{model.status} (the base commit built): {model.error}", **common)
+        if base is not None and base.status not in ("ok", "missing"):
+            return Cell(verdict="failed", reason=f"{model.status}, as at the base commit: {model.error}",
+                        known_failure=True, **common)
+        return Cell(verdict="failed", reason=f"{model.status}: {model.error}", **common)
+
+    if base is not None and base.status == "missing":
+        return Cell(verdict="new", reason="not in the base commit", **common)
+    if base is not None and base.status != "ok":
+        return Cell(verdict="new", reason=f"works now; the base commit had {base.status}: {base.error}", **common)
+
+    compared = _samples(model)
+    if compared is None:
+        note = common["history"]
+        if note is not None and not note.comparable:
+            keys = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in note.fingerprint_diff.items())
+            return Cell(verdict="new", reason=f"no comparable baseline: the environment changed ({keys})", **common)
+        return Cell(verdict="new", reason="no baseline: no A/B base and no earlier run in MLflow", **common)
+
+    base_samples, head_samples, paired, kind = compared
+    estimate = median_ratio_ci(base_samples, head_samples, paired=paired, confidence=confidence)
+    verdict = classify(estimate, threshold)
+    base_ms = base.latency_ms.median if kind == "ab" and base and base.latency_ms else _median(model.history.latency_ms)
+    reason = _reason(verdict, estimate, threshold, kind)
+    return Cell(verdict=verdict, reason=reason, baseline=kind, base_ms=base_ms, estimate=estimate, **common)
+
+
+def _reason(verdict: str, est: RatioEstimate, threshold: float, kind: str) -> str:
+    interval = f"{(est.low - 1) * 100:+.1f}% to {(est.high - 1) * 100:+.1f}%"
+    how = "same-runner A/B" if kind == "ab" else "vs the MLflow baseline"
+    band = f"±{threshold * 100:g}%"
+    text = {
+        "regression": f"slower beyond {band}",
+        "improvement": f"faster beyond {band}",
+        "unchanged": f"interval inside {band}",
+        "inconclusive": f"too noisy to tell: the interval crosses the {band} band",
+    }[verdict]
+    return f"{text} ({how}, {est.confidence * 100:.4g}% interval {interval})"

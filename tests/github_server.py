@@ -1,0 +1,428 @@
+"""A stateful fake of the GitHub REST API that checks every request and response against GitHub's OpenAPI description.
+
+Why not mocks: the client's worth is in the wire details (headers, pagination links, error bodies, retries), and a
+stateless mock cannot test update-in-place. Every request and every response goes through openapi-core 0.23.1
+with GitHub's own description (tests/data/github/openapi-subset.json); any mismatch is recorded in ``errors``
+(tests assert it empty) and answered 400 (bad request) or 500 (bad response from this fake) so it shows up.
+
+Usage::
+
+    with FakeGitHub(token="ghs_x") as gh:
+        client = GitHubClient(gh.url, "ghs_x")
+        ...
+    assert gh.errors == []
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import re
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from openapi_core import OpenAPI
+from openapi_core.datatypes import RequestParameters
+from openapi_core.templating.responses.exceptions import ResponseNotFound
+from openapi_schema_validator import OAS30Validator
+from werkzeug.datastructures import Headers, ImmutableMultiDict
+
+SPEC_PATH = Path(__file__).parent / "data" / "github" / "openapi-subset.json"
+DOCS = "https://docs.github.com/rest"
+API_VERSION = "2022-11-28"
+WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
+
+
+@functools.cache
+def load_spec(path: Path = SPEC_PATH) -> tuple[dict, OpenAPI]:
+    """GitHub's description plus a 127.0.0.1:{port} server entry, parsed and checked once per test session."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["servers"] = [*spec.get("servers", []), {"url": "http://127.0.0.1:{port}", "variables": {"port": {"default": "80"}}}]
+    return spec, OpenAPI.from_dict(spec)
+
+
+class _Request:
+    """openapi-core's raw Request protocol (host_url, path, method, parameters, body, content_type)."""
+
+    def __init__(self, host_url: str, method: str, path: str, query: str, headers: Headers, body: bytes) -> None:
+        self.host_url = host_url
+        self.path = path
+        self.method = method.lower()
+        self.body = body or None
+        self.content_type = (headers.get("Content-Type") or "application/octet-stream").lower()
+        self.parameters = RequestParameters(
+            query=ImmutableMultiDict(urllib.parse.parse_qsl(query, keep_blank_values=True)),
+            header=headers,
+            cookie=ImmutableMultiDict(),
+        )
+
+
+class _Response:
+    """openapi-core's Response protocol (status_code, headers, content_type, data)."""
+
+    def __init__(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.status_code = status
+        self.headers = Headers(headers)
+        self.content_type = headers.get("Content-Type", "application/json").lower() if data else ""
+        self.data = data or None
+
+
+@dataclass
+class Recorded:
+    """One request as the client sent it."""
+
+    method: str
+    path: str  # URL path, no query
+    query: dict[str, str]
+    target: str  # path and query exactly as sent
+    headers: dict[str, str]  # lower-case names
+    json: Any
+    status: int = 0  # what the fake answered
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error: bool = False  # an error body GitHub really sends where its description documents no such status
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _error(status: int, message: str, docs: str = DOCS, headers: dict[str, str] | None = None) -> _Reply:
+    return _Reply(status, {"message": message, "documentation_url": docs, "status": str(status)}, headers or {}, error=True)
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and getattr(cause, "schema_errors", None):
+        text = f"{type(exc).__name__}: " + "; ".join(str(e.message) for e in cause.schema_errors)
+    elif cause is not None:
+        text += f" ({cause})"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class FakeGitHub:
+    """The issue-comment, commit-PR and commit-status endpoints of one repository, with failure injection."""
+
+    def __init__(
+        self,
+        token: str = "ghs_fake_token_0123456789",
+        repository: str = "octo-org/widgets",
+        web_url: str = "https://github.com",
+        spec_path: Path = SPEC_PATH,
+    ) -> None:
+        self.token = token
+        self.repository = repository
+        self.owner, self.repo = repository.split("/")
+        self.web_url = web_url
+        self.spec, self.openapi = load_spec(spec_path)
+        self._pr_template = self.spec["components"]["examples"]["pull-request-simple-items"]["value"][0]
+        self.comments: dict[int, list[dict]] = {}  # issue/PR number -> comments in creation order
+        self.statuses: dict[str, list[dict]] = {}  # sha -> statuses, newest last
+        self.pulls: dict[str, list[dict]] = {}  # head sha -> pull-request-simple objects
+        self.requests: list[Recorded] = []
+        self.errors: list[str] = []
+        # failure injection
+        self.read_only = False  # writes answer 403 "Resource not accessible by integration" (fork PR token)
+        self._fail: list[int] = []  # statuses for the next calls (502s)
+        self._rate_limits: list[dict[str, Any]] = []
+        self._ids = itertools.count(1_000_001)
+        self._lock = threading.RLock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> FakeGitHub:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), name="fake-github", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeGitHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    # -- knobs -------------------------------------------------------------------------------------------------
+    def fail_next(self, n: int = 1, status: int = 502) -> None:
+        """The next n calls answer this 5xx, as GitHub's front end does now and then."""
+        with self._lock:
+            self._fail.extend([status] * n)
+
+    def rate_limit(self, times: int = 1, status: int = 403, *, reset_in: float = 2, retry_after: int | None = None) -> None:
+        """The next calls answer a primary rate limit (x-ratelimit-remaining: 0), optionally with retry-after."""
+        with self._lock:
+            self._rate_limits.extend([{"status": status, "reset_in": reset_in, "retry_after": retry_after}] * times)
+
+    def clear_failures(self) -> None:
+        """Drop injected failures not yet served."""
+        with self._lock:
+            self._fail.clear()
+            self._rate_limits.clear()
+            self.read_only = False
+
+    def take_errors(self) -> list[str]:
+        """Hand over (and clear) the validation errors, for tests that provoke them on purpose."""
+        with self._lock:
+            errors, self.errors = self.errors, []
+            return errors
+
+    # -- state helpers -----------------------------------------------------------------------------------------
+    def _user(self, login: str = "github-actions[bot]", uid: int = 41898282, kind: str = "Bot") -> dict:
+        api = f"{self.url}/users/{urllib.parse.quote(login)}"
+        return {
+            "login": login, "id": uid, "node_id": f"MDM6Qm90{uid}", "avatar_url": f"https://avatars.githubusercontent.com/in/{uid}?v=4",
+            "gravatar_id": "", "url": api, "html_url": f"{self.web_url}/apps/{login}", "followers_url": f"{api}/followers",
+            "following_url": f"{api}/following{{/other_user}}", "gists_url": f"{api}/gists{{/gist_id}}",
+            "starred_url": f"{api}/starred{{/owner}}{{/repo}}", "subscriptions_url": f"{api}/subscriptions",
+            "organizations_url": f"{api}/orgs", "repos_url": f"{api}/repos", "events_url": f"{api}/events{{/privacy}}",
+            "received_events_url": f"{api}/received_events", "type": kind, "site_admin": False, "user_view_type": "public",
+        }
+
+    def _comment(self, number: int, body: str, user: dict | None = None) -> dict:
+        cid = next(self._ids)
+        now = _now()
+        repo_api = f"{self.url}/repos/{self.repository}"
+        return {
+            "id": cid, "node_id": f"IC_kwDOABCD{cid}", "url": f"{repo_api}/issues/comments/{cid}",
+            "html_url": f"{self.web_url}/{self.repository}/pull/{number}#issuecomment-{cid}", "body": body,
+            "user": user or self._user(), "created_at": now, "updated_at": now, "issue_url": f"{repo_api}/issues/{number}",
+            "author_association": "NONE", "performed_via_github_app": None,
+            "reactions": {"url": f"{repo_api}/issues/comments/{cid}/reactions", "total_count": 0, "+1": 0, "-1": 0, "laugh": 0,
+                          "confused": 0, "heart": 0, "hooray": 0, "eyes": 0, "rocket": 0},
+        }
+
+    def add_comment(self, number: int, body: str, login: str = "someone", kind: str = "User") -> dict:
+        """Seed a comment (by a person by default) on a PR."""
+        with self._lock:
+            comment = self._comment(number, body, self._user(login, 583231, kind))
+            self.comments.setdefault(number, []).append(comment)
+            return comment
+
+    def add_pull(self, number: int, head_sha: str, state: str = "open") -> dict:
+        """Associate a PR with a commit, built from GitHub's own example made schema-valid (its team lacks `type`)."""
+        pr = copy.deepcopy(self._pr_template)
+        for team in pr.get("requested_teams") or []:
+            team.setdefault("type", "organization")
+        api, web = f"{self.url}/repos/{self.repository}", f"{self.web_url}/{self.repository}"
+        pr.update({
+            "number": number, "id": 10_000 + number, "state": state, "title": f"PR {number}",
+            "url": f"{api}/pulls/{number}", "html_url": f"{web}/pull/{number}", "issue_url": f"{api}/issues/{number}",
+            "comments_url": f"{api}/issues/{number}/comments", "statuses_url": f"{api}/statuses/{head_sha}",
+            "closed_at": None if state == "open" else _now(), "merged_at": None,
+        })
+        pr["head"]["sha"] = head_sha
+        with self._lock:
+            self.pulls.setdefault(head_sha, []).append(pr)
+        return pr
+
+    # -- request handling --------------------------------------------------------------------------------------
+    def handle(self, method: str, target: str, headers: Headers, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            split = urllib.parse.urlsplit(target)
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError:
+                parsed = None
+            rec = Recorded(method, split.path, dict(urllib.parse.parse_qsl(split.query)), target,
+                           {k.lower(): v for k, v in headers.items()}, parsed)
+            self.requests.append(rec)
+            reply = self._check_request(method, split, headers, body)
+            validate = reply is None
+            if reply is None:
+                reply = self._inject(method) or self._route(method, split.path, rec.query, parsed)
+            status, out_headers, data = self._encode(reply)
+            if validate:
+                problem = self._check_response(method, split, headers, body, reply, status, out_headers, data)
+                if problem:
+                    self.errors.append(f"{method} {target}: response {status} invalid: {problem}")
+                    status, out_headers, data = self._encode(_error(500, f"fake GitHub built an invalid response: {problem}"))
+            rec.status, rec.response_headers = status, out_headers
+            return status, out_headers, data
+
+    def _check_request(self, method: str, split: urllib.parse.SplitResult, headers: Headers, body: bytes) -> _Reply | None:
+        problems = []
+        auth = headers.get("Authorization", "")
+        if auth not in (f"Bearer {self.token}", f"token {self.token}"):
+            problems.append("Authorization is not 'Bearer <token>' or 'token <token>'")
+        if headers.get("Accept") != "application/vnd.github+json":
+            problems.append(f"Accept is {headers.get('Accept')!r}, not application/vnd.github+json")
+        if headers.get("X-GitHub-Api-Version") != API_VERSION:
+            problems.append(f"X-GitHub-Api-Version is {headers.get('X-GitHub-Api-Version')!r}, not {API_VERSION}")
+        if not headers.get("User-Agent"):
+            problems.append("no User-Agent (GitHub rejects such requests)")
+        try:
+            self.openapi.validate_request(_Request(self.url, method, split.path, split.query, headers, body))
+        except Exception as exc:  # every kind of mismatch is a finding
+            problems.append(f"OpenAPI: {_short(exc)}")
+        if not problems:
+            return None
+        self.errors.append(f"{method} {split.path}{'?' + split.query if split.query else ''}: request invalid: " + "; ".join(problems))
+        status = 401 if "Authorization" in problems[0] else 400
+        return _error(status, "fake GitHub rejected the request: " + "; ".join(problems))
+
+    def _check_response(
+        self,
+        method: str,
+        split: urllib.parse.SplitResult,
+        headers: Headers,
+        body: bytes,
+        reply: _Reply,
+        status: int,
+        out_headers: dict[str, str],
+        data: bytes,
+    ) -> str | None:
+        request = _Request(self.url, method, split.path, split.query, headers, body)
+        try:
+            self.openapi.validate_response(request, _Response(status, out_headers, data))
+        except ResponseNotFound:
+            if not reply.error:
+                return f"status {status} is not documented for this operation"
+            # GitHub sends 403/404/429/5xx on operations whose description omits them; check the basic-error shape.
+            schema = self.spec["components"]["schemas"]["basic-error"]
+            errs = [e.message for e in OAS30Validator(schema).iter_errors(reply.body)]
+            return "basic-error: " + "; ".join(errs) if errs else None
+        except Exception as exc:
+            return _short(exc)
+        return None
+
+    def _inject(self, method: str) -> _Reply | None:
+        if self._fail:
+            status = self._fail.pop(0)
+            return _error(status, "Server Error" if status != 503 else "Service Unavailable")
+        if self._rate_limits:
+            rl = self._rate_limits.pop(0)
+            headers = {
+                "x-ratelimit-limit": "5000", "x-ratelimit-remaining": "0", "x-ratelimit-used": "5000",
+                "x-ratelimit-reset": str(int(time.time() + rl["reset_in"])), "x-ratelimit-resource": "core",
+            }
+            if rl["retry_after"] is not None:
+                headers["retry-after"] = str(rl["retry_after"])
+            return _error(rl["status"], "API rate limit exceeded for installation ID 4242.",
+                          f"{DOCS}/overview/rate-limits-for-the-rest-api", headers)
+        if self.read_only and method in WRITE_METHODS:
+            return _error(403, "Resource not accessible by integration", f"{DOCS}/issues/comments#create-an-issue-comment")
+        return None
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> _Reply:
+        prefix = f"/repos/{self.owner}/{self.repo}/"
+        if not path.startswith(prefix):
+            return _error(404, "Not Found")
+        rest = path[len(prefix):]
+        if m := re.fullmatch(r"issues/(\d+)/comments", rest):
+            number = int(m.group(1))
+            if method == "GET":
+                return self._list(path, query, self.comments.get(number, []))
+            if method == "POST":
+                comment = self._comment(number, body["body"])
+                self.comments.setdefault(number, []).append(comment)
+                return _Reply(201, comment, {"Location": comment["url"]})
+        if m := re.fullmatch(r"issues/comments/(\d+)", rest):
+            cid = int(m.group(1))
+            found = next(((n, c) for n, cs in self.comments.items() for c in cs if c["id"] == cid), None)
+            if found is None:
+                return _error(404, "Not Found", f"{DOCS}/issues/comments")
+            number, comment = found
+            if method == "GET":
+                return _Reply(200, comment)
+            if method == "PATCH":
+                comment["body"] = body["body"]
+                comment["updated_at"] = _now()
+                return _Reply(200, comment)
+            if method == "DELETE":
+                self.comments[number].remove(comment)
+                return _Reply(204)
+        if (m := re.fullmatch(r"commits/([^/]+)/pulls", rest)) and method == "GET":
+            return self._list(path, query, self.pulls.get(m.group(1), []))
+        if (m := re.fullmatch(r"statuses/([^/]+)", rest)) and method == "POST":
+            sha = m.group(1)
+            sid = next(self._ids)
+            now = _now()
+            status = {
+                "url": f"{self.url}/repos/{self.repository}/statuses/{sha}", "avatar_url": "https://avatars.githubusercontent.com/in/15368?v=4",
+                "id": sid, "node_id": f"SC_kwDOABCD{sid}", "state": body["state"], "description": body.get("description"),
+                "target_url": body.get("target_url"), "context": body.get("context", "default"),
+                "created_at": now, "updated_at": now, "creator": self._user(),
+            }
+            self.statuses.setdefault(sha, []).append(status)
+            return _Reply(201, status, {"Location": status["url"]})
+        self.errors.append(f"{method} {path}: not implemented by the fake")
+        return _error(404, "Not Found")
+
+    def _list(self, path: str, query: dict[str, str], items: list[dict]) -> _Reply:
+        """GitHub's pagination: per_page (default 30, max 100), page (from 1), Link with absolute URLs."""
+        per_page = max(1, min(100, int(query.get("per_page", 30))))
+        page = max(1, int(query.get("page", 1)))
+        last = max(1, -(-len(items) // per_page))
+        chunk = items[(page - 1) * per_page: page * per_page]
+
+        def link(p: int) -> str:
+            q = {**query, "per_page": str(per_page), "page": str(p)}
+            return f"{self.url}{path}?{urllib.parse.urlencode(q)}"
+
+        rels = []
+        if page > 1:
+            rels += [f'<{link(page - 1)}>; rel="prev"', f'<{link(1)}>; rel="first"']
+        if page < last:
+            rels += [f'<{link(page + 1)}>; rel="next"', f'<{link(last)}>; rel="last"']
+        return _Reply(200, copy.deepcopy(chunk), {"Link": ", ".join(rels)} if rels else {})
+
+    def _encode(self, reply: _Reply) -> tuple[int, dict[str, str], bytes]:
+        data = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
+        headers = {"X-GitHub-Media-Type": "github.v3; format=json", "X-RateLimit-Limit": "5000", "X-RateLimit-Remaining": "4999"}
+        headers = {k: v for k, v in headers.items() if k.lower() not in {h.lower() for h in reply.headers}}
+        headers.update(reply.headers)
+        if data:
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        return reply.status, headers, data
+
+
+def _handler(app: FakeGitHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            status, headers, data = app.handle(self.command, self.path, Headers(list(self.headers.items())), body)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if data:
+                self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+            pass
+
+    return Handler
