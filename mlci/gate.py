@@ -128,20 +128,23 @@ class Decision:
             ("regression", "regression", "regressions"),
             ("improvement", "improvement", "improvements"),
         ):
-            cells = [c for c in self.cells if c.verdict == verdict]
+            cells = [c for c in self.cells if c.verdict == verdict and not c.known_failure]
             if cells:
                 targets = sorted({c.target for c in cells})
                 noun = singular if len(cells) == 1 else plural
                 parts.append(f"{len(cells)} {noun} on {', '.join(targets)}")
+        known = sum(c.known_failure for c in self.cells)
         if not parts:
             compared = [c for c in self.cells if c.verdict == "unchanged"]
-            parts.append("No significant change" if compared or not self.cells else "Nothing compared")
+            parts.append("No significant change" if compared else "Nothing compared")
+        if known:
+            parts.append(f"{known} still failing as at the base")
         inconclusive = self.counts["inconclusive"]
         if inconclusive:
             parts.append(f"{inconclusive} inconclusive")
         if self.problems:
             parts.append(f"{len(self.problems)} unreadable results file{'s' if len(self.problems) > 1 else ''}")
-        return ", ".join(parts)
+        return "; ".join(parts)
 
 
 def decide(
@@ -167,13 +170,14 @@ def decide(
     compared = sum(1 for r in results for m in r.models if _samples(m) is not None)
     per_cell = cell_confidence(compared, family)
     cells: list[Cell] = []
+    default_threshold = threshold if threshold is not None else gate.get("threshold") or DEFAULT_THRESHOLD
     for res in results:
         for model in res.models:
-            limit = threshold if threshold is not None else (model.threshold or gate.get("threshold") or DEFAULT_THRESHOLD)
+            limit = threshold if threshold is not None else (model.threshold or default_threshold)
             cells.append(_cell(res, model, limit, per_cell))
         for name in res.removed_models:
             cells.append(Cell(name, res.target.name, "removed", "in the base commit's config, not in the head's",
-                              threshold or DEFAULT_THRESHOLD, base_commit=res.git.base_commit))
+                              default_threshold, base_commit=res.git.base_commit))
     cells = [_with_blocking(c, fail_on) for c in cells]
     cells.sort(key=lambda c: (VERDICT_ORDER.index(c.verdict), c.model, c.target))
     targets = [
@@ -204,8 +208,11 @@ def _samples(model: ModelResult) -> tuple[list[float], list[float], bool, str] |
     if not model.ok or model.latency_ms is None:
         return None
     base = model.base
-    if base is not None and base.status == "ok" and base.latency_ms and base.latency_ms.n == model.latency_ms.n:
-        return base.latency_ms.samples, model.latency_ms.samples, True, "ab"
+    if base is not None and base.status == "ok" and base.latency_ms and base.latency_ms.samples:
+        # Paired when the samples came from the same blocks (always, from `mlci run`);
+        # a hand-merged file with unequal counts is still compared, unpaired.
+        paired = base.latency_ms.n == model.latency_ms.n
+        return base.latency_ms.samples, model.latency_ms.samples, paired, "ab"
     hist = model.history
     if base is None and hist is not None and hist.fingerprint_match and hist.latency_ms and hist.latency_ms.samples:
         return hist.latency_ms.samples, model.latency_ms.samples, False, "history"
@@ -254,7 +261,8 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
     if base is not None and base.status == "missing":
         return Cell(verdict="new", reason="not in the base commit", **common)
     if base is not None and base.status != "ok":
-        return Cell(verdict="new", reason=f"works now; the base commit had {base.status}: {base.error}", **common)
+        why = f"{base.status}: {base.error}" if base.error else base.status
+        return Cell(verdict="new", reason=f"works now; the base commit had {why}", **common)
 
     compared = _samples(model)
     if compared is None:

@@ -229,13 +229,16 @@ class GitHubClient:
             return min(self.max_wait, 60.0), True
         return self.backoff * (2**attempt), False
 
-    def request(self, method: str, path_or_url: str, body: dict | None = None) -> tuple[int, Any, dict[str, str]]:
+    def request(
+        self, method: str, path_or_url: str, body: dict | None = None, *, retries: int | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         """One API call with retries; returns (status, parsed JSON or None, lower-cased headers)."""
         url = self._url(path_or_url)
         data = json.dumps(body).encode("utf-8") if body is not None else None
         method = method.upper()
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            last = attempt == retries
             try:
                 req = urllib.request.Request(url, data=data, method=method, headers=self._headers(data is not None))
                 with _OPENER.open(req, timeout=self.timeout) as resp:
@@ -316,16 +319,28 @@ class GitHubClient:
         """Update the comment carrying the marker (the first, if several) or create it: one report per PR."""
         body = _fit_comment(body if marker in body else f"{marker}\n{body}", marker)
         repo = _repo(repository)
-        existing = None
+        for attempt in range(self.retries + 1):
+            existing = self._find_comment(repo, pr, marker)
+            if existing is not None:
+                _, payload, _ = self.request("PATCH", f"/repos/{repo}/issues/comments/{int(existing['id'])}", {"body": body})
+                return str(payload["html_url"]), "updated"
+            try:
+                # Not retried blindly: a create that answered 502 may have been made anyway,
+                # so look for it again first (one sticky comment, never two).
+                _, payload, _ = self.request("POST", f"/repos/{repo}/issues/{int(pr)}/comments", {"body": body}, retries=0)
+                return str(payload["html_url"]), "created"
+            except GitHubError as exc:
+                retriable = exc.status is None or exc.status >= 500 or exc.rate_limited
+                if not retriable or attempt == self.retries:
+                    raise
+                self.sleep(self.backoff * (2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _find_comment(self, repo: str, pr: int, marker: str) -> dict | None:
         for comment in self.paginate(f"/repos/{repo}/issues/{int(pr)}/comments?per_page=100"):
             if isinstance(comment, dict) and marker in (comment.get("body") or ""):
-                existing = comment
-                break
-        if existing is not None:
-            _, payload, _ = self.request("PATCH", f"/repos/{repo}/issues/comments/{int(existing['id'])}", {"body": body})
-            return str(payload["html_url"]), "updated"
-        _, payload, _ = self.request("POST", f"/repos/{repo}/issues/{int(pr)}/comments", {"body": body})
-        return str(payload["html_url"]), "created"
+                return comment
+        return None
 
     def set_status(
         self,

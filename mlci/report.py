@@ -29,12 +29,12 @@ from rich.table import Table
 from rich.text import Text
 
 from mlci.gate import VERDICT_ORDER, Cell, Decision, TargetSummary
+from mlci.github import COMMENT_LIMIT, MARKER, SUMMARY_LIMIT  # MARKER: the sticky comment's first line
 
-MARKER = "<!-- mlci:report -->"
-"""First line of the sticky comment: how the comment is found again to be updated."""
-MAX_COMMENT_CHARS = 65_536
-MAX_SUMMARY_BYTES = 1_048_576
-"""GitHub's limit for one step's job summary ($GITHUB_STEP_SUMMARY)."""
+MAX_COMMENT_CHARS = COMMENT_LIMIT
+"""GitHub's limit for a comment body (65,536 characters)."""
+MAX_SUMMARY_BYTES = SUMMARY_LIMIT
+"""GitHub's limit for one step's job summary ($GITHUB_STEP_SUMMARY, 1 MiB)."""
 MAX_CHARTS = 6
 REASON_CHARS = 300
 """Cap on each reason listed under the table (the full text is in the details)."""
@@ -102,11 +102,16 @@ def escape_markdown(text: Any) -> str:
 
 
 def clip(text: Any, limit: int = REASON_CHARS) -> str:
-    """Whitespace collapsed to single spaces, cut to `limit` characters with an ellipsis."""
+    """Whitespace collapsed to single spaces; over `limit` characters, the head and the tail
+    around an ellipsis (a traceback's last line names the error)."""
     if text is None:
         return ""
     text = _WS.sub(" ", str(text)).strip()
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    if len(text) <= limit:
+        return text
+    head = max(1, (limit - 3) * 2 // 5)
+    tail = max(0, limit - 3 - head)
+    return f"{text[:head].rstrip()} … {text[len(text) - tail:].lstrip()}" if tail else text[: limit - 1] + "…"
 
 
 def _finite(value: Any) -> bool:
@@ -229,7 +234,7 @@ def safe_url(url: str | None) -> str | None:
     if not url or not re.match(r"^https?://[^\s]+$", url):
         return None
     for ch, code in (("(", "%28"), (")", "%29"), ("<", "%3C"), (">", "%3E"), ('"', "%22"), ("|", "%7C"),
-                     ("\\", "%5C"), ("`", "%60"), ("[", "%5B"), ("]", "%5D"), ("*", "%2A"), ("_", "%5F")):
+                     ("\\", "%5C"), ("`", "%60")):
         url = url.replace(ch, code)
     return url
 
@@ -380,10 +385,17 @@ def _render(
         "trends": charts,
         "errors": [c for c in rows if c.error],
     }
+    had = {  # what the full rendering has: the sections a size-limited one says it left out
+        "environment": targets,
+        "tuning": any(c.tuning for c in cells),
+        "numerics": any(c.numerics for c in cells),
+        "history": any(c.history is not None for c in cells),
+        "trends": charts if keep is None else _charts(cells, ""),
+        "errors": any(c.error for c in cells),
+    }
     return environment().get_template(template).render(
         marker=MARKER,
         d=decision,
-        ctx=context,
         pr=pr,
         status=_status(decision),
         head=head_sha,
@@ -394,9 +406,9 @@ def _render(
         rows=rows,
         hidden=hidden,
         hidden_unchanged=sum(1 for c in hidden if c.verdict == "unchanged"),
-        reasons=[c for c in rows if c.verdict in REASONED],
+        reasons=[c for c in rows if c.verdict in REASONED or (c.history is not None and not c.history.comparable)],
         sections=set(sections),
-        omitted=[s for s in SECTIONS if s not in sections and content[s]],
+        omitted=[s for s in SECTIONS if s not in sections and had[s]],
         where=where,
         minimal=minimal,
         targets=targets,
@@ -513,9 +525,14 @@ def terminal_table(decision: Decision) -> Table:
 
 
 def _gate_line(decision: Decision) -> str:
-    blocking = len(decision.blocking)
     policy = f"fail-on: {decision.fail_on}"
-    if decision.failed:
-        noun = "cell" if blocking == 1 else "cells"
-        return f"gate: fails the build: {blocking} blocking {noun}, marked * ({policy})"
-    return f"gate: passes ({policy})"
+    if not decision.failed:
+        return f"gate: passes ({policy})"
+    why = []
+    if decision.blocking:
+        n = len(decision.blocking)
+        why.append(f"{n} blocking {'cell' if n == 1 else 'cells'}, marked *")
+    if decision.problems:
+        n = len(decision.problems)
+        why.append(f"{n} unreadable results {'file' if n == 1 else 'files'}")
+    return f"gate: fails the build: {'; '.join(why)} ({policy})"

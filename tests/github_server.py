@@ -140,6 +140,7 @@ class FakeGitHub:
         self.read_only = False  # writes answer 403 "Resource not accessible by integration" (fork PR token)
         self._fail: list[int] = []  # statuses for the next calls (502s)
         self._rate_limits: list[dict[str, Any]] = []
+        self._lose_writes = 0  # writes that are applied, then answered 502 (the reply was lost)
         self._ids = itertools.count(1_000_001)
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -175,6 +176,11 @@ class FakeGitHub:
         """The next n calls answer this 5xx, as GitHub's front end does now and then."""
         with self._lock:
             self._fail.extend([status] * n)
+
+    def lose_next_write_reply(self, n: int = 1) -> None:
+        """The next n writes take effect but answer 502, as when GitHub's front end times out after the fact."""
+        with self._lock:
+            self._lose_writes += n
 
     def rate_limit(self, times: int = 1, status: int = 403, *, reset_in: float = 2, retry_after: int | None = None) -> None:
         """The next calls answer a primary rate limit (x-ratelimit-remaining: 0), optionally with retry-after."""
@@ -258,6 +264,9 @@ class FakeGitHub:
             validate = reply is None
             if reply is None:
                 reply = self._inject(method) or self._route(method, split.path, rec.query, parsed)
+                if method in ("POST", "PATCH") and self._lose_writes and reply.status < 300:
+                    self._lose_writes -= 1
+                    reply = _error(502, "Server Error")
             status, out_headers, data = self._encode(reply)
             if validate:
                 problem = self._check_response(method, split, headers, body, reply, status, out_headers, data)

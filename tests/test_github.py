@@ -173,6 +173,14 @@ def test_502_then_success_is_retried_with_backoff(gh: FakeGitHub, client: GitHub
     assert [r.status for r in gh.requests] == [502, 502, 200, 201]
 
 
+def test_create_whose_reply_was_lost_is_not_duplicated(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
+    gh.lose_next_write_reply()
+    url, action = client.upsert_comment(REPO, 43, "report v1")
+    assert len(gh.comments[43]) == 1, "a retried create made a second sticky comment"
+    assert action == "updated" and url == gh.comments[43][0]["html_url"]
+    assert [(r.method, r.status) for r in gh.requests] == [("GET", 200), ("POST", 502), ("GET", 200), ("PATCH", 200)]
+
+
 def test_502_forever_gives_up_with_githubs_status(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
     gh.fail_next(10)
     with pytest.raises(GitHubError) as info:
