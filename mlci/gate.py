@@ -135,8 +135,10 @@ class Decision:
                 parts.append(f"{len(cells)} {noun} on {', '.join(targets)}")
         known = sum(c.known_failure for c in self.cells)
         if not parts:
-            compared = [c for c in self.cells if c.verdict == "unchanged"]
-            parts.append("No significant change" if compared else "Nothing compared")
+            if any(c.verdict == "unchanged" for c in self.cells):
+                parts.append("No significant change")
+            elif not any(c.verdict == "inconclusive" for c in self.cells):
+                parts.append("Nothing compared")
         if known:
             parts.append(f"{known} still failing as at the base")
         inconclusive = self.counts["inconclusive"]

@@ -25,9 +25,6 @@ pytestmark = pytest.mark.slow
 CONFIG = """
     [tuning]
     trials = 0
-    [measure]
-    samples = 20
-    min_sample_ms = 1.0
     [[models]]
     name = "net"
     path = "models/net.onnx"
@@ -122,7 +119,7 @@ def test_unchanged_head_passes(repo: Path):
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "gate passed" in compare.stdout
     body = (repo / ".mlci" / "report" / "comment.md").read_text()
-    assert "No significant change" in body and "unchanged" in body
+    assert "No significant change" in body and "| unchanged |" in body
 
 
 def test_unknown_base_ref_is_a_usage_error_naming_the_fix(repo: Path):
