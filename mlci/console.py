@@ -73,7 +73,12 @@ def results_table(results: Results) -> Table:
     table = Table(title=f"mlci run: target {escape(results.target.name)}", title_justify="left")
     table.add_column("model")
     table.add_column("status")
+    ab = any(m.base is not None for m in results.models)
+    if ab:
+        table.add_column("base ms", justify="right")
     table.add_column("TVM ms", justify="right")
+    if ab:
+        table.add_column("vs base", justify="right")
     table.add_column("ORT ms", justify="right")
     table.add_column("speedup", justify="right")
     table.add_column("trials new/cached", justify="right")
@@ -83,14 +88,16 @@ def results_table(results: Results) -> Table:
         trials = (
             f"{m.tuning.get('trials_new', 0)}/{m.tuning.get('trials_cached', 0)}" if m.tuning else "-"
         )
-        table.add_row(
-            escape(m.name),
-            f"[{status_style}]{m.status}[/{status_style}]",
-            _ms(m.latency_ms.median if m.latency_ms else None),
-            _ms(m.peer.get("onnxruntime_median_ms")),
-            "-" if speed is None else f"{speed:.2f}x",
-            trials,
-        )
+        head_ms = m.latency_ms.median if m.latency_ms else None
+        cells = [escape(m.name), f"[{status_style}]{m.status}[/{status_style}]"]
+        if ab:
+            base_ms = m.base.latency_ms.median if m.base and m.base.latency_ms else None
+            cells.append(_ms(base_ms) if m.base is None or m.base.status == "ok" else m.base.status)
+            cells += [_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
+        else:
+            cells.append(_ms(head_ms))
+        cells += [_ms(m.peer.get("onnxruntime_median_ms")), "-" if speed is None else f"{speed:.2f}x", trials]
+        table.add_row(*cells)
     return table
 
 

@@ -14,7 +14,7 @@ Where the baseline comes from, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlci.config import FAIL_ON, GateConfig
@@ -194,11 +194,7 @@ def _with_blocking(cell: Cell, fail_on: str) -> Cell:
     if cell.known_failure or fail_on == "never":
         return cell
     blocking = cell.verdict == "failed" or (fail_on == "regression" and cell.verdict == "regression")
-    if not blocking:
-        return cell
-    from dataclasses import replace
-
-    return replace(cell, blocking=True)
+    return replace(cell, blocking=True) if blocking else cell
 
 
 def _median(latency: Latency | None) -> float | None:

@@ -100,6 +100,7 @@ class ModelResult:
     tuning: dict[str, Any] = field(default_factory=dict)
     numerics: dict[str, Any] = field(default_factory=dict)
     latency_ms: Latency | None = None
+    """With an A/B base: the head's interleaved samples, paired index by index with base.latency_ms."""
     peer: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     mlflow_url: str | None = None

@@ -50,3 +50,35 @@ def test_same_job_key_reuses_the_run(tmp_path: Path) -> None:
     first = _log_one((uri, str(tmp_path), "m"))
     again = _log_one((uri, str(tmp_path), "m"))  # e.g. a retried job step
     assert first == again
+
+
+def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None:
+    """The merge-base run wins; else the newest default-branch run; a changed environment is
+    reported with the keys that differ, never marked comparable."""
+    import json
+
+    from mlci.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "mlci", artifact_root=tmp_path / "artifacts")
+    fingerprint = {"hash": "fp", "tvm": "0.27", "cpu": "znver5"}
+    for i, commit in enumerate(["c1", "c2", "c3"]):
+        results, m = _results("m")
+        results.git = GitInfo(commit=commit, branch="main")
+        results.target.fingerprint = fingerprint
+        m.latency_ms = Latency(samples=[1.0 + i, 1.1 + i], median=1.05 + i, mean=1.05 + i, std=0.05, min=1.0 + i,
+                               p90=1.1 + i, n=2)
+        stored = tmp_path / f"{commit}.json"
+        stored.write_text(json.dumps(results.to_dict()))
+        tracker.log_model(results, m, job_key=f"j/{commit}", params={}, artifacts=[(stored.rename(tmp_path / "results.json"), None)])
+
+    newest = tracker.history("m", "cpu", fingerprint, base_commit=None, default_branch="main", exclude_commit="c4")
+    assert newest.commit == "c3" and newest.fingerprint_match and newest.latency_ms.samples == [3.0, 3.1]
+    assert [p["commit"] for p in newest.trend] == ["c1", "c2", "c3"]
+    merge_base = tracker.history("m", "cpu", fingerprint, base_commit="c1", default_branch="main", exclude_commit="c3")
+    assert merge_base.commit == "c1" and [p["commit"] for p in merge_base.trend] == ["c1", "c2"]
+
+    upgraded = {**fingerprint, "hash": "fp2", "tvm": "0.28"}
+    other = tracker.history("m", "cpu", upgraded, base_commit=None, default_branch="main", exclude_commit=None)
+    assert not other.fingerprint_match and other.fingerprint_diff == {"tvm": ["0.27", "0.28"]}
+    assert tracker.history("m", "gpu", fingerprint, base_commit=None, default_branch="main", exclude_commit=None) is None
+    assert tracker.run_url("abc") is None  # sqlite: no web address to link
