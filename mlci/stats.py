@@ -62,7 +62,8 @@ VERDICTS = ("regression", "improvement", "unchanged", "inconclusive")
 
 @dataclass(frozen=True)
 class RatioEstimate:
-    """head/base ratio of median latency with a bootstrap confidence interval."""
+    """head/base latency ratio (paired: median per-pair ratio; unpaired: ratio of medians)
+    with a bootstrap confidence interval."""
 
     ratio: float
     low: float
@@ -79,11 +80,14 @@ def median_ratio_ci(
     resamples: int = 2000,
     seed: int = 0,
 ) -> RatioEstimate:
-    """Percentile bootstrap of median(head) / median(base).
+    """Percentile bootstrap of the head/base latency ratio.
 
     Paired (A/B samples taken in alternating blocks, sample i of each from the same
-    moment): indices are resampled jointly, so noise that hit both alike cancels.
-    Unpaired: each side is resampled on its own.
+    moment): the median of the per-pair ratios (as a median of log-ratios, so that
+    swapping the sides exactly inverts it), pairs resampled jointly. A runner that
+    switches between a fast and a slow state moves both samples of a pair alike, and
+    the per-pair ratio cancels it; a ratio of the two medians would not.
+    Unpaired: median(head) / median(base), each side resampled on its own.
     """
     import numpy as np
 
@@ -93,12 +97,14 @@ def median_ratio_ci(
         raise ValueError("both sides need at least one sample")
     if paired and b.size != h.size:
         raise ValueError(f"paired samples need equal counts, got {b.size} and {h.size}")
-    ratio = float(np.median(h) / np.median(b))
     rng = np.random.default_rng(seed)
     if paired:
+        log_ratio = np.log(h) - np.log(b)
+        ratio = float(np.exp(np.median(log_ratio)))
         idx = rng.integers(0, b.size, size=(resamples, b.size))
-        boot = np.median(h[idx], axis=1) / np.median(b[idx], axis=1)
+        boot = np.exp(np.median(log_ratio[idx], axis=1))
     else:
+        ratio = float(np.median(h) / np.median(b))
         bi = rng.integers(0, b.size, size=(resamples, b.size))
         hi = rng.integers(0, h.size, size=(resamples, h.size))
         boot = np.median(h[hi], axis=1) / np.median(b[bi], axis=1)

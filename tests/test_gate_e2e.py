@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import save, tiny_mlp, write_config
+from .conftest import lstm_model, save, tiny_mlp, write_config
 from .github_server import FakeGitHub
 
 pytestmark = pytest.mark.slow
@@ -65,6 +65,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     git(root, "checkout", "-qb", "docs")
     (root / "README.md").write_text("a model, documented\n")
     git(root, "commit", "-qam", "docs only")
+    git(root, "checkout", "-q", "main")
+    git(root, "checkout", "-qb", "broken")
+    save(lstm_model(), root / "models" / "net.onnx")  # TVM has no LSTM converter
+    git(root, "commit", "-qam", "switch to an LSTM")
     return root
 
 
@@ -120,6 +124,18 @@ def test_unchanged_head_passes(repo: Path):
     assert "gate passed" in compare.stdout
     body = (repo / ".mlci" / "report" / "comment.md").read_text()
     assert "No significant change" in body and "| unchanged |" in body
+
+
+def test_model_that_stopped_compiling_fails_the_gate(repo: Path):
+    git(repo, "checkout", "-q", "broken")
+    run = mlci("run", "--base", "main", "--no-tracking", "-o", ".mlci/broken/cpu.json", cwd=repo)
+    assert run.returncode == 1, run.stdout + run.stderr  # `run` itself reports the failed model
+    model = json.loads((repo / ".mlci" / "broken" / "cpu.json").read_text())["models"][0]
+    assert model["status"] == "import_failed" and model["base"]["status"] == "ok"
+    compare = mlci("compare", ".mlci/broken", "--report-dir", ".mlci/broken-report", cwd=repo)
+    assert compare.returncode == 1, compare.stdout + compare.stderr
+    body = (repo / ".mlci" / "broken-report" / "comment.md").read_text()
+    assert "1 failure on cpu" in body and "the base commit built" in body and "LSTM" in body
 
 
 def test_unknown_base_ref_is_a_usage_error_naming_the_fix(repo: Path):

@@ -217,7 +217,7 @@ def test_regression_comment_snapshot():
     text = render_comment(decision, CONTEXT)
     assert text.startswith(MARKER + "\n")
     assert "### mlci FAIL: 1 regression on gpu-cuda" in text
-    assert "| resnet50 | gpu-cuda | 1.00 ms | 1.10 ms | +10.0% [" in text
+    assert "| resnet50 | gpu-cuda | 1.00 ms | 1.10 ms | +10." in text
     assert "[**regression**](http://127.0.0.1:5000/#/experiments/1/runs/def)" in text
     assert f"[`4b825dc`](https://github.com/acme/vision/commit/{HEAD})" in text
     assert "**Fails the build**: 1 blocking cell (fail-on `regression`" in text
@@ -516,7 +516,7 @@ def test_policy_known_failure_removed_and_problems():
     assert "### mlci WARN: 1 regression on cpu-x86; 1 still failing as at the base" in text
     assert "**Passes** (fail-on `never`: report only)" in text
     assert "| legacy | cpu-x86 | — | — | — | — | failed (known) |" in text
-    assert "| resnet50 | cpu-x86 | 1.00 ms | 1.20 ms | +20.0% [" in text and "| regression |" in text
+    assert "| resnet50 | cpu-x86 | 1.00 ms | 1.20 ms | +20." in text and "| regression |" in text
     assert "| dropped-model | cpu-x86 | — | — | — | — | removed |" in text
     assert "- results/gpu.json: unsupported results schema 'v0' &lt;x&gt;" in text
     failing = decide([results("cpu-x86", [model("resnet50")])], problems=["results/gpu.json: truncated"])
@@ -539,7 +539,7 @@ def test_formatters():
     clipped = clip("Traceback: " + "noise " * 100 + "ValueError: the real cause")
     assert len(clipped) == 300 and clipped.startswith("Traceback: noise") and clipped.endswith("ValueError: the real cause")
     cell = regression_decision().cells[0]
-    assert re.fullmatch(r"\+10\.0% \[\+\d+\.\d%, \+\d+\.\d%\]", format_change(cell))
+    assert re.fullmatch(r"\+10\.\d% \[\+\d+\.\d%, \+\d+\.\d%\]", format_change(cell))
 
 
 def test_templates_load_from_the_package():

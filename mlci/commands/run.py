@@ -1,5 +1,9 @@
 """`mlci run`: per model, on one target: load, import, tune, compile, check, benchmark, log.
 
+With a base ref (A/B), each model's version at the merge-base is built too, from
+a temporary worktree, with the same target and tuning cache, and both are
+measured interleaved in this process; `mlci compare` decides from the samples.
+
 A model that fails at any stage gets its status and message and the next
 model runs. The results file is rewritten after every model, and fully written
 before MLflow is contacted, so nothing computed is lost to a tracking outage.
@@ -157,6 +161,8 @@ class ModelRunner:
         except ModelError as exc:
             result.status = str(exc.status)
             result.error = str(exc)
+            if self.base is not None and result.base is None and result.status != "numerics_failed":
+                self._base_builds(cfg, result)
         self.reporter.finish(cfg.name, result.status)
         return result
 
@@ -308,6 +314,25 @@ class ModelRunner:
         except ModelError as exc:
             baseline.status, baseline.error = str(exc.status), str(exc)
             return None
+
+    def _base_builds(self, cfg: ModelConfig, result: ModelResult) -> None:
+        """The head failed to build or run: did the base build here? That decides whether
+        the target *stopped* working (fails the build) or was already broken."""
+        assert self.base is not None
+        base_cfg = self.base.model(cfg)
+        baseline = Baseline(commit=self.base.commit, path=str(_relative(base_cfg.path, self.base.root)))
+        result.base = baseline
+        if self.base.error:
+            baseline.status, baseline.error = "import_failed", self.base.error
+        elif not base_cfg.path.is_file():
+            baseline.status, baseline.path = "missing", None
+        else:
+            try:
+                self._build(base_cfg, " base", None)
+                if result.status == "run_failed":
+                    self._require_device()
+            except ModelError as exc:
+                baseline.status, baseline.error = str(exc.status), str(exc)
 
     def _measure_ab(self, name: str, base_timer: Any, head_timer: Any, sync: Any, result: ModelResult) -> list[float]:
         """Interleaved A/B rounds; a cell that is inconclusive or flagged after a round is
