@@ -6,8 +6,10 @@ Exit codes (DESIGN.md): 0 pass, 1 gate failed (`compare`; for `run`: a model fai
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,23 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
+    """The command's own usage errors exit 2 with their message; anything unexpected exits 3
+    with the traceback (Ctrl-C passes through)."""
+    try:
+        yield
+    except usage_errors as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception:
+        err.print("[red]internal error[/red] (please report it):")
+        err.print(escape(traceback.format_exc()))
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -67,7 +86,7 @@ def run(
     from mlci.commands.run import RunOptions, execute
     from mlci.console import RunReporter, failure_lines, results_table
 
-    try:
+    with _exit_codes(ConfigError):
         cfg = load_config(config)
         options = RunOptions(
             target=target, models=model or [], trials=trials, tune_seconds=tune_seconds,
@@ -75,15 +94,6 @@ def run(
         )
         with RunReporter(err) as reporter:
             outcome = execute(cfg, options, reporter)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        raise
-    except Exception:
-        err.print("[red]internal error[/red] (please report it):")
-        err.print(escape(traceback.format_exc()))
-        raise typer.Exit(EXIT_INTERNAL) from None
 
     out.print(results_table(outcome.results))
     for line in failure_lines(outcome.results):
@@ -135,17 +145,8 @@ def compare(
         paths=paths or [Path(".mlci/results")], fail_on=fail_on, threshold=threshold,
         report_dir=report_dir, github=github, comment=comment,
     )
-    try:
+    with _exit_codes(CompareUsageError):
         outcome = execute(options, print_line=lambda line: print(line, flush=True))
-    except CompareUsageError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        raise
-    except Exception:
-        err.print("[red]internal error[/red] (please report it):")
-        err.print(escape(traceback.format_exc()))
-        raise typer.Exit(EXIT_INTERNAL) from None
 
     decision = outcome.decision
     out.print(terminal_table(decision))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlci import __version__
+from mlci.gitinfo import read_event
 
 MARKER = "<!-- mlci:report -->"
 
@@ -84,7 +85,7 @@ class GitHubContext:
     def from_env(cls, env: Mapping[str, str] | None = None, token: str | None = None) -> GitHubContext:
         """Read the GITHUB_* variables; the head sha comes from the event so statuses land on the PR's commit."""
         env = os.environ if env is None else env
-        event = _read_event(env.get("GITHUB_EVENT_PATH"))
+        event = read_event(env.get("GITHUB_EVENT_PATH"))
         sha = _event_head_sha(event) or env.get("GITHUB_SHA") or None
 
         def path(name: str) -> Path | None:
@@ -115,16 +116,6 @@ class GitHubContext:
     @property
     def in_actions(self) -> bool:
         return self.github_actions
-
-
-def _read_event(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _event_head_sha(event: dict) -> str | None:

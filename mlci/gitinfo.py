@@ -28,8 +28,8 @@ def _git(root: Path, *args: str) -> str | None:
     return out or None
 
 
-def _event() -> dict:
-    path = os.environ.get("GITHUB_EVENT_PATH")
+def read_event(path: str | None) -> dict:
+    """The GitHub event payload (GITHUB_EVENT_PATH); {} when absent or unreadable."""
     if not path:
         return {}
     try:
@@ -37,6 +37,10 @@ def _event() -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _event() -> dict:
+    return read_event(os.environ.get("GITHUB_EVENT_PATH"))
 
 
 def detect_git(root: Path) -> GitInfo:

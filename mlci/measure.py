@@ -36,6 +36,32 @@ def make_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
     return inputs
 
 
+def _calls_per_sample(
+    fns: list[Callable[[], Any]], warmup: int, min_sample_ms: float, sync: Callable[[], None]
+) -> int:
+    """Warm each callable up, time one call, and batch enough calls (the same number for
+    all, sized by the slowest) that a sample lasts at least `min_sample_ms`."""
+    singles = []
+    for fn in fns:
+        for _ in range(max(warmup, 1)):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        singles.append(max(time.perf_counter() - t0, 1e-7))
+    return max(1, math.ceil(min_sample_ms / 1e3 / max(singles)))
+
+
+def _sample(fn: Callable[[], Any], number: int, sync: Callable[[], None]) -> float:
+    """Milliseconds per call over `number` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / number
+
+
 def time_callable(
     fn: Callable[[], Any],
     *,
@@ -48,22 +74,11 @@ def time_callable(
     """Milliseconds per call, one value per sample; fast calls are batched into a sample
     lasting at least `min_sample_ms`. Stops early at `max_seconds` (keeping >= 3 samples)."""
     sync = sync or (lambda: None)
-    for _ in range(max(warmup, 1)):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    single = max(time.perf_counter() - t0, 1e-7)
-    number = max(1, math.ceil(min_sample_ms / 1e3 / single))
+    number = _calls_per_sample([fn], warmup, min_sample_ms, sync)
     out: list[float] = []
     deadline = time.perf_counter() + max_seconds
     for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3 / number)
+        out.append(_sample(fn, number, sync))
         if len(out) >= 3 and time.perf_counter() > deadline:
             break
     return out
@@ -86,23 +101,10 @@ def time_interleaved(
     Both sides batch the same number of calls per sample. `max_seconds` caps the
     whole interleaved round (keeping >= 3 pairs)."""
     sync = sync or (lambda: None)
-    singles = []
-    for fn in (base, head):
-        for _ in range(max(warmup, 1)):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        singles.append(max(time.perf_counter() - t0, 1e-7))
-    number = max(1, math.ceil(min_sample_ms / 1e3 / max(singles)))
+    number = _calls_per_sample([base, head], warmup, min_sample_ms, sync)
 
     def one(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) * 1e3 / number
+        return _sample(fn, number, sync)
 
     out_base: list[float] = []
     out_head: list[float] = []

@@ -290,18 +290,27 @@ class ModelRunner:
             "speedup": speedup(ort_summary.median, tvm_summary.median),
         }
 
-    def _base(self, cfg: ModelConfig, head: Built, result: ModelResult) -> measure.TvmModel | None:
-        """Build the base commit's version of the model; record why when there is none."""
+    def _new_baseline(self, cfg: ModelConfig, result: ModelResult) -> ModelConfig | None:
+        """Attach the base record to `result`; the base model's config when there is a base
+        model to build, None when there is none (missing file, failed base `prepare`)."""
         assert self.base is not None
         base_cfg = self.base.model(cfg)
-        baseline = Baseline(commit=self.base.commit, path=str(_relative(base_cfg.path, self.base.root)))
-        result.base = baseline
+        result.base = Baseline(commit=self.base.commit, path=str(_relative(base_cfg.path, self.base.root)))
         if self.base.error:
-            baseline.status, baseline.error = "import_failed", self.base.error
+            result.base.status, result.base.error = "import_failed", self.base.error
             return None
         if not base_cfg.path.is_file():
-            baseline.status, baseline.path = "missing", None
+            result.base.status, result.base.path = "missing", None
             return None
+        return base_cfg
+
+    def _base(self, cfg: ModelConfig, head: Built, result: ModelResult) -> measure.TvmModel | None:
+        """Build the base commit's version of the model; record why when there is none."""
+        base_cfg = self._new_baseline(cfg, result)
+        if base_cfg is None:
+            return None
+        baseline = result.base
+        assert baseline is not None
         try:
             with _Stage("import_failed", "loading the base model"):
                 prepared = prepare_model(base_cfg)
@@ -318,21 +327,16 @@ class ModelRunner:
     def _base_builds(self, cfg: ModelConfig, result: ModelResult) -> None:
         """The head failed to build or run: did the base build here? That decides whether
         the target *stopped* working (fails the build) or was already broken."""
-        assert self.base is not None
-        base_cfg = self.base.model(cfg)
-        baseline = Baseline(commit=self.base.commit, path=str(_relative(base_cfg.path, self.base.root)))
-        result.base = baseline
-        if self.base.error:
-            baseline.status, baseline.error = "import_failed", self.base.error
-        elif not base_cfg.path.is_file():
-            baseline.status, baseline.path = "missing", None
-        else:
-            try:
-                self._build(base_cfg, " base", None)
-                if result.status == "run_failed":
-                    self._require_device()
-            except ModelError as exc:
-                baseline.status, baseline.error = str(exc.status), str(exc)
+        base_cfg = self._new_baseline(cfg, result)
+        if base_cfg is None:
+            return
+        try:
+            self._build(base_cfg, " base", None)
+            if result.status == "run_failed":
+                self._require_device()
+        except ModelError as exc:
+            assert result.base is not None
+            result.base.status, result.base.error = str(exc.status), str(exc)
 
     def _measure_ab(self, name: str, base_timer: Any, head_timer: Any, sync: Any, result: ModelResult) -> list[float]:
         """Interleaved A/B rounds; a cell that is inconclusive or flagged after a round is
