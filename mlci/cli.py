@@ -50,6 +50,17 @@ def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+def _github_outputs(values: dict[str, str]) -> None:
+    """Step outputs for the action, when running inside GitHub Actions."""
+    import os
+
+    from mlci.github import write_outputs
+
+    path = os.environ.get("GITHUB_OUTPUT")
+    if path and os.environ.get("GITHUB_ACTIONS") == "true":
+        write_outputs(Path(path), values)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         out.print(f"mlci {__version__}")
@@ -76,6 +87,11 @@ def run(
         typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db)."),
     ] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+    allow_failures: Annotated[
+        bool,
+        typer.Option("--allow-failures", help="Exit 0 when a model fails: leave the verdict to `mlci compare` "
+                                               "(the workflow's report job)."),
+    ] = False,
     base: Annotated[
         str | None,
         typer.Option(help="Git ref to A/B against: its merge-base's models are built and measured interleaved "
@@ -83,7 +99,7 @@ def run(
     ] = None,
 ) -> None:
     """Compile, tune, check and benchmark every model of the config on one target."""
-    from mlci.commands.run import RunOptions, execute
+    from mlci.commands.run import RunOptions, execute, run_outputs
     from mlci.console import RunReporter, failure_lines, results_table
 
     with _exit_codes(ConfigError):
@@ -104,9 +120,11 @@ def run(
     elif not no_tracking:
         out.print(f"MLflow: {escape(tracking_uri or cfg.tracking_uri())} (experiment {escape(cfg.tracking.experiment)})")
     failed = [m.name for m in outcome.results.models if not m.ok]
+    _github_outputs(run_outputs(outcome))
     if failed:
         err.print(f"[red]{len(failed)} model(s) failed:[/red] {escape(', '.join(failed))}")
-        raise typer.Exit(EXIT_GATE)
+        if not allow_failures:
+            raise typer.Exit(EXIT_GATE)
 
 
 @app.command()
@@ -132,6 +150,11 @@ def compare(
                                                   "(default: when running in GitHub Actions)."),
     ] = None,
     comment: Annotated[bool, typer.Option("--comment/--no-comment", help="Post or update the sticky PR comment.")] = True,
+    report_only: Annotated[
+        bool,
+        typer.Option("--report-only", help="Report the verdict (comment, status, summary) but exit 0 on a failed gate: "
+                                           "for the fork-safe comment workflow, whose PR run already failed."),
+    ] = False,
 ) -> None:
     """Decide pass or fail from the results of every target job; report it (terminal, PR comment, job summary)."""
     from mlci.commands.compare import CompareOptions, CompareUsageError, execute
@@ -143,7 +166,7 @@ def compare(
         raise typer.Exit(EXIT_USAGE)
     options = CompareOptions(
         paths=paths or [Path(".mlci/results")], fail_on=fail_on, threshold=threshold,
-        report_dir=report_dir, github=github, comment=comment,
+        report_dir=report_dir, github=github, comment=comment, report_only=report_only,
     )
     with _exit_codes(CompareUsageError):
         outcome = execute(options, print_line=lambda line: print(line, flush=True))
@@ -157,7 +180,9 @@ def compare(
     out.print(f"report: {escape(str(outcome.comment_path))}")
     if decision.failed:
         err.print(f"[red]gate failed[/red] (fail-on {decision.fail_on}): {escape(decision.headline)}")
-        raise typer.Exit(EXIT_GATE)
+        if not report_only:
+            raise typer.Exit(EXIT_GATE)
+        return
     out.print(f"[green]gate passed[/green] (fail-on {decision.fail_on}): {escape(decision.headline)}")
 
 
@@ -181,6 +206,38 @@ def doctor(
     out.print(table)
     if not all(c.ok for c in checks):
         raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+def matrix(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")] = None,
+) -> None:
+    """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels."""
+    import json
+
+    from mlci.commands.matrix import MatrixError, build_matrix
+
+    with _exit_codes(ConfigError, MatrixError):
+        plan = build_matrix(load_config(config), only=target or None)
+    text = json.dumps(plan, separators=(",", ":"))
+    print(text)
+    _github_outputs({"matrix": text, "targets": str(len(plan["include"]))})
+
+
+@app.command("cache-key")
+def cache_key(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Target name from [targets] (default: the first).")] = None,
+) -> None:
+    """Print the tuning cache's directory and Actions cache keys for a target on this machine (used by the action)."""
+    from mlci.commands.cache_key import cache_plan
+
+    with _exit_codes(ConfigError):
+        plan = cache_plan(load_config(config), target)
+    for name, value in plan.outputs().items():
+        print(f"{name}: {value}" if "\n" not in value else f"{name}:\n  " + value.replace("\n", "\n  "))
+    _github_outputs(plan.outputs())
 
 
 def entrypoint() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class TargetConfig:
     name: str
     tvm: str | dict[str, Any] = HOST_TARGET
     """``"host"`` (detect this machine's CPU) or a TVM Target JSON object."""
+    runs_on: list[str] | None = None
+    """GitHub Actions runner labels for this target's bench job (None: chosen from the target's kind)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
 }
 _TARGET_KEYS = {"tvm", "runs_on"}
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _FRACTIONS = {"threshold", "confidence"}
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
@@ -259,12 +263,27 @@ def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> Model
 
 def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | None:
     where = f"targets.{name}."
+    if not _TARGET_NAME.fullmatch(name):
+        # The name becomes a file name, an artifact name and part of a cache key.
+        problems.append(f"targets.{name}: a target name may only use letters, digits, '.', '_' and '-'")
+        return None
     if not isinstance(raw, dict):
         problems.append(f"targets.{name}: expected a table, got {type(raw).__name__}")
         return None
     for key in raw:
         if key not in _TARGET_KEYS:
             problems.append(_unknown(key, where, _TARGET_KEYS))
+    runs_on = raw.get("runs_on")
+    if isinstance(runs_on, str):
+        runs_on = [runs_on]
+    if runs_on is not None and not (
+        isinstance(runs_on, list) and runs_on and all(isinstance(label, str) and label.strip() for label in runs_on)
+    ):
+        problems.append(
+            f"{where}runs_on: expected a runner label or a list of labels such as "
+            f"[\"self-hosted\", \"gpu\"], got {raw['runs_on']!r}"
+        )
+        return None
     tvm = raw.get("tvm", HOST_TARGET)
     if isinstance(tvm, str):
         if tvm != HOST_TARGET:
@@ -280,7 +299,7 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
     else:
         problems.append(f"{where}tvm: expected \"host\" or a table, got {type(tvm).__name__}")
         return None
-    return TargetConfig(name=name, tvm=tvm)
+    return TargetConfig(name=name, tvm=tvm, runs_on=runs_on)
 
 
 def parse_config(text: str, path: Path) -> Config:

@@ -293,8 +293,13 @@ class GitHubClient:
                 yield payload
             url = parse_link_header(headers.get("link")).get("next")
 
-    def find_pull_request(self, ctx: GitHubContext) -> int | None:
-        """The PR this run reports on: from the event payload when it says, else the open PR whose head is ctx.sha."""
+    def find_pull_request(self, ctx: GitHubContext, claimed: int | None = None) -> int | None:
+        """The PR this run reports on: from the event payload when it says, else the open PR whose head is ctx.sha.
+
+        `claimed` is a PR number read from a results file. It is data from an untrusted run (a fork's), so it
+        is used only when GitHub confirms that PR is open with ctx.sha as its head: a forged number cannot
+        put a report on somebody else's pull request.
+        """
         number = _event_pull_request(ctx.event)
         if number is not None:
             return number
@@ -304,6 +309,17 @@ class GitHubClient:
         for pr in self.paginate(path):
             if isinstance(pr, dict) and pr.get("state") == "open" and isinstance(pr.get("number"), int):
                 return pr["number"]
+        if claimed is None or isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
+            return None
+        try:
+            _, pr, _ = self.request("GET", f"/repos/{_repo(ctx.repository)}/pulls/{claimed}")
+        except GitHubError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        head = pr.get("head") if isinstance(pr, dict) else None
+        if isinstance(head, dict) and head.get("sha") == ctx.sha and pr.get("state") == "open":
+            return claimed
         return None
 
     def upsert_comment(self, repository: str, pr: int, body: str, marker: str = MARKER) -> tuple[str, str]:
@@ -493,6 +509,7 @@ def deliver(
     client: GitHubClient | None = None,
     post_comment: bool = True,
     set_status: bool = True,
+    claimed_pr: int | None = None,
     print_line: Callable[[str], None] = print,
 ) -> Delivery:
     """Put the report everywhere it can go; never raises for GitHub trouble, so the results are never lost."""
@@ -538,7 +555,7 @@ def deliver(
             api = client or GitHubClient(ctx.api_url, ctx.token or "")
             if post_comment:
                 try:
-                    done.pr = api.find_pull_request(ctx)
+                    done.pr = api.find_pull_request(ctx, claimed=claimed_pr)
                 except GitHubError as exc:
                     github_failed(exc, "find the pull request")
                 else:

@@ -140,6 +140,13 @@ class TuningCache:
         self._ledger_path = self.dir / "ledger.json"
         self._database = None
 
+    def state(self) -> tuple[tuple[str, int, int], ...]:
+        """Names, sizes and mtimes of the cache's files: did this run add anything worth saving?"""
+        return tuple(sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in self.dir.iterdir() if p.is_file() and p.name != ".lock"
+        ))
+
     def lock(self, timeout: float = -1) -> FileLock:
         return FileLock(str(self.dir / ".lock"), timeout=timeout)
 

@@ -131,6 +131,8 @@ class FakeGitHub:
         self.web_url = web_url
         self.spec, self.openapi = load_spec(spec_path)
         self._pr_template = self.spec["components"]["examples"]["pull-request-simple-items"]["value"][0]
+        self._full_pr_template = self.spec["components"]["examples"]["pull-request"]["value"]
+        self.pull_objects: dict[int, dict] = {}  # number -> full pull-request objects (GET pulls/{n})
         self.comments: dict[int, list[dict]] = {}  # issue/PR number -> comments in creation order
         self.statuses: dict[str, list[dict]] = {}  # sha -> statuses, newest last
         self.pulls: dict[str, list[dict]] = {}  # head sha -> pull-request-simple objects
@@ -232,22 +234,33 @@ class FakeGitHub:
             self.comments.setdefault(number, []).append(comment)
             return comment
 
-    def add_pull(self, number: int, head_sha: str, state: str = "open") -> dict:
-        """Associate a PR with a commit, built from GitHub's own example made schema-valid (its team lacks `type`)."""
-        pr = copy.deepcopy(self._pr_template)
-        for team in pr.get("requested_teams") or []:
-            team.setdefault("type", "organization")
+    def add_pull(self, number: int, head_sha: str, state: str = "open", *, linked: bool = True) -> dict:
+        """A PR whose head is head_sha, built from GitHub's own examples made schema-valid (their team lacks `type`).
+
+        linked=False: the commit lookup does not find it, as for a fork's commit; GET pulls/{n} still does.
+        """
         api, web = f"{self.url}/repos/{self.repository}", f"{self.web_url}/{self.repository}"
-        pr.update({
-            "number": number, "id": 10_000 + number, "state": state, "title": f"PR {number}",
-            "url": f"{api}/pulls/{number}", "html_url": f"{web}/pull/{number}", "issue_url": f"{api}/issues/{number}",
-            "comments_url": f"{api}/issues/{number}/comments", "statuses_url": f"{api}/statuses/{head_sha}",
-            "closed_at": None if state == "open" else _now(), "merged_at": None,
-        })
-        pr["head"]["sha"] = head_sha
+        made = []
+        for template in (self._pr_template, self._full_pr_template):
+            pr = copy.deepcopy(template)
+            for team in pr.get("requested_teams") or []:
+                team.setdefault("type", "organization")
+            pr.update({
+                "number": number, "id": 10_000 + number, "state": state, "title": f"PR {number}",
+                "url": f"{api}/pulls/{number}", "html_url": f"{web}/pull/{number}", "issue_url": f"{api}/issues/{number}",
+                "comments_url": f"{api}/issues/{number}/comments", "statuses_url": f"{api}/statuses/{head_sha}",
+                "closed_at": None if state == "open" else _now(), "merged_at": None,
+            })
+            pr["head"]["sha"] = head_sha
+            made.append(pr)
+        simple, full = made
+        if "merged" in full:
+            full["merged"] = False
         with self._lock:
-            self.pulls.setdefault(head_sha, []).append(pr)
-        return pr
+            if linked:
+                self.pulls.setdefault(head_sha, []).append(simple)
+            self.pull_objects[number] = full
+        return simple
 
     # -- request handling --------------------------------------------------------------------------------------
     def handle(self, method: str, target: str, headers: Headers, body: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -368,6 +381,9 @@ class FakeGitHub:
             if method == "DELETE":
                 self.comments[number].remove(comment)
                 return _Reply(204)
+        if (m := re.fullmatch(r"pulls/(\d+)", rest)) and method == "GET":
+            pr = self.pull_objects.get(int(m.group(1)))
+            return _Reply(200, pr) if pr is not None else _error(404, "Not Found", f"{DOCS}/pulls/pulls#get-a-pull-request")
         if (m := re.fullmatch(r"commits/([^/]+)/pulls", rest)) and method == "GET":
             return self._list(path, query, self.pulls.get(m.group(1), []))
         if (m := re.fullmatch(r"statuses/([^/]+)", rest)) and method == "POST":

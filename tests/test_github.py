@@ -297,6 +297,22 @@ def test_fork_workflow_run_falls_back_to_the_head_sha(gh: FakeGitHub, client: Gi
     assert client.find_pull_request(ctx) == 13
 
 
+def test_fork_pr_number_from_the_results_is_used_only_when_github_confirms_it(
+    gh: FakeGitHub, client: GitHubClient, tmp_path: Path
+):
+    """A fork's commit may not be found by the commit lookup; the PR number its results claim is checked first."""
+    head = "e" * 40
+    gh.add_pull(21, head, linked=False)  # the fork PR: GET pulls/21 knows it, the commit lookup does not
+    gh.add_pull(22, "d" * 40, linked=False)  # somebody else's PR
+    ctx = make_ctx(gh, tmp_path, {"workflow_run": {"head_sha": head, "pull_requests": []}})
+    assert client.find_pull_request(ctx) is None
+    assert client.find_pull_request(ctx, claimed=21) == 21
+    # A forged number (another PR, or one that does not exist) never gets the report.
+    assert client.find_pull_request(ctx, claimed=22) is None
+    assert client.find_pull_request(ctx, claimed=999) is None
+    assert gh.take_errors() == []
+
+
 def test_no_pr_for_the_commit(gh: FakeGitHub, client: GitHubClient, tmp_path: Path):
     gh.add_pull(5, SHA, state="closed")
     assert client.find_pull_request(make_ctx(gh, tmp_path)) is None

@@ -31,6 +31,8 @@ class CompareOptions:
     """Deliver to GitHub (comment, status, outputs); None: only inside GitHub Actions."""
     comment: bool = True
     status: bool = True
+    report_only: bool = False
+    """Report the verdict everywhere but exit 0 (the fork-safe comment stage: the PR's own run already failed)."""
 
 
 @dataclass
@@ -147,6 +149,7 @@ def execute(options: CompareOptions, print_line: Any = print) -> CompareOutcome:
             description=decision.headline,
             post_comment=options.comment,
             set_status=options.status,
+            claimed_pr=decision.git.pr,
             print_line=print_line,
         )
         outcome.notes = list(delivery.notes)

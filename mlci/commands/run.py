@@ -55,6 +55,8 @@ class RunOutcome:
     results: Results
     results_path: Path
     tracking_error: str | None = None
+    cache_changed: bool = False
+    """The tuning cache gained records (the action saves it only then)."""
 
     @property
     def all_ok(self) -> bool:
@@ -427,6 +429,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
             base = stack.enter_context(_base_checkout(config, base_ref))
             git.base_commit = base.commit
         runner = ModelRunner(config, target, options, reporter, base=base, cells=len(selected))
+        cache_before = runner.cache.state()
         results = Results(
             git=git,
             target=TargetInfo(name=target.name, tvm_target=target.tvm_target, fingerprint=runner.fingerprint),
@@ -440,11 +443,23 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
             results.models.append(runner.run(cfg))
             write_results(results, path)  # after every model: a crash later loses nothing
 
-    outcome = RunOutcome(results, path)
+    outcome = RunOutcome(results, path, cache_changed=runner.cache.state() != cache_before)
     if options.tracking:
         outcome.tracking_error = log_to_mlflow(config, options, results, runner, reporter, path)
         write_results(results, path)  # now with the MLflow run ids and history baselines
     return outcome
+
+
+def run_outputs(outcome: RunOutcome) -> dict[str, str]:
+    """Step outputs of `mlci run` in GitHub Actions (the action saves the tuning cache only when it changed)."""
+    models = outcome.results.models
+    return {
+        "results-path": str(outcome.results_path),
+        "target": outcome.results.target.name,
+        "models": str(len(models)),
+        "failures": str(sum(1 for m in models if not m.ok)),
+        "cache-changed": "true" if outcome.cache_changed else "false",
+    }
 
 
 @contextlib.contextmanager

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs one mlci subcommand for action.yml. The inputs arrive as MLCI_* environment variables (never
+# pasted into the script), so a branch or model name cannot inject shell code.
+set -euo pipefail
+
+if [ -n "${MLCI_TRACKING_URI:-}" ]; then
+  export MLFLOW_TRACKING_URI="$MLCI_TRACKING_URI"
+fi
+if [ -z "${GITHUB_TOKEN:-}" ]; then
+  unset GITHUB_TOKEN
+fi
+
+is_true() { [ "${1:-}" = "true" ]; }
+
+case "${MLCI_COMMAND:-run}" in
+  run)
+    args=(run --config "$MLCI_CONFIG")
+    if [ -n "${MLCI_TARGET:-}" ]; then args+=(--target "$MLCI_TARGET"); fi
+    if [ -n "${MLCI_BASE:-}" ]; then args+=(--base "$MLCI_BASE"); fi
+    if [ -n "${MLCI_TRIALS:-}" ]; then args+=(--trials "$MLCI_TRIALS"); fi
+    if [ -n "${MLCI_TUNE_SECONDS:-}" ]; then args+=(--tune-seconds "$MLCI_TUNE_SECONDS"); fi
+    if is_true "${MLCI_ALLOW_FAILURES:-}"; then args+=(--allow-failures); fi
+    ;;
+  compare)
+    args=(compare --github)
+    while IFS= read -r path; do
+      if [ -n "$path" ]; then args+=("$path"); fi
+    done <<< "${MLCI_RESULTS:-}"
+    if [ -n "${MLCI_FAIL_ON:-}" ]; then args+=(--fail-on "$MLCI_FAIL_ON"); fi
+    if ! is_true "${MLCI_COMMENT:-true}"; then args+=(--no-comment); fi
+    if is_true "${MLCI_REPORT_ONLY:-}"; then args+=(--report-only); fi
+    ;;
+  matrix)
+    args=(matrix --config "$MLCI_CONFIG")
+    ;;
+  init)
+    args=(init)
+    ;;
+  doctor)
+    args=(doctor)
+    ;;
+  *)
+    echo "::error title=mlci::the command input must be run, compare, matrix, init or doctor"
+    exit 2
+    ;;
+esac
+
+exec mlci "${args[@]}"

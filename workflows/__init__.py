@@ -1,0 +1,1 @@
+"""Starter workflows users copy into .github/workflows/ (`mlci init` installs them); shipped as mlci.workflows."""
