@@ -26,6 +26,7 @@ case "${MLCI_COMMAND:-run}" in
     while IFS= read -r path; do
       if [ -n "$path" ]; then args+=("$path"); fi
     done <<< "${MLCI_RESULTS:-}"
+    for target in ${MLCI_EXPECT_TARGETS:-}; do args+=(--expect-target "$target"); done
     if [ -n "${MLCI_FAIL_ON:-}" ]; then args+=(--fail-on "$MLCI_FAIL_ON"); fi
     if ! is_true "${MLCI_COMMENT:-true}"; then args+=(--no-comment); fi
     if is_true "${MLCI_REPORT_ONLY:-}"; then args+=(--report-only); fi

@@ -150,6 +150,10 @@ def compare(
                                                   "(default: when running in GitHub Actions)."),
     ] = None,
     comment: Annotated[bool, typer.Option("--comment/--no-comment", help="Post or update the sticky PR comment.")] = True,
+    expect_target: Annotated[
+        list[str] | None,
+        typer.Option("--expect-target", help="A target that must have results (repeatable); one without fails the gate."),
+    ] = None,
     report_only: Annotated[
         bool,
         typer.Option("--report-only", help="Report the verdict (comment, status, summary) but exit 0 on a failed gate: "
@@ -167,6 +171,7 @@ def compare(
     options = CompareOptions(
         paths=paths or [Path(".mlci/results")], fail_on=fail_on, threshold=threshold,
         report_dir=report_dir, github=github, comment=comment, report_only=report_only,
+        expect_targets=expect_target or [],
     )
     with _exit_codes(CompareUsageError):
         outcome = execute(options, print_line=lambda line: print(line, flush=True))
@@ -184,6 +189,75 @@ def compare(
             raise typer.Exit(EXIT_GATE)
         return
     out.print(f"[green]gate passed[/green] (fail-on {decision.fail_on}): {escape(decision.headline)}")
+
+
+@app.command()
+def init(
+    root: Annotated[Path, typer.Option("--root", help="The repository to set up.")] = Path("."),
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", "-m", metavar="PATH", help="Configure only this ONNX file (repeatable; relative to --root). "
+                                           "Default: every *.onnx of the repository that git does not ignore."),
+    ] = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(help="Default branch the workflows run on (default: origin's HEAD, else the current branch, else main)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite mlci.toml and the workflow files if they exist.")] = False,
+) -> None:
+    """Write mlci.toml for the repository's ONNX models and the starter GitHub workflows."""
+    import shlex
+
+    from mlci.commands.init import InitError, execute
+
+    with _exit_codes(InitError):
+        outcome = execute(root, force=force, models=model, branch=branch)
+
+    for warning in outcome.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    for path in outcome.written:
+        note = ""
+        if path == DEFAULT_CONFIG_NAME:
+            names = ", ".join(m.name for m in outcome.models)
+            note = f" ({len(outcome.models)} model(s): {names})" if outcome.models else " (no models: add them)"
+        out.print(f"wrote {escape(path)}{escape(note)}", soft_wrap=True, highlight=False)
+    if len(outcome.written) > 1:
+        out.print(f"The workflows treat {escape(repr(outcome.branch))} as the default branch (--branch to change it).",
+                  soft_wrap=True, highlight=False)
+    if outcome.guessed:
+        names = ", ".join(m.name for m in outcome.guessed)
+        out.print(f"Sizes of dynamic dimensions were guessed for {escape(names)}: edit the lines marked "
+                  "'# guessed' in mlci.toml to the shapes you want benchmarked.", soft_wrap=True, highlight=False)
+
+    resolved, cwd = outcome.root.resolve(), Path.cwd().resolve()
+    here = resolved.relative_to(cwd) if resolved.is_relative_to(cwd) else resolved
+    config = here / DEFAULT_CONFIG_NAME
+    lines = ["", "Next steps:"]
+    if here != Path("."):
+        lines.append(f"  (the git commands run in {shlex.quote(str(here))})")
+    lines += [
+        "  1. Check the config on this machine (compiles, tunes and benchmarks every model):",
+        "       mlci run" + ("" if here == Path(".") else f" -c {shlex.quote(str(config))}"),
+    ]
+    step = 2
+    if not outcome.gitignore_lists_state:
+        lines.append(f"  {step}. Add .mlci/ to .gitignore: mlci keeps its tuning cache, results and MLflow store there.")
+        step += 1
+    lines += [
+        f"  {step}. Commit:",
+        "       git add " + " ".join(shlex.quote(p) for p in outcome.written),
+        '       git commit -m "Add mlci"',
+        f"  {step + 1}. MLflow history (optional), under Settings > Secrets and variables > Actions of the repository:",
+        "       variable MLFLOW_TRACKING_URI: an MLflow server URL. Without it each run uses a throwaway sqlite store",
+        "         and the gate relies on A/B against the PR base only.",
+        "       secrets MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN:",
+        "         if the server needs authentication.",
+        "       secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and variable MLFLOW_S3_ENDPOINT_URL:",
+        "         when the server keeps its artifacts on S3.",
+        f"  {step + 2}. GPU and Arm targets (examples in mlci.toml) need runners with the labels given in their runs_on.",
+    ]
+    for line in lines:
+        out.print(escape(line), soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -222,7 +296,7 @@ def matrix(
         plan = build_matrix(load_config(config), only=target or None)
     text = json.dumps(plan, separators=(",", ":"))
     print(text)
-    _github_outputs({"matrix": text, "targets": str(len(plan["include"]))})
+    _github_outputs({"matrix": text, "targets": " ".join(entry["target"] for entry in plan["include"])})
 
 
 @app.command("cache-key")

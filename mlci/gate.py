@@ -145,7 +145,7 @@ class Decision:
         if inconclusive:
             parts.append(f"{inconclusive} inconclusive")
         if self.problems:
-            parts.append(f"{len(self.problems)} unreadable results file{'s' if len(self.problems) > 1 else ''}")
+            parts.append(f"{len(self.problems)} missing or unreadable results file{'s' if len(self.problems) > 1 else ''}")
         return "; ".join(parts)
 
 

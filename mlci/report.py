@@ -534,5 +534,5 @@ def _gate_line(decision: Decision) -> str:
         why.append(f"{n} blocking {'cell' if n == 1 else 'cells'}, marked *")
     if decision.problems:
         n = len(decision.problems)
-        why.append(f"{n} unreadable results {'file' if n == 1 else 'files'}")
+        why.append(f"{n} missing or unreadable results {'file' if n == 1 else 'files'}")
     return f"gate: fails the build: {'; '.join(why)} ({policy})"

