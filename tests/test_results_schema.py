@@ -1,0 +1,251 @@
+"""The results file as untrusted input: `read_results` checks every value against the
+dataclasses' type hints and names the file and the JSON path of each bad value."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from mlci.cli import app
+from mlci.results import (
+    Baseline,
+    GitInfo,
+    History,
+    Latency,
+    ModelResult,
+    Results,
+    ResultsError,
+    TargetInfo,
+    read_results,
+    write_results,
+)
+from mlci.stats import summarize
+
+
+def lat(samples: list[float]) -> Latency:
+    return Latency(samples=list(samples), **summarize(list(samples)).as_dict())
+
+
+def good() -> Results:
+    """Every dataclass and every kind of field the writer produces."""
+    return Results(
+        git=GitInfo(commit="h" * 40, branch="feature", base_commit="b" * 40, pr=7, repository="o/r", run_id="1",
+                    default_branch="main"),
+        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint={"hash": "f", "cpu": "x"}),
+        models=[
+            ModelResult(
+                name="mlp", path="m.onnx", sha256="00", status="ok",
+                compile={"seconds": 1.5}, tuning={"trials_new": 3}, numerics={"passed": True},
+                latency_ms=lat([1.0, 1.1, 1.2, 1.05, 1.15]), peer={"onnxruntime_median_ms": 2.0, "speedup": 1.8},
+                threshold=0.05,
+                base=Baseline(commit="b" * 40, path="m.onnx", sha256="01", latency_ms=lat([1.0, 1.1, 1.0, 1.2, 1]),
+                              rounds=2, same_model=False),
+                history=History(commit="c" * 40, branch="main", run_id="r1", created_at="2024-01-01T00:00:00+00:00",
+                                fingerprint="g", fingerprint_match=False, fingerprint_diff={"cpu": ["y", "x"]},
+                                latency_ms=lat([1.0, 1.2]), trend=[{"commit": "c", "median": 1.1, "created_at": None}]),
+            ),
+            ModelResult(name="lstm", path="l.onnx", status="import_failed", error="unsupported: LSTM",
+                        base=Baseline(commit="b" * 40, status="missing")),
+        ],
+        base_ref="origin/main",
+        removed_models=["old"],
+        gate={"threshold": 0.05, "fail_on": "regression"},
+    )
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_a_real_results_file_round_trips(tmp_path: Path) -> None:
+    original = good()
+    path = write_results(original, tmp_path / "cpu.json")
+    assert read_results(path) == original
+
+
+def test_no_samples_summarise_to_null_and_read_back(tmp_path: Path) -> None:
+    """summarize([]) is all NaN, which json_safe writes as null: a file mlci wrote must read."""
+    results = good()
+    results.models[0].latency_ms = lat([])
+    back = read_results(write_results(results, tmp_path / "cpu.json"))
+    assert back.models[0].latency_ms == Latency(samples=[], median=None, mean=None, std=None, min=None, p90=None, n=0)
+
+
+def test_unknown_keys_are_ignored_at_every_depth(tmp_path: Path) -> None:
+    data = good().to_dict()
+    data["new_top_level"] = {"anything": [1, 2]}
+    data["git"]["new"] = 1
+    data["target"]["new"] = None
+    data["models"][0]["new"] = "x"
+    data["models"][0]["latency_ms"]["p99"] = 1.3
+    data["models"][0]["base"]["new"] = []
+    data["models"][0]["history"]["new"] = {}
+    data["models"][0]["history"]["latency_ms"]["new"] = 0
+    assert read_results(write_json(tmp_path / "cpu.json", data)) == good()
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation setting the value at a dotted path (numeric parts index lists)."""
+    *parents, last = path.split(".")
+
+    def mutate(data: dict[str, Any]) -> None:
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return mutate
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    *parents, last = path.split(".")
+
+    def mutate(data: dict[str, Any]) -> None:
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[last]
+    return mutate
+
+
+HOSTILE = [
+    (_set("models.0.latency_ms.samples.3", "x"), "models[0].latency_ms.samples[3]: expected a number, got 'x'"),
+    (_set("git.pr", "7; rm"), "git.pr: expected an integer, got '7; rm'"),
+    (_set("git.pr", True), "git.pr: expected an integer, got True"),
+    (_set("models.0.name", {"$ne": 1}), "models[0].name: expected a string, got an object"),
+    (_set("models.1.status", "great"), "models[1].status: unknown status 'great'"),
+    (_set("models.0.base.status", "fine"), "models[0].base.status: unknown status 'fine'"),
+    (_set("models.0.status", 1), "models[0].status: expected a string, got 1"),
+    (_set("models.0.latency_ms.median", True), "models[0].latency_ms.median: expected a number, got True"),
+    (_set("models.0.latency_ms.samples.0", None), "models[0].latency_ms.samples[0]: expected a number, got null"),
+    (_set("models.0.latency_ms.samples.0", 10**400), "models[0].latency_ms.samples[0]: expected a number"),
+    (_set("models.0.latency_ms.samples", "1,2"), "models[0].latency_ms.samples: expected a list, got '1,2'"),
+    (_set("models.0.latency_ms.n", 2.5), "models[0].latency_ms.n: expected an integer, got 2.5"),
+    (_set("models.0.base.same_model", "yes"), "models[0].base.same_model: expected true or false, got 'yes'"),
+    (_set("models.0.base.latency_ms", []), "models[0].base.latency_ms: expected an object, got a list"),
+    (_set("models.0.history.trend", {"a": 1}), "models[0].history.trend: expected a list, got an object"),
+    (_set("models.0.history.trend.0", "c"), "models[0].history.trend[0]: expected an object, got 'c'"),
+    (_set("models.0.history.fingerprint_diff.cpu", "x"), "models[0].history.fingerprint_diff.cpu: expected a list"),
+    (_set("models.0.history.fingerprint_diff", {"a b": 1}), "models[0].history.fingerprint_diff['a b']: expected a list"),
+    (_set("models.0.threshold", "0.05"), "models[0].threshold: expected a number, got '0.05'"),
+    (_set("models.0.peer", None), "models[0].peer: expected an object, got null"),
+    (_set("target.tvm_target", ["llvm"]), "target.tvm_target: expected an object, got a list"),
+    (_set("removed_models.0", 1), "removed_models[0]: expected a string, got 1"),
+    (_set("models", {"mlp": {}}), "models: expected a list, got an object"),
+    (_set("models.0", "mlp"), "models[0]: expected an object, got 'mlp'"),
+    (_set("git", "main"), "git: expected an object, got 'main'"),
+    (_drop("git"), "git: missing"),
+    (_drop("created_at"), "created_at: missing"),
+    (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
+    (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
+    (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), HOSTILE, ids=[h[1].split(":")[0] for h in HOSTILE])
+def test_hostile_values_name_the_file_and_the_json_path(tmp_path: Path, mutate, expected: str) -> None:
+    data = good().to_dict()
+    mutate(data)
+    path = write_json(tmp_path / "cpu.json", data)
+    with pytest.raises(ResultsError) as info:
+        read_results(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_a_long_string_is_still_a_string(tmp_path: Path) -> None:
+    data = good().to_dict()
+    data["target"]["name"] = "x" * 10_000
+    assert read_results(write_json(tmp_path / "cpu.json", data)).target.name == "x" * 10_000
+
+
+def test_nan_and_infinity_literals_are_refused(tmp_path: Path) -> None:
+    data = good().to_dict()
+    data["models"][0]["latency_ms"]["samples"][1] = float("nan")
+    data["models"][0]["latency_ms"]["mean"] = float("inf")
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))  # Python writes NaN and Infinity; mlci never does
+    with pytest.raises(ResultsError) as info:
+        read_results(path)
+    assert "models[0].latency_ms.samples[1]: expected a number, got nan" in str(info.value)
+    assert "models[0].latency_ms.mean: expected a number, got inf" in str(info.value)
+
+
+def test_problems_are_collected_up_to_a_limit(tmp_path: Path) -> None:
+    data = good().to_dict()
+    data["models"][0]["latency_ms"]["samples"] = ["x"] * 5000
+    data["git"]["pr"] = "7"
+    with pytest.raises(ResultsError) as info:
+        read_results(write_json(tmp_path / "cpu.json", data))
+    message = str(info.value)
+    assert "git.pr: expected an integer, got '7'" in message
+    assert "models[0].latency_ms.samples[0]: expected a number" in message
+    assert message.count("expected") == 10 and message.endswith("and 4991 more")
+    assert len(message) < 2000
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"mlci.results/1"', "null", "3"])
+def test_a_non_object_top_level_is_refused(tmp_path: Path, body: str) -> None:
+    path = tmp_path / "cpu.json"
+    path.write_text(body)
+    with pytest.raises(ResultsError, match=r"expected a JSON object at the top level") as info:
+        read_results(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("body", ["{", "[" * 100_000, b"\xff\xfe{}"])
+def test_unparseable_files_are_refused(tmp_path: Path, body: str | bytes) -> None:
+    path = tmp_path / "cpu.json"
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    with pytest.raises(ResultsError, match="cannot read results") as info:
+        read_results(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_file_over_64_mib_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("w") as f:
+        f.write("{")
+        f.truncate(65 * 2**20)  # sparse: no need to write 65 MiB
+    with pytest.raises(ResultsError, match="over 64 MiB") as info:
+        read_results(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_compare_reports_a_hostile_file_and_fails_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("GITHUB_ACTIONS", "GITHUB_TOKEN", "GITHUB_EVENT_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    results_dir = tmp_path / "results"
+    write_results(good(), results_dir / "cpu.json")
+    hostile = copy.deepcopy(good().to_dict())
+    hostile["target"]["name"] = "gpu"
+    hostile["git"]["pr"] = "7; rm -rf /"
+    hostile["models"][0]["latency_ms"]["samples"][3] = "x"
+    hostile["models"][0]["name"] = {"<script>": 1}
+    hostile_path = write_json(results_dir / "gpu.json", hostile)
+
+    report_dir = tmp_path / "report"
+    result = CliRunner().invoke(app, ["compare", str(results_dir), "--no-github", "--report-dir", str(report_dir)])
+
+    assert result.exit_code == 1, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    decision = json.loads((report_dir / "decision.json").read_text())
+    assert decision["failed"] is True
+    [problem] = decision["problems"]
+    assert problem.startswith(f"{hostile_path}: ")
+    assert "git.pr: expected an integer, got '7; rm -rf /'" in problem
+    assert "models[0].name: expected a string, got an object" in problem
+    assert "models[0].latency_ms.samples[3]: expected a number, got 'x'" in problem
+    assert {c["target"] for c in decision["cells"]} == {"cpu"}
+    assert "<script>" not in (report_dir / "comment.md").read_text()
