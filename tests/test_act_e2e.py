@@ -140,14 +140,20 @@ def pull_request_event(repo: Path, head_branch: str) -> dict:
     }
 
 
-def run_act(repo: Path, world: dict, head_branch: str, run: str) -> subprocess.CompletedProcess:
+def run_act(
+    repo: Path, world: dict, head_branch: str, run: str,
+    event: tuple[str, dict] | None = None, workflow: str = ".github/workflows/mlci.yml",
+) -> subprocess.CompletedProcess:
     """The workflow for a push to main (head_branch "main") or for pull request #7 from head_branch."""
     gh: FakeGitHub = world["gh"]
     tmp: Path = world["tmp"]
     git(repo, "checkout", "-q", head_branch)
-    event_name = "push" if head_branch == "main" else "pull_request"
-    event = tmp / f"event-{run}.json"
-    event.write_text(json.dumps(push_event(repo) if event_name == "push" else pull_request_event(repo, head_branch)))
+    if event is None:
+        name = "push" if head_branch == "main" else "pull_request"
+        event = (name, push_event(repo) if name == "push" else pull_request_event(repo, head_branch))
+    event_name = event[0]
+    event_path = tmp / f"event-{run}.json"
+    event_path.write_text(json.dumps(event[1]))
     test_env = {
         "GITHUB_API_URL": gh.url,
         "MLCI_STANDINS": str(STANDINS),
@@ -163,8 +169,8 @@ def run_act(repo: Path, world: dict, head_branch: str, run: str) -> subprocess.C
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
     args = [
-        str(ACT), event_name, "-e", str(event),
-        "-W", ".github/workflows/mlci.yml",
+        str(ACT), event_name, "-e", str(event_path),
+        "-W", workflow,
         "-P", "ubuntu-latest=-self-hosted", "-P", "self-hosted=-self-hosted",
         "--local-repository", f"{ACTION_REPO}={world['action']}",
         "--local-repository", f"actions/setup-python@v6={STANDINS / 'setup-python'}",
@@ -256,3 +262,33 @@ def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, pull
     assert "mlci PASS" in comments[0]["body"] or "unchanged" in comments[0]["body"]
     head = git(consumer, "rev-parse", "docs")
     assert gh.statuses[head][-1]["state"] == "success"
+
+
+def test_fork_pull_request_is_commented_by_the_workflow_run_stage(consumer: Path, pull_requests: Path, world: dict):
+    """mlci-comment.yml as `mlci init` wrote it: a fork's results are read as data, the PR confirmed with GitHub."""
+    gh: FakeGitHub = world["gh"]
+    tmp: Path = world["tmp"]
+    head = git(consumer, "rev-parse", "slower")
+    # The fork's pull_request run: its artifacts (run1's, which claim PR #7) under its run id.
+    shutil.copytree(tmp / "artifacts" / "run1", tmp / "artifacts" / "4242")
+    # A fork's commit is not found by the commit lookup; GitHub knows PR #7 has it as its head.
+    gh.add_pull(PR, head, linked=False)
+    statuses_before = len(gh.statuses.get(head, []))
+    event = {
+        "action": "completed",
+        "workflow_run": {
+            "id": 4242, "name": "mlci", "event": "pull_request", "conclusion": "failure", "head_sha": head,
+            "head_branch": "slower", "head_repository": {"full_name": "someone/widgets"}, "pull_requests": [],
+        },
+        "repository": REPOSITORY,
+    }
+    done = run_act(consumer, world, "main", "comment", event=("workflow_run", event),
+                   workflow=".github/workflows/mlci-comment.yml")
+    log = done.stdout + done.stderr
+    assert gh.errors == [], gh.errors
+    assert done.returncode == 0, tail(done)  # report-only: the PR's own run already failed the check
+    assert "actions/checkout" not in log
+    comments = gh.comments[PR]
+    assert len(comments) == 1 and "regression" in comments[0]["body"]
+    assert ("GET", f"/repos/{gh.repository}/pulls/{PR}") in [(r.method, r.path) for r in gh.requests]
+    assert len(gh.statuses[head]) == statuses_before + 1 and gh.statuses[head][-1]["state"] == "failure"
