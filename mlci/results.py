@@ -153,8 +153,34 @@ class Results:
             if key not in data:
                 check.problem(key, "missing")
         results = check.convert(data, cls, "")
+        if not check.count:
+            _check_consistency(results, check)
         check.raise_problems()
         return results
+
+
+def _check_consistency(results: Results, check: _Checker) -> None:
+    """What the type hints cannot say but `mlci compare` relies on (`mlci run` never writes otherwise)."""
+    from mlci.gate import FAIL_ON
+
+    gate = results.gate
+    if gate.get("fail_on") is not None and gate["fail_on"] not in FAIL_ON:
+        check.problem("gate.fail_on", f"expected one of {', '.join(FAIL_ON)}, got {_show(gate['fail_on'])}")
+    for key in ("threshold", "confidence"):
+        value = gate.get(key)
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1):
+            check.problem(f"gate.{key}", f"expected a fraction between 0 and 1, got {_show(value)}")
+    for i, m in enumerate(results.models):
+        where = f"models[{i}]"
+        if m.ok and m.latency_ms is not None and not m.latency_ms.samples:
+            check.problem(f"{where}.latency_ms.samples", "an ok model needs at least one sample")
+        for part, lat in (("", m.latency_ms), (".base", m.base and m.base.latency_ms),
+                          (".history", m.history and m.history.latency_ms)):
+            if lat is not None and lat.n != len(lat.samples):
+                check.problem(f"{where}{part}.latency_ms.n", f"{lat.n}, but there are {len(lat.samples)} samples")
+        for key, pair in (m.history.fingerprint_diff.items() if m.history else ()):
+            if len(pair) != 2:
+                check.problem(_join(f"{where}.history.fingerprint_diff", key), "expected [baseline, this run]")
 
 
 class _Checker:

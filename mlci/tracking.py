@@ -236,8 +236,12 @@ class Tracker:
         match = their_hash == fingerprint.get("hash")
         latency = None
         for m in (stored or {}).get("models", []):
-            if m.get("name") == model and m.get("latency_ms"):
-                latency = Latency(**m["latency_ms"])
+            if m.get("name") == model and isinstance(m.get("latency_ms"), dict):
+                known = {k: v for k, v in m["latency_ms"].items() if k in Latency.__dataclass_fields__}
+                try:  # a newer mlci may have added keys; a damaged file falls back to the metrics below
+                    latency = Latency(**known)
+                except TypeError:
+                    latency = None
         if latency is None and "latency_ms_median" in chosen.data.metrics:
             median = chosen.data.metrics["latency_ms_median"]
             latency = Latency(samples=[], median=median, mean=median, std=0.0, min=median, p90=median, n=0)

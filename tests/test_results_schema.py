@@ -3,7 +3,6 @@ dataclasses' type hints and names the file and the JSON path of each bad value."
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -73,13 +72,14 @@ def test_a_real_results_file_round_trips(tmp_path: Path) -> None:
 def test_no_samples_summarise_to_null_and_read_back(tmp_path: Path) -> None:
     """summarize([]) is all NaN, which json_safe writes as null: a file mlci wrote must read."""
     results = good()
-    results.models[0].latency_ms = lat([])
+    results.models[1].latency_ms = lat([])
     back = read_results(write_results(results, tmp_path / "cpu.json"))
-    assert back.models[0].latency_ms == Latency(samples=[], median=None, mean=None, std=None, min=None, p90=None, n=0)
+    assert back.models[1].latency_ms == Latency(samples=[], median=None, mean=None, std=None, min=None, p90=None, n=0)
 
 
 def test_unknown_keys_are_ignored_at_every_depth(tmp_path: Path) -> None:
-    data = good().to_dict()
+    original = good()
+    data = original.to_dict()
     data["new_top_level"] = {"anything": [1, 2]}
     data["git"]["new"] = 1
     data["target"]["new"] = None
@@ -88,7 +88,7 @@ def test_unknown_keys_are_ignored_at_every_depth(tmp_path: Path) -> None:
     data["models"][0]["base"]["new"] = []
     data["models"][0]["history"]["new"] = {}
     data["models"][0]["history"]["latency_ms"]["new"] = 0
-    assert read_results(write_json(tmp_path / "cpu.json", data)) == good()
+    assert read_results(write_json(tmp_path / "cpu.json", data)) == original
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -148,6 +148,15 @@ HOSTILE = [
     (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
     (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
     (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
+    # consistent types, but values `mlci run` never writes and `mlci compare` would trip over
+    (_set("gate.fail_on", 5), "gate.fail_on: expected one of regression, failure, never, got 5"),
+    (_set("gate.threshold", "5%"), "gate.threshold: expected a fraction between 0 and 1, got '5%'"),
+    (_set("gate.confidence", 1), "gate.confidence: expected a fraction between 0 and 1, got 1"),
+    (_set("models.0.base.latency_ms.n", 1), "models[0].base.latency_ms.n: 1, but there are 5 samples"),
+    (lambda d: d["models"][0]["latency_ms"].update(samples=[], n=0),
+     "models[0].latency_ms.samples: an ok model needs at least one sample"),
+    (_set("models.0.history.fingerprint_diff.cpu", ["y"]),
+     "models[0].history.fingerprint_diff.cpu: expected [baseline, this run]"),
 ]
 
 
@@ -226,20 +235,25 @@ def test_compare_reports_a_hostile_file_and_fails_the_gate(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     for name in ("GITHUB_ACTIONS", "GITHUB_TOKEN", "GITHUB_EVENT_PATH"):
         monkeypatch.delenv(name, raising=False)
-    results_dir = tmp_path / "results"
-    write_results(good(), results_dir / "cpu.json")
-    hostile = copy.deepcopy(good().to_dict())
+    results_dir, report_dir = tmp_path / "results", tmp_path / "report"
+    args = ["compare", str(results_dir), "--no-github", "--report-dir", str(report_dir)]
+    passing = good()
+    passing.models = passing.models[:1]  # the failed lstm would fail the gate on its own
+    write_results(passing, results_dir / "cpu.json")
+    alone = CliRunner().invoke(app, args)
+    assert alone.exit_code == 0, alone.output
+
+    hostile = good().to_dict()
     hostile["target"]["name"] = "gpu"
     hostile["git"]["pr"] = "7; rm -rf /"
     hostile["models"][0]["latency_ms"]["samples"][3] = "x"
     hostile["models"][0]["name"] = {"<script>": 1}
     hostile_path = write_json(results_dir / "gpu.json", hostile)
 
-    report_dir = tmp_path / "report"
-    result = CliRunner().invoke(app, ["compare", str(results_dir), "--no-github", "--report-dir", str(report_dir)])
+    result = CliRunner().invoke(app, args)
 
     assert result.exit_code == 1, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # a crash would exit 3
     decision = json.loads((report_dir / "decision.json").read_text())
     assert decision["failed"] is True
     [problem] = decision["problems"]
