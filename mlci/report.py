@@ -261,7 +261,7 @@ def _link(text: str, url: str | None) -> str:
 # --- templates ---------------------------------------------------------------
 
 
-def _template_source(name: str) -> str | None:
+def template_source(name: str) -> str | None:
     """Templates from the ``mlci.templates`` package (works from a wheel, a zip or an editable install)."""
     if not name or name.startswith(("/", "\\")) or ".." in name.split("/"):
         return None
@@ -274,7 +274,7 @@ def _template_source(name: str) -> str | None:
 @cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(_template_source),
+        loader=jinja2.FunctionLoader(template_source),
         autoescape=False,  # Markdown: the `md` filter escapes user text instead
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def new_git_repo(root: Path, branch: str = "main") -> Path:
+    """An empty repository with a committer set, as the end-to-end tests' consumer projects start."""
+    git(root, "init", "-q", "-b", branch)
+    git(root, "config", "user.email", "dev@example.com")
+    git(root, "config", "user.name", "dev")
+    return root
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

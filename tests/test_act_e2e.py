@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import save, tiny_mlp
+from .conftest import git, new_git_repo, save, tiny_mlp
 from .github_server import FakeGitHub
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,6 @@ runs_on = ["self-hosted", "linux"]
 """
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def tracked_tree(src: Path, dst: Path) -> Path:
     """This checkout as a consumer would fetch it: tracked and untracked-but-not-ignored files, no .venv."""
     listed = subprocess.run(
@@ -68,9 +64,7 @@ def tracked_tree(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def consumer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("widgets")
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "dev@example.com")
-    git(root, "config", "user.name", "dev")
+    new_git_repo(root)
     git(root, "remote", "add", "origin", "https://github.com/octo-org/widgets.git")
     save(tiny_mlp((64, 256, 64)), root / "models" / "net.onnx")
     (root / "README.md").write_text("widgets\n")
@@ -215,15 +209,19 @@ def test_the_readme_setup_runs_green_on_the_default_branch(consumer: Path, world
     assert gh.statuses[git(consumer, "rev-parse", "main")][-1]["state"] == "success"
 
 
+def run_pull_request(consumer: Path, world: dict, head_branch: str, run: str):
+    """The PR workflow from head_branch; every API call valid, one results artifact per target."""
+    done = run_act(consumer, world, head_branch, run)
+    assert world["gh"].errors == [], world["gh"].errors
+    results = results_of(world, run)
+    assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
+    return done, done.stdout + done.stderr, results
+
+
 def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, pull_requests: Path, world: dict):
     gh: FakeGitHub = world["gh"]
-    done = run_act(consumer, world, "slower", "run1")
-    log = done.stdout + done.stderr
-    assert gh.errors == [], gh.errors
-
     # plan -> one bench job per target, each with a results file for its own target
-    results = results_of(world, "run1")
-    assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
+    done, log, results = run_pull_request(consumer, world, "slower", "run1")
     for artifact, data in results.items():
         assert data["schema"] == "mlci.results/1"
         assert artifact == f"mlci-results-{data['target']['name']}"
@@ -250,11 +248,7 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
 
 def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, pull_requests: Path, world: dict):
     gh: FakeGitHub = world["gh"]
-    done = run_act(consumer, world, "docs", "run2")
-    log = done.stdout + done.stderr
-    assert gh.errors == [], gh.errors
-    results = results_of(world, "run2")
-    assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
+    done, log, _ = run_pull_request(consumer, world, "docs", "run2")
     assert done.returncode == 0, tail(done)
     assert "Cache restored from key: mlci-tuning-v1-cpu-" in log  # incremental: the first run's records
     comments = gh.comments.get(PR, [])

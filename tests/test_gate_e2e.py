@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import lstm_model, save, tiny_mlp, write_config
+from .conftest import git, lstm_model, new_git_repo, save, tiny_mlp, write_config
 from .github_server import FakeGitHub
 
 pytestmark = pytest.mark.slow
@@ -32,10 +32,6 @@ CONFIG = """
 """
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def mlci(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_"))}
     return subprocess.run([sys.executable, "-m", "mlci.cli", *args], cwd=cwd, capture_output=True, text=True,
@@ -45,9 +41,7 @@ def mlci(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("consumer")
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "dev@example.com")
-    git(root, "config", "user.name", "dev")
+    new_git_repo(root)
     save(tiny_mlp((64, 256, 64)), root / "models" / "net.onnx")
     write_config(root, CONFIG)
     (root / ".gitignore").write_text(".mlci/\n")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 
 from mlci.config import DEFAULT_CONFIG_NAME, parse_config
+from mlci.report import template_source
 
 if TYPE_CHECKING:
     import onnx
@@ -318,17 +319,10 @@ def unique_names(models: list[ProposedModel]) -> list[ProposedModel]:
 # --- rendering --------------------------------------------------------------
 
 
-def _template_source(name: str) -> str | None:
-    try:
-        return (importlib.resources.files("mlci.templates") / name).read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-
-
 @cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(_template_source),
+        loader=jinja2.FunctionLoader(template_source),
         autoescape=False,  # TOML: the toml/toml_key filters quote every value instead
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
