@@ -52,13 +52,11 @@ def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
 
 def _github_outputs(values: dict[str, str]) -> None:
     """Step outputs for the action, when running inside GitHub Actions."""
-    import os
+    from mlci.github import GitHubContext, write_outputs
 
-    from mlci.github import write_outputs
-
-    path = os.environ.get("GITHUB_OUTPUT")
-    if path and os.environ.get("GITHUB_ACTIONS") == "true":
-        write_outputs(Path(path), values)
+    ctx = GitHubContext.from_env()
+    if ctx.in_actions and ctx.output is not None:
+        write_outputs(ctx.output, values)
 
 
 def _version_callback(value: bool) -> None:

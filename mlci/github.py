@@ -309,7 +309,7 @@ class GitHubClient:
         for pr in self.paginate(path):
             if isinstance(pr, dict) and pr.get("state") == "open" and isinstance(pr.get("number"), int):
                 return pr["number"]
-        if claimed is None or isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
+        if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
             return None
         try:
             _, pr, _ = self.request("GET", f"/repos/{_repo(ctx.repository)}/pulls/{claimed}")

@@ -142,10 +142,8 @@ class TuningCache:
 
     def state(self) -> tuple[tuple[str, int, int], ...]:
         """Names, sizes and mtimes of the cache's files: did this run add anything worth saving?"""
-        return tuple(sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in self.dir.iterdir() if p.is_file() and p.name != ".lock"
-        ))
+        files = [p for p in self.dir.iterdir() if p.is_file() and p.name != ".lock"]
+        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]))
 
     def lock(self, timeout: float = -1) -> FileLock:
         return FileLock(str(self.dir / ".lock"), timeout=timeout)
