@@ -52,7 +52,7 @@ def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
 
 def _github_outputs(values: dict[str, str]) -> None:
     """Step outputs for the action, when running inside GitHub Actions."""
-    from mlci.github import GitHubContext, write_outputs
+    from mlci.actions import GitHubContext, write_outputs
 
     ctx = GitHubContext.from_env()
     if ctx.in_actions and ctx.output is not None:
@@ -160,8 +160,8 @@ def compare(
 ) -> None:
     """Decide pass or fail from the results of every target job; report it (terminal, PR comment, job summary)."""
     from mlci.commands.compare import CompareOptions, CompareUsageError, execute
+    from mlci.console import terminal_table
     from mlci.gate import FAIL_ON
-    from mlci.report import terminal_table
 
     if fail_on is not None and fail_on not in FAIL_ON:
         err.print(f"[red]error:[/red] --fail-on must be one of {', '.join(FAIL_ON)}, not {escape(fail_on)!r}")

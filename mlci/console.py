@@ -1,17 +1,25 @@
-"""What a person sees while `mlci run` works: progress, then one table.
+"""What a person sees in the terminal: `mlci run`'s progress and results table, `mlci compare`'s decision table.
 
 On a terminal: rich progress bars (stage, trials done/total). In CI logs
 (not a TTY): one plain line per stage, which reads well in a log viewer.
+Numbers are formatted by `mlci.formatting`, as in the PR comment.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from mlci.formatting import format_change, format_ms, format_speedup, status_word
 from mlci.results import Results
+
+if TYPE_CHECKING:
+    from mlci.gate import Decision
 
 
 class RunReporter:
@@ -65,21 +73,17 @@ class RunReporter:
         self._log(model, status)
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def results_table(results: Results) -> Table:
     table = Table(title=f"mlci run: target {escape(results.target.name)}", title_justify="left")
     table.add_column("model")
     table.add_column("status")
     ab = any(m.base is not None for m in results.models)
     if ab:
-        table.add_column("base ms", justify="right")
-    table.add_column("TVM ms", justify="right")
+        table.add_column("base", justify="right")
+    table.add_column("TVM", justify="right")
     if ab:
         table.add_column("vs base", justify="right")
-    table.add_column("ORT ms", justify="right")
+    table.add_column("ORT", justify="right")
     table.add_column("speedup", justify="right")
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
@@ -92,11 +96,11 @@ def results_table(results: Results) -> Table:
         cells = [escape(m.name), f"[{status_style}]{m.status}[/{status_style}]"]
         if ab:
             base_ms = m.base.latency_ms.median if m.base and m.base.latency_ms else None
-            cells.append(_ms(base_ms) if m.base is None or m.base.status == "ok" else m.base.status)
-            cells += [_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
+            cells.append(format_ms(base_ms) if m.base is None or m.base.status == "ok" else m.base.status)
+            cells += [format_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
         else:
-            cells.append(_ms(head_ms))
-        cells += [_ms(m.peer.get("onnxruntime_median_ms")), "-" if speed is None else f"{speed:.2f}x", trials]
+            cells.append(format_ms(head_ms))
+        cells += [format_ms(m.peer.get("onnxruntime_median_ms")), "-" if speed is None else f"{speed:.2f}x", trials]
         table.add_row(*cells)
     return table
 
@@ -113,3 +117,55 @@ def failure_lines(results: Results) -> list[str]:
                 f"{m.tuning['seconds']:.0f} s; the next run continues where it stopped"
             )
     return lines
+
+# --- mlci compare ------------------------------------------------------------------
+
+VERDICT_STYLES = {
+    "failed": "bold red",
+    "regression": "red",
+    "inconclusive": "yellow",
+    "improvement": "green",
+    "new": "cyan",
+    "removed": "magenta",
+    "unchanged": "dim",
+}
+
+
+def terminal_table(decision: Decision) -> Table:
+    """The decision as a rich table (user text as plain Text: no console markup from names)."""
+    status = status_word(decision)
+    table = Table(
+        title=Text(f"mlci {status}: {decision.headline}", style="bold red" if status == "FAIL" else "bold"),
+        caption=Text(_gate_line(decision)),
+    )
+    for header, justify in (("model", "left"), ("target", "left"), ("base", "right"), ("head", "right"),
+                            ("change [interval]", "right"), ("vs ORT", "right"), ("verdict", "left")):
+        table.add_column(Text(header), justify=justify, overflow="fold")  # Text: "[interval]" is no console markup
+    for cell in decision.cells:
+        style = VERDICT_STYLES.get(cell.verdict, "")
+        word = cell.verdict + (" (known)" if cell.known_failure else "") + (" *" if cell.blocking else "")
+        change = Text(format_change(cell), style=style if cell.verdict in ("regression", "improvement") else "")
+        table.add_row(
+            Text(cell.model),
+            Text(cell.target),
+            format_ms(cell.base_ms),
+            format_ms(cell.head_ms),
+            change,
+            format_speedup(cell.speedup_vs_ort),
+            Text(word, style=style + (" reverse" if cell.blocking else "")),
+        )
+    return table
+
+
+def _gate_line(decision: Decision) -> str:
+    policy = f"fail-on: {decision.fail_on}"
+    if not decision.failed:
+        return f"gate: passes ({policy})"
+    why = []
+    if decision.blocking:
+        n = len(decision.blocking)
+        why.append(f"{n} blocking {'cell' if n == 1 else 'cells'}, marked *")
+    if decision.problems:
+        n = len(decision.problems)
+        why.append(f"{n} missing or unreadable results {'file' if n == 1 else 'files'}")
+    return f"gate: fails the build: {'; '.join(why)} ({policy})"

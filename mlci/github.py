@@ -1,55 +1,50 @@
-"""Deliver the PR regression report on GitHub: sticky PR comment, commit status, job summary, outputs, annotations.
+"""GitHub's REST API: a small client for the sticky PR comment, the commit status and finding the pull request.
 
-Standard library only (urllib), so the action installs nothing extra. Every GitHub failure is turned into a
-note instead of an exception: a read-only token (fork pull requests) or an outage must never lose the results,
-which always land in the job summary first. The token never appears in anything this module produces.
+Standard library only (urllib), so the action installs nothing extra. Retries what GitHub asks to be
+retried and raises GitHubError with GitHub's own message otherwise; the token never appears in anything
+this module produces, and is sent to the API host only. Reads no environment: the caller passes the
+API URL, the token and what it knows about the run.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mlci import __version__
-from mlci.gitinfo import read_event
-
-MARKER = "<!-- mlci:report -->"
+from mlci.formatting import COMMENT_LIMIT
 
 API_VERSION = "2022-11-28"
 USER_AGENT = f"mlci/{__version__}"
-# GitHub rejects comment bodies over 65,536 characters (422) and caps a step summary at 1 MiB.
-COMMENT_LIMIT = 65_536
-SUMMARY_LIMIT = 1_048_576
 STATUS_DESCRIPTION_LIMIT = 140
 STATUS_STATES = ("error", "failure", "pending", "success")
-ANNOTATION_LEVELS = ("error", "warning", "notice")
-
-FORK_HINT = (
-    "the token is read-only, as on pull requests from forks; the report is in the job summary. "
-    "Use the two-stage workflow (mlci-comment.yml) to comment on fork pull requests."
-)
 
 _REDACTED = "***"
 _MIN_SECRET = 6  # shorter "tokens" are test stand-ins; scrubbing them would mangle ordinary text
 
 
-def _scrub(text: str, *secrets: str | None) -> str:
+def scrub_secrets(text: str, *secrets: str | None) -> str:
     """Remove secrets from text we are about to show, store or send anywhere."""
     for secret in secrets:
         if secret and len(secret) >= _MIN_SECRET:
             text = text.replace(secret, _REDACTED)
     return text
+
+
+class RunContext(Protocol):
+    """What finding the pull request needs to know about the run (actions.GitHubContext has it)."""
+
+    repository: str | None
+    sha: str | None
+
+    def pull_request_number(self) -> int | None: ...
 
 
 class GitHubError(Exception):
@@ -63,70 +58,6 @@ class GitHubError(Exception):
 
     def __str__(self) -> str:
         return f"GitHub answered {self.status}: {self.message}" if self.status is not None else self.message
-
-
-@dataclass
-class GitHubContext:
-    """What the Actions environment says about this run; built once so the rest never reads os.environ."""
-
-    api_url: str = "https://api.github.com"
-    server_url: str = "https://github.com"
-    repository: str | None = None
-    token: str | None = field(default=None, repr=False)
-    sha: str | None = None
-    event_name: str | None = None
-    event: dict = field(default_factory=dict, repr=False)
-    run_id: str | None = None
-    step_summary: Path | None = None
-    output: Path | None = None
-    github_actions: bool = False
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, token: str | None = None) -> GitHubContext:
-        """Read the GITHUB_* variables; the head sha comes from the event so statuses land on the PR's commit."""
-        env = os.environ if env is None else env
-        event = read_event(env.get("GITHUB_EVENT_PATH"))
-        sha = _event_head_sha(event) or env.get("GITHUB_SHA") or None
-
-        def path(name: str) -> Path | None:
-            value = env.get(name)
-            return Path(value) if value else None
-
-        return cls(
-            api_url=(env.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/"),
-            server_url=(env.get("GITHUB_SERVER_URL") or "https://github.com").rstrip("/"),
-            repository=env.get("GITHUB_REPOSITORY") or None,
-            token=token if token is not None else (env.get("GITHUB_TOKEN") or None),
-            sha=sha,
-            event_name=env.get("GITHUB_EVENT_NAME") or None,
-            event=event,
-            run_id=env.get("GITHUB_RUN_ID") or None,
-            step_summary=path("GITHUB_STEP_SUMMARY"),
-            output=path("GITHUB_OUTPUT"),
-            github_actions=env.get("GITHUB_ACTIONS") == "true",
-        )
-
-    @property
-    def run_url(self) -> str | None:
-        """Link from the status and the comment back to the run that produced the report."""
-        if not (self.repository and self.run_id):
-            return None
-        return f"{self.server_url.rstrip('/')}/{self.repository}/actions/runs/{self.run_id}"
-
-    @property
-    def in_actions(self) -> bool:
-        return self.github_actions
-
-
-def _event_head_sha(event: dict) -> str | None:
-    """On pull_request events GITHUB_SHA is a merge commit, on workflow_run the default branch: use the PR head."""
-    pr = event.get("pull_request")
-    if isinstance(pr, dict) and isinstance(pr.get("head"), dict) and pr["head"].get("sha"):
-        return str(pr["head"]["sha"])
-    run = event.get("workflow_run")
-    if isinstance(run, dict) and run.get("head_sha"):
-        return str(run["head_sha"])
-    return None
 
 
 _LINK_RE = re.compile(r'<([^>]*)>\s*((?:;\s*[^;,]+)*)')
@@ -245,7 +176,7 @@ class GitHubClient:
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeout
                 reason = getattr(exc, "reason", None) or exc
                 if last:
-                    raise GitHubError(None, self._clean(f"could not reach {self.api_url}: {reason}")) from None
+                    raise GitHubError(None, self.scrub(f"could not reach {self.api_url}: {reason}")) from None
                 self.sleep(self.backoff * (2**attempt))
                 continue
             payload = _parse_json(raw)
@@ -267,8 +198,9 @@ class GitHubClient:
             self.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _clean(self, text: str) -> str:
-        return _scrub(text, self._token)
+    def scrub(self, text: str) -> str:
+        """`text` without this client's token: for any text about a call that may echo it."""
+        return scrub_secrets(text, self._token)
 
     def _message(self, status: int, payload: Any, raw: bytes) -> str:
         if isinstance(payload, dict) and payload.get("message"):
@@ -280,7 +212,7 @@ class GitHubClient:
                 )
         else:
             message = raw[:200].decode("utf-8", "replace").strip() or http.client.responses.get(status, "error")
-        return self._clean(message)
+        return self.scrub(message)
 
     def paginate(self, path: str) -> Iterator[Any]:
         """Every item of a list endpoint, following Link rel="next" verbatim (GitHub may change the URL's form)."""
@@ -293,14 +225,14 @@ class GitHubClient:
                 yield payload
             url = parse_link_header(headers.get("link")).get("next")
 
-    def find_pull_request(self, ctx: GitHubContext, claimed: int | None = None) -> int | None:
+    def find_pull_request(self, ctx: RunContext, claimed: int | None = None) -> int | None:
         """The PR this run reports on: from the event payload when it says, else the open PR whose head is ctx.sha.
 
         `claimed` is a PR number read from a results file. It is data from an untrusted run (a fork's), so it
         is used only when GitHub confirms that PR is open with ctx.sha as its head: a forged number cannot
         put a report on somebody else's pull request.
         """
-        number = _event_pull_request(ctx.event)
+        number = ctx.pull_request_number()
         if number is not None:
             return number
         if not (ctx.repository and ctx.sha):
@@ -322,8 +254,11 @@ class GitHubClient:
             return claimed
         return None
 
-    def upsert_comment(self, repository: str, pr: int, body: str, marker: str = MARKER) -> tuple[str, str]:
-        """Update the comment carrying the marker (the first, if several) or create it: one report per PR."""
+    def upsert_comment(self, repository: str, pr: int, body: str, marker: str) -> tuple[str, str]:
+        """Update the comment carrying `marker` (the first, if several) or create it: one comment per PR and marker.
+
+        The marker (an HTML comment, invisible on GitHub) is put first in `body` unless it is in there already.
+        """
         body = _fit_comment(body if marker in body else f"{marker}\n{body}", marker)
         repo = _repo(repository)
         for attempt in range(self.retries + 1):
@@ -385,22 +320,6 @@ def _repo(repository: str) -> str:
     return f"{urllib.parse.quote(owner, safe='')}/{urllib.parse.quote(name, safe='')}"
 
 
-def _event_pull_request(event: dict) -> int | None:
-    """PR number straight from the payload (pull_request, issue_comment on a PR, workflow_run of a same-repo PR)."""
-    pr = event.get("pull_request")
-    if isinstance(pr, dict) and isinstance(pr.get("number"), int):
-        return pr["number"]
-    issue = event.get("issue")
-    if isinstance(issue, dict) and issue.get("pull_request") and isinstance(issue.get("number"), int):
-        return issue["number"]
-    run = event.get("workflow_run")
-    if isinstance(run, dict):
-        prs = run.get("pull_requests")  # empty for fork PRs: the caller falls back to the commit lookup
-        if isinstance(prs, list) and prs and isinstance(prs[0], dict) and isinstance(prs[0].get("number"), int):
-            return prs[0]["number"]
-    return None
-
-
 def _fit_comment(body: str, marker: str) -> str:
     """Cut an oversized report so GitHub takes it (422 otherwise); the summary keeps the full text."""
     if len(body) <= COMMENT_LIMIT:
@@ -411,184 +330,3 @@ def _fit_comment(body: str, marker: str) -> str:
     if newline > len(marker):
         cut = cut[:newline]
     return cut + note
-
-
-@dataclass
-class Annotation:
-    level: str  # "error" | "warning" | "notice"
-    title: str
-    message: str
-
-
-def escape_workflow_command(text: str, *, property: bool = False) -> str:
-    """Escape like @actions/core, so report text can neither break nor inject workflow commands."""
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    if property:
-        text = text.replace(":", "%3A").replace(",", "%2C")
-    return text
-
-
-def format_annotation(a: Annotation) -> str:
-    """One ::error/::warning/::notice line; GitHub shows it on the run and the PR's checks."""
-    if a.level not in ANNOTATION_LEVELS:
-        raise ValueError(f"annotation level must be one of {', '.join(ANNOTATION_LEVELS)}, not {a.level!r}")
-    props = f" title={escape_workflow_command(a.title, property=True)}" if a.title else ""
-    return f"::{a.level}{props}::{escape_workflow_command(a.message)}"
-
-
-def write_outputs(path: Path, outputs: dict[str, str]) -> None:
-    """Append step outputs to GITHUB_OUTPUT; multi-line values use a random heredoc delimiter no value contains."""
-    lines: list[str] = []
-    for name, value in outputs.items():
-        if not name or any(c in name for c in "=\r\n<"):
-            raise ValueError(f"invalid output name {name!r}")
-        value = str(value)
-        if "\n" in value or "\r" in value:
-            delimiter = f"ghadelimiter_{uuid.uuid4()}"
-            while delimiter in value:  # pragma: no cover - astronomically unlikely
-                delimiter = f"ghadelimiter_{uuid.uuid4()}"
-            lines.append(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
-        else:
-            lines.append(f"{name}={value}\n")
-    with open(path, "a", encoding="utf-8", newline="") as f:
-        f.write("".join(lines))
-
-
-def append_summary(path: Path, markdown: str) -> None:
-    """Append to GITHUB_STEP_SUMMARY within GitHub's 1 MiB a step (counting what the step already wrote)."""
-    try:
-        used = path.stat().st_size
-    except OSError:
-        used = 0
-    data = markdown.encode("utf-8")
-    if used + len(data) > SUMMARY_LIMIT:
-        note = (
-            b"\n\n> **Note:** the rest of this report was cut: GitHub limits a step summary to 1 MiB. "
-            b"The results file has everything.\n"
-        )
-        room = SUMMARY_LIMIT - used - len(note)
-        if room <= 0:
-            return
-        cut = data[:room].decode("utf-8", "ignore")
-        newline = cut.rfind("\n")
-        if newline > 0:
-            cut = cut[:newline]
-        data = cut.encode("utf-8") + note
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-@dataclass
-class Delivery:
-    comment_url: str | None = None
-    comment_action: str | None = None  # created | updated
-    pr: int | None = None
-    status_set: bool = False
-    summary_written: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-def _describe(error: GitHubError, what: str, hinted: bool = False) -> str:
-    if error.status == 403 and not error.rate_limited:
-        hint = "the token is read-only (see above)" if hinted else FORK_HINT
-        return f"could not {what}: GitHub answered 403 ({error.message}): {hint}"
-    if error.status is None:
-        return f"could not {what}: {error.message}"
-    return f"could not {what}: GitHub answered {error.status} ({error.message})"
-
-
-def deliver(
-    ctx: GitHubContext,
-    *,
-    comment: str,
-    summary: str,
-    outputs: dict[str, str],
-    annotations: list[Annotation],
-    state: str,
-    description: str,
-    client: GitHubClient | None = None,
-    post_comment: bool = True,
-    set_status: bool = True,
-    claimed_pr: int | None = None,
-    print_line: Callable[[str], None] = print,
-) -> Delivery:
-    """Put the report everywhere it can go; never raises for GitHub trouble, so the results are never lost."""
-    secret = ctx.token or (client._token if client is not None else None)
-    done = Delivery()
-    fork_noted = False
-
-    def note(text: str) -> None:
-        done.notes.append(_scrub(text, secret))
-
-    def to_summary(markdown: str) -> bool:
-        if ctx.step_summary is None:
-            return False
-        try:
-            append_summary(ctx.step_summary, _scrub(markdown, secret))
-        except OSError as exc:
-            note(f"could not write the job summary {ctx.step_summary}: {exc}")
-            return False
-        return True
-
-    def github_failed(error: GitHubError, what: str) -> None:
-        nonlocal fork_noted
-        text = _describe(error, what, hinted=fork_noted)
-        note(text)
-        if error.status == 403 and not error.rate_limited and not fork_noted:
-            fork_noted = True
-            if done.summary_written:
-                to_summary(f"\n\n> **mlci:** {text}\n")
-
-    if ctx.step_summary is not None:
-        done.summary_written = to_summary(summary)
-    for annotation in annotations:
-        print_line(_scrub(format_annotation(annotation), secret))
-
-    try:
-        if not ((client is not None or ctx.token) and ctx.repository):
-            have = {"GITHUB_TOKEN": client is not None or bool(ctx.token), "GITHUB_REPOSITORY": bool(ctx.repository)}
-            unset = [name for name, ok in have.items() if not ok]
-            where = "the report is in the job summary" if done.summary_written else "no job summary either (GITHUB_STEP_SUMMARY unset)"
-            note(f"nothing posted to GitHub: {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set; {where}")
-        else:
-            assert ctx.repository is not None
-            api = client or GitHubClient(ctx.api_url, ctx.token or "")
-            if post_comment:
-                try:
-                    done.pr = api.find_pull_request(ctx, claimed=claimed_pr)
-                except GitHubError as exc:
-                    github_failed(exc, "find the pull request")
-                else:
-                    if done.pr is None:
-                        note(f"no open pull request found for {ctx.sha or 'this run'}; no PR comment posted")
-                    else:
-                        try:
-                            url, action = api.upsert_comment(ctx.repository, done.pr, _scrub(comment, secret))
-                        except GitHubError as exc:
-                            github_failed(exc, "post the PR comment")
-                        else:
-                            done.comment_url, done.comment_action = url, action
-                            note(f"{action} the report comment on PR #{done.pr}: {url}")
-            if set_status:
-                if not ctx.sha:
-                    note("no commit sha (GITHUB_SHA); commit status not set")
-                else:
-                    try:
-                        api.set_status(ctx.repository, ctx.sha, state, _scrub(description, secret), target_url=ctx.run_url)
-                    except GitHubError as exc:
-                        github_failed(exc, "set the commit status")
-                    else:
-                        done.status_set = True
-                        note(f"set commit status mlci={state} on {ctx.sha[:12]}")
-    except Exception as exc:  # a bug here must not cost the user the outputs below
-        note(f"GitHub delivery failed unexpectedly: {type(exc).__name__}: {exc}")
-
-    if ctx.output is not None:
-        values = {k: _scrub(str(v), secret) for k, v in outputs.items()}
-        if done.comment_url:
-            values["comment-url"] = done.comment_url
-        try:
-            write_outputs(ctx.output, values)
-        except (OSError, ValueError) as exc:
-            note(f"could not write the step outputs {ctx.output}: {exc}")
-    return done

@@ -1,20 +1,20 @@
-"""Where a run comes from: commit, branch, PR, repository, CI run id.
+"""Where a run comes from: commit, branch, PR, repository, CI run id; and the git work an A/B run
+needs (the merge-base, a throwaway worktree of the base commit).
 
-GitHub Actions' environment wins (a detached HEAD has no branch of its own);
-outside CI, git itself is asked.
+Inside GitHub Actions the context (`mlci.actions.GitHubContext`) wins, since a detached HEAD has no
+branch of its own; outside CI, git itself is asked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from mlci.actions import GitHubContext
 from mlci.results import GitInfo
 
 
@@ -28,48 +28,29 @@ def _git(root: Path, *args: str) -> str | None:
     return out or None
 
 
-def read_event(path: str | None) -> dict:
-    """The GitHub event payload (GITHUB_EVENT_PATH); {} when absent or unreadable."""
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _event() -> dict:
-    return read_event(os.environ.get("GITHUB_EVENT_PATH"))
-
-
-def detect_git(root: Path) -> GitInfo:
-    env = os.environ
-    event = _event()
-    pr = event.get("pull_request") or {}
-    commit = (pr.get("head") or {}).get("sha") or env.get("GITHUB_SHA") or _git(root, "rev-parse", "HEAD")
-    branch = env.get("GITHUB_HEAD_REF") or env.get("GITHUB_REF_NAME") or _git(
-        root, "rev-parse", "--abbrev-ref", "HEAD"
-    )
+def detect_git(root: Path, ctx: GitHubContext | None = None) -> GitInfo:
+    """The run's commit, branch, PR and CI identifiers; `ctx` defaults to this process's Actions environment."""
+    ctx = GitHubContext.from_env() if ctx is None else ctx
+    commit = ctx.commit or _git(root, "rev-parse", "HEAD")
+    branch = ctx.branch or _git(root, "rev-parse", "--abbrev-ref", "HEAD")
     if branch == "HEAD":
         branch = None
-    number = pr.get("number") or event.get("number")
     return GitInfo(
         commit=commit,
         branch=branch,
-        base_commit=(pr.get("base") or {}).get("sha"),
-        pr=int(number) if isinstance(number, int) else None,
-        repository=env.get("GITHUB_REPOSITORY"),
-        run_id=env.get("GITHUB_RUN_ID"),
-        default_branch=default_branch(root),
+        base_commit=ctx.base_sha,
+        pr=ctx.pull_request_event_number,
+        repository=ctx.repository,
+        run_id=ctx.run_id,
+        default_branch=default_branch(root, ctx),
     )
 
 
-def default_branch(root: Path) -> str | None:
-    """The repository's default branch: from the event payload, else origin's HEAD."""
-    repo = _event().get("repository") or {}
-    if isinstance(repo, dict) and repo.get("default_branch"):
-        return str(repo["default_branch"])
+def default_branch(root: Path, ctx: GitHubContext | None = None) -> str | None:
+    """The repository's default branch: from the event payload, else origin's HEAD; `ctx` as in detect_git."""
+    ctx = GitHubContext.from_env() if ctx is None else ctx
+    if ctx.default_branch:
+        return ctx.default_branch
     ref = _git(root, "symbolic-ref", "--short", "refs/remotes/origin/HEAD")
     return ref.split("/", 1)[1] if ref and "/" in ref else None
 

@@ -1,7 +1,8 @@
-"""GitHub delivery against a real local HTTP server that checks every call against GitHub's OpenAPI description."""
+"""The REST client and delivery against a real local HTTP server that checks every call against GitHub's OpenAPI description."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -12,24 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from mlci.github import (
-    MARKER,
-    Annotation,
-    GitHubClient,
-    GitHubContext,
-    GitHubError,
-    append_summary,
-    deliver,
-    escape_workflow_command,
-    format_annotation,
-    parse_link_header,
-    write_outputs,
-)
+from mlci.actions import Annotation, GitHubContext
+from mlci.delivery import deliver
+from mlci.gate import Decision, decide
+from mlci.github import GitHubClient, GitHubError, parse_link_header
+from mlci.report import ReportContext, comment_marker, render_comment
 from tests.github_server import FakeGitHub
 
 TOKEN = "ghs_SECRET_mlci_test_token_7f3a9c2e"
 REPO = "octo-org/widgets"
 SHA = "6dcb09b5b57875f334f61aebed695e2e4193db5e"
+MARKER = comment_marker(None)
 
 
 class Sleeps(list):
@@ -83,6 +77,7 @@ def pr_event(number: int = 42, sha: str = SHA) -> dict:
 def run_deliver(ctx: GitHubContext, client: GitHubClient | None = None, printed: list[str] | None = None, **kw):
     args = {
         "comment": "## mlci report\n\n| model | p50 |\n|---|---|\n| resnet | 1.2 ms |\n",
+        "marker": MARKER,
         "summary": "## mlci report (summary)\n\nresnet: 1.2 ms\n",
         "outputs": {"verdict": "pass", "report": "line one\nline two"},
         "annotations": [Annotation("warning", "resnet: slower", "p50 +3%")],
@@ -99,12 +94,12 @@ def run_deliver(ctx: GitHubContext, client: GitHubClient | None = None, printed:
 
 
 def test_create_then_update_sticky_comment(gh: FakeGitHub, client: GitHubClient):
-    url, action = client.upsert_comment(REPO, 42, f"{MARKER}\nfirst report")
+    url, action = client.upsert_comment(REPO, 42, f"{MARKER}\nfirst report", MARKER)
     assert action == "created"
     [comment] = gh.comments[42]
     assert url == comment["html_url"] and url.endswith(f"#issuecomment-{comment['id']}")
 
-    url2, action2 = client.upsert_comment(REPO, 42, f"{MARKER}\nsecond report")
+    url2, action2 = client.upsert_comment(REPO, 42, f"{MARKER}\nsecond report", MARKER)
     assert (url2, action2) == (url, "updated")
     assert len(gh.comments[42]) == 1
     assert gh.comments[42][0]["id"] == comment["id"]
@@ -117,7 +112,7 @@ def test_marker_is_prepended_and_other_comments_are_left_alone(gh: FakeGitHub, c
     gh.add_comment(7, "LGTM")
     first = gh.add_comment(7, f"{MARKER}\nold report", login="github-actions[bot]", kind="Bot")
     second = gh.add_comment(7, f"{MARKER}\nstale duplicate")
-    _, action = client.upsert_comment(REPO, 7, "new report without marker")
+    _, action = client.upsert_comment(REPO, 7, "new report without marker", MARKER)
     assert action == "updated"
     bodies = {c["id"]: c["body"] for c in gh.comments[7]}
     assert bodies[first["id"]] == f"{MARKER}\nnew report without marker"
@@ -131,7 +126,7 @@ def test_marker_comment_on_page_two_is_found_through_the_link_header(gh: FakeGit
     target = gh.add_comment(42, f"{MARKER}\nold")
     gh.add_comment(42, "after")
 
-    url, action = client.upsert_comment(REPO, 42, f"{MARKER}\nnew")
+    url, action = client.upsert_comment(REPO, 42, f"{MARKER}\nnew", MARKER)
     assert action == "updated" and url == target["html_url"]
     assert len(gh.comments[42]) == 132
     assert sum(MARKER in c["body"] for c in gh.comments[42]) == 1
@@ -157,7 +152,7 @@ def test_pagination_defaults_and_link_header(gh: FakeGitHub, client: GitHubClien
 
 def test_oversized_comment_is_cut_to_githubs_limit(gh: FakeGitHub, client: GitHubClient):
     body = MARKER + "\n" + "| row |\n" * 20_000
-    client.upsert_comment(REPO, 5, body)
+    client.upsert_comment(REPO, 5, body, MARKER)
     posted = gh.comments[5][0]["body"]
     assert len(posted) <= 65_536 and posted.startswith(MARKER) and "comment limit" in posted
 
@@ -167,7 +162,7 @@ def test_oversized_comment_is_cut_to_githubs_limit(gh: FakeGitHub, client: GitHu
 
 def test_502_then_success_is_retried_with_backoff(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
     gh.fail_next(2)
-    url, action = client.upsert_comment(REPO, 42, "report")
+    url, action = client.upsert_comment(REPO, 42, "report", MARKER)
     assert action == "created" and url
     assert sleeps == [1.0, 2.0]
     assert [r.status for r in gh.requests] == [502, 502, 200, 201]
@@ -175,7 +170,7 @@ def test_502_then_success_is_retried_with_backoff(gh: FakeGitHub, client: GitHub
 
 def test_create_whose_reply_was_lost_is_not_duplicated(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
     gh.lose_next_write_reply()
-    url, action = client.upsert_comment(REPO, 43, "report v1")
+    url, action = client.upsert_comment(REPO, 43, "report v1", MARKER)
     assert len(gh.comments[43]) == 1, "a retried create made a second sticky comment"
     assert action == "updated" and url == gh.comments[43][0]["html_url"]
     assert [(r.method, r.status) for r in gh.requests] == [("GET", 200), ("POST", 502), ("GET", 200), ("PATCH", 200)]
@@ -215,7 +210,7 @@ def test_rate_limit_far_away_is_reported_not_waited(gh: FakeGitHub, client: GitH
 def test_plain_4xx_is_raised_with_githubs_message(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
     gh.read_only = True
     with pytest.raises(GitHubError) as info:
-        client.upsert_comment(REPO, 42, "report")
+        client.upsert_comment(REPO, 42, "report", MARKER)
     assert info.value.status == 403 and not info.value.rate_limited
     assert info.value.message == "Resource not accessible by integration"
     assert sleeps == []  # a read-only token is not retried
@@ -370,6 +365,37 @@ def test_deliver_without_token_or_pr(gh: FakeGitHub, tmp_path: Path):
     assert any("no open pull request" in n for n in done.notes)
 
 
+def with_config(decision: Decision, config: str | None) -> Decision:
+    """The decision of the results of one config file (its path relative to the repository)."""
+    if any(f.name == "config" for f in dataclasses.fields(decision)):
+        return dataclasses.replace(decision, config=config)
+    object.__setattr__(decision, "config", config)  # a Decision without the field: the report reads it if present
+    return decision
+
+
+def test_two_configs_keep_two_sticky_comments(gh: FakeGitHub, tmp_path: Path, sleeps: Sleeps):
+    """Two mlci configs in one repository report on the same PR: each updates its own comment, never the other's."""
+    ctx = make_ctx(gh, tmp_path, pr_event(42))
+    context = ReportContext(repository=REPO, pr=42)
+    legacy = gh.add_comment(42, f"{MARKER}\nreport of the top-level mlci.toml")
+    vision, speech = (with_config(decide([]), path) for path in ("services/vision/mlci.toml", "services/speech/mlci.toml"))
+
+    def post(decision: Decision) -> str | None:
+        text = render_comment(decision, context)
+        marker = comment_marker(getattr(decision, "config", None))
+        assert text.startswith(marker + "\n")
+        return run_deliver(ctx, GitHubClient(gh.url, TOKEN, sleep=sleeps), comment=text, marker=marker).comment_action
+
+    assert [post(vision), post(speech)] == ["created", "created"]
+    assert len(gh.comments[42]) == 3
+    assert post(vision) == "updated" and post(with_config(decide([]), None)) == "updated"
+    bodies = [c["body"] for c in gh.comments[42]]
+    assert len(bodies) == 3 and gh.comments[42][0]["id"] == legacy["id"]
+    assert bodies[0].startswith(MARKER + "\n### mlci PASS")  # the default config's comment, updated in place
+    assert bodies[1].startswith("<!-- mlci:report config=services/vision/mlci.toml -->\n")
+    assert bodies[2].startswith("<!-- mlci:report config=services/speech/mlci.toml -->\n")
+
+
 def test_token_never_leaks(gh: FakeGitHub, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
     ctx = make_ctx(gh, tmp_path, pr_event(42))
     assert TOKEN not in repr(ctx) and TOKEN not in repr(GitHubClient(gh.url, TOKEN))
@@ -404,63 +430,6 @@ def test_token_never_leaks(gh: FakeGitHub, tmp_path: Path, capfd: pytest.Capture
     assert any("could not reach" in t for t in texts) and any("rate limit" in t for t in texts)
     assert any("***" in c["body"] for cs in gh.comments.values() for c in cs)
 
-
-# -- context, workflow commands, files ---------------------------------------------------------------------------------
-
-
-def test_context_from_env(tmp_path: Path):
-    event = tmp_path / "e.json"
-    event.write_text(json.dumps(pr_event(3, sha="a" * 40)))
-    ctx = GitHubContext.from_env({
-        "GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": REPO, "GITHUB_SHA": "b" * 40, "GITHUB_EVENT_PATH": str(event),
-        "GITHUB_EVENT_NAME": "pull_request", "GITHUB_RUN_ID": "12", "GITHUB_TOKEN": TOKEN,
-    })
-    assert ctx.api_url == "https://api.github.com" and ctx.server_url == "https://github.com"
-    assert ctx.sha == "a" * 40 and ctx.event["number"] == 3 and ctx.event_name == "pull_request"
-    assert ctx.in_actions and ctx.token == TOKEN and ctx.step_summary is None and ctx.output is None
-    assert ctx.run_url == f"https://github.com/{REPO}/actions/runs/12"
-    assert GitHubContext.from_env({"GITHUB_TOKEN": TOKEN}, token="explicit").token == "explicit"
-
-    event.write_text("not json")
-    bare = GitHubContext.from_env({"GITHUB_EVENT_PATH": str(event), "GITHUB_SHA": "c" * 40})
-    assert bare.event == {} and bare.sha == "c" * 40 and not bare.in_actions and bare.run_url is None and bare.token is None
-    assert GitHubContext.from_env({"GITHUB_EVENT_PATH": str(tmp_path / "missing.json")}).event == {}
-
-
-def test_workflow_command_escaping():
-    assert escape_workflow_command("100%\r\nnext") == "100%25%0D%0Anext"
-    assert escape_workflow_command("a: b, c%", property=True) == "a%3A b%2C c%25"
-    assert escape_workflow_command("a: b, c") == "a: b, c"
-    line = format_annotation(Annotation("error", "model: x, y", "p50 +12%\n::set-output name=x::pwned"))
-    assert line == "::error title=model%3A x%2C y::p50 +12%25%0A::set-output name=x::pwned"
-    assert "\n" not in line
-    assert format_annotation(Annotation("notice", "", "hi")) == "::notice::hi"
-    with pytest.raises(ValueError):
-        format_annotation(Annotation("fatal", "t", "m"))
-
-
-def test_write_outputs(tmp_path: Path):
-    path = tmp_path / "out"
-    path.write_text("earlier=1\n")
-    write_outputs(path, {"verdict": "fail", "table": "a\nb\r\nc", "empty": ""})
-    text = path.read_bytes().decode()
-    assert text.startswith("earlier=1\nverdict=fail\n") and text.endswith("empty=\n")
-    m = re.search(r"table<<(\S+)\n(.*)\n\1\n", text, re.S)
-    assert m and m.group(1).startswith("ghadelimiter_") and m.group(2) == "a\nb\r\nc"
-    with pytest.raises(ValueError):
-        write_outputs(path, {"bad\nname": "x"})
-
-
-def test_append_summary_caps_at_one_mib(tmp_path: Path):
-    path = tmp_path / "summary.md"
-    append_summary(path, "# head\n")
-    append_summary(path, "| é row |\n" * 200_000)  # ~2.2 MB
-    data = path.read_bytes()
-    assert len(data) <= 1_048_576 and data.startswith(b"# head\n")
-    text = data.decode("utf-8")  # still valid UTF-8: the cut respects characters (and lines)
-    assert text.rstrip().endswith("The results file has everything.") and "\n| é row |\n\n> **Note:**" in text
-    append_summary(path, "more\n" * 1000)  # a full summary takes no more
-    assert path.read_bytes() == data
 
 
 def test_parse_link_header():

@@ -1,5 +1,6 @@
-"""Rendering the gate's Decision: snapshot tests of the PR comment and job summary, escaping,
-size limits, the terminal table. Decisions come from `mlci.gate.decide` on synthetic Results.
+"""Rendering the gate's Decision: snapshot tests of the PR comment and job summary, the sticky
+comment's marker, escaping, size limits, the formatters, the terminal table. Decisions come from
+`mlci.gate.decide` on synthetic Results.
 
 Snapshots live in tests/snapshots/*.md; `MLCI_UPDATE_SNAPSHOTS=1 pytest tests/test_report.py`
 rewrites them (review the diff before committing).
@@ -7,38 +8,46 @@ rewrites them (review the diff before committing).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 from pathlib import Path
 
+import jinja2.meta
+import jinja2.nodes
 import pytest
 from rich.console import Console
 
-from mlci.gate import Decision, decide
-from mlci.report import (
-    MARKER,
-    MAX_COMMENT_CHARS,
-    ReportContext,
+from mlci.console import terminal_table
+from mlci.formatting import (
     clip,
-    environment,
     escape_markdown,
     fenced,
     format_change,
     format_ms,
     format_percent,
     format_speedup,
+)
+from mlci.gate import Decision, decide
+from mlci.report import (
+    MAX_COMMENT_CHARS,
+    ReportContext,
+    ReportView,
+    comment_marker,
+    environment,
     render_comment,
     render_summary,
-    terminal_table,
 )
 from mlci.results import Baseline, GitInfo, History, Latency, ModelResult, Results, TargetInfo
 from mlci.stats import summarize
+from mlci.templating import template_source
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 HEAD = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 BASE = "9d1c0e3f2a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d"
 CONTEXT = ReportContext(repository="acme/vision", run_url="https://github.com/acme/vision/actions/runs/123", pr=42)
+MARKER = comment_marker(None)
 JITTER = (0.0, 0.004, -0.003, 0.002, -0.001, 0.003, -0.004, 0.001, -0.002, 0.0015)
 
 
@@ -266,6 +275,61 @@ def test_summary_is_the_comment_without_the_marker():
     assert MARKER not in summary
     assert summary == render_comment(decision, CONTEXT).removeprefix(MARKER + "\n")
     assert_snapshot("regression-summary.md", summary)
+
+
+# --- the sticky comment's marker ---------------------------------------------------
+
+
+def with_config(decision: Decision, config: str | None) -> Decision:
+    """The decision of the results of one config file (its path relative to the repository)."""
+    if any(f.name == "config" for f in dataclasses.fields(decision)):
+        return dataclasses.replace(decision, config=config)
+    object.__setattr__(decision, "config", config)  # a Decision without the field: the report reads it if present
+    return decision
+
+
+def test_default_config_keeps_the_marker_existing_comments_carry():
+    assert comment_marker(None) == comment_marker("mlci.toml") == "<!-- mlci:report -->"
+    for config in (None, "mlci.toml"):
+        assert render_comment(with_config(improvement_decision(), config), CONTEXT).startswith("<!-- mlci:report -->\n### ")
+
+
+def test_marker_is_keyed_by_config():
+    vision, speech = comment_marker("services/vision/mlci.toml"), comment_marker("services/speech/mlci.toml")
+    assert vision == "<!-- mlci:report config=services/vision/mlci.toml -->"
+    assert comment_marker("ci/mlci-gpu_v2.toml") == "<!-- mlci:report config=ci/mlci-gpu_v2.toml -->"
+    markers = [MARKER, vision, speech, comment_marker("services/vision/mlci.toml.bak")]
+    for a in markers:  # the comment is found by substring: no marker may contain another
+        assert [b for b in markers if a in b] == [a]
+    decision = with_config(regression_decision(), "services/vision/mlci.toml")
+    text = render_comment(decision, CONTEXT)
+    assert text.startswith(vision + "\n### mlci FAIL") and text.count("mlci:report") == 1
+    summary = render_summary(decision, CONTEXT)
+    assert "mlci:report" not in summary and summary == text.removeprefix(vision + "\n")
+    assert render_comment(decision, CONTEXT, max_chars=len(vision) + 1).startswith(vision)
+    with pytest.raises(ValueError):
+        render_comment(decision, CONTEXT, max_chars=len(vision))
+
+
+@pytest.mark.parametrize("config", [
+    "a/--><img src=x onerror=alert(1)><!--/mlci.toml",
+    "-->",
+    "x--!>y",
+    "ci/mlci.toml -- @octocat\n# heading\n--->",
+    "---a---/mlci.toml-",
+    "<>|`*",
+])
+def test_hostile_config_path_cannot_close_the_html_comment(config: str):
+    marker = comment_marker(config)
+    assert marker.startswith("<!-- mlci:report config=") and marker.endswith(" -->")
+    inside = marker[len("<!--"):-len("-->")]
+    assert "--" not in inside and not set(inside) & set("<>!@#\n`*|")  # HTML forbids "--" in a comment's text
+    assert marker.count("-->") == 1
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark", {"html": True}).render(
+        render_comment(with_config(improvement_decision(), config), CONTEXT))
+    assert html.startswith(marker + "\n<h3>")  # the whole marker is one HTML comment, then the report
+    assert "<img" not in html and "onerror" not in html.split("<h3>")[0].replace(marker, "")
 
 
 # --- history, trends, fingerprints ------------------------------------------------
@@ -548,6 +612,20 @@ def test_templates_load_from_the_package():
         assert env.get_template(name) is not None
     with pytest.raises(Exception, match="nope"):
         env.get_template("nope.j2")
+
+
+def test_templates_read_only_the_view_model():
+    """Every name the Markdown templates read is a ReportView field or a global, and every field is read."""
+    env = environment()
+    read: set[str] = set()
+    for name in ("comment.md.j2", "summary.md.j2", "_macros.md.j2"):
+        tree = env.parse(template_source(name))
+        targets = [node.target for node in tree.find_all(jinja2.nodes.Assign)]
+        names = [n for target in targets for n in (target, *target.find_all(jinja2.nodes.Name))]
+        assigned = {n.name for n in names if isinstance(n, jinja2.nodes.Name)}  # {% set %} inside the macros
+        read |= jinja2.meta.find_undeclared_variables(tree) - assigned
+    fields = {f.name for f in dataclasses.fields(ReportView)}
+    assert read - set(env.globals) == fields
 
 
 def test_empty_decision():

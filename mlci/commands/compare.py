@@ -8,12 +8,13 @@ gate's alone.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlci import gate, report
+from mlci.actions import Annotation, GitHubContext
+from mlci.delivery import deliver
 from mlci.results import Results, ResultsError, json_safe, read_results
 
 
@@ -83,9 +84,7 @@ def missing_targets(results: list[Results], expected: list[str]) -> list[str]:
     ]
 
 
-def annotations(decision: gate.Decision) -> list[Any]:
-    from mlci.github import Annotation
-
+def annotations(decision: gate.Decision) -> list[Annotation]:
     out = []
     for cell in decision.cells:
         title = f"mlci: {cell.model} on {cell.target}: {cell.verdict}"
@@ -127,12 +126,10 @@ def decision_json(decision: gate.Decision) -> dict[str, Any]:
 
 
 def execute(options: CompareOptions, print_line: Any = print) -> CompareOutcome:
-    from mlci import github
-
     results, problems = load_results(options.paths)
     problems += missing_targets(results, options.expect_targets)
     decision = gate.decide(results, fail_on=options.fail_on, threshold=options.threshold, problems=problems)
-    ctx = github.GitHubContext.from_env()
+    ctx = GitHubContext.from_env()
     context = report.ReportContext(
         repository=ctx.repository or decision.git.repository,
         server_url=ctx.server_url,
@@ -149,11 +146,12 @@ def execute(options: CompareOptions, print_line: Any = print) -> CompareOutcome:
     (out / "decision.json").write_text(json.dumps(decision_json(decision), indent=2) + "\n", encoding="utf-8")
     outcome = CompareOutcome(decision, comment_path, summary_path)
 
-    deliver = options.github if options.github is not None else os.environ.get("GITHUB_ACTIONS") == "true"
-    if deliver:
-        delivery = github.deliver(
+    to_github = options.github if options.github is not None else ctx.in_actions
+    if to_github:
+        delivery = deliver(
             ctx,
             comment=comment_path.read_text(encoding="utf-8"),
+            marker=report.decision_marker(decision),  # the comment's first line: the same sticky comment next time
             summary=summary,
             outputs=outputs(decision, comment_path),
             annotations=annotations(decision),

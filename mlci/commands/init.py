@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 
 from mlci.config import DEFAULT_CONFIG_NAME, parse_config
-from mlci.report import template_source
+from mlci.templating import make_environment
 
 if TYPE_CHECKING:
     import onnx
@@ -321,16 +321,7 @@ def unique_names(models: list[ProposedModel]) -> list[ProposedModel]:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(template_source),
-        autoescape=False,  # TOML: the toml/toml_key filters quote every value instead
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(toml=toml_value, toml_key=toml_key)
-    return env
+    return make_environment(filters=dict(toml=toml_value, toml_key=toml_key))  # the filters quote every TOML value
 
 
 def render_config(models: list[ProposedModel]) -> str:

@@ -1,0 +1,224 @@
+"""Text formatting shared by every view of a result: the PR comment, the job summary and the terminal.
+
+Pure and standard library only. One formatter per kind of value, so that a latency, a change or a
+speedup reads the same wherever it is shown; `escape_markdown` and its helpers make user text
+(model, target and ref names, error texts) inert in GitHub-flavoured Markdown. Also here: the size
+limits GitHub puts on a comment and on a step summary, which both the renderer and the code that
+posts the text must respect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlci.gate import Cell, Decision
+
+COMMENT_LIMIT = 65_536
+"""GitHub rejects a comment body over this many characters (422)."""
+SUMMARY_LIMIT = 1_048_576
+"""GitHub keeps at most this many bytes of one step's job summary ($GITHUB_STEP_SUMMARY)."""
+
+REASON_CHARS = 300
+"""Cap on a one-line reason (the full text is shown elsewhere)."""
+ERROR_CHARS = 6_000
+"""Cap on a full error text in a code block (head and tail kept)."""
+VALUE_CHARS = 120
+"""Cap on a fingerprint value (the TVM target JSON can be long)."""
+
+_WS = re.compile(r"\s+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ZWJ = "\u200d"
+_BACKSLASHED = set("\\`*[]|~$")
+
+
+# --- user text in Markdown ----------------------------------------------------------
+
+
+def escape_markdown(text: Any) -> str:
+    """Make user text render as itself, inline (a table cell, a list item, a heading).
+
+    Collapses whitespace (newlines would end a table row), backslash-escapes
+    Markdown punctuation (pipes, emphasis, code, links, strikethrough, math),
+    writes ``& < >`` as entities (no HTML, no autolinks in angle brackets), and
+    puts a zero-width joiner after ``@`` and ``#`` so that nobody is pinged and
+    no issue is cross-referenced. Not for the inside of HTML tags or code blocks.
+    """
+    if text is None:
+        return "—"
+    text = _WS.sub(" ", _CONTROL.sub("", str(text))).strip()
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if ch in _BACKSLASHED:
+            out.append("\\" + ch)
+        elif ch == "_":
+            # Intraword underscores never emphasise (GFM): keep `my_model` readable.
+            inner = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+            out.append("_" if inner else "\\_")
+        elif ch == "&":
+            out.append("&amp;")
+        elif ch == "<":
+            out.append("&lt;")
+        elif ch == ">":
+            out.append("&gt;")
+        elif ch in "@#" and i + 1 < len(text) and (text[i + 1].isalnum() or text[i + 1] in "_-"):
+            out.append(ch + _ZWJ)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def clip(text: Any, limit: int = REASON_CHARS) -> str:
+    """Whitespace collapsed to single spaces; over `limit` characters, the head and the tail
+    around an ellipsis (a traceback's last line names the error)."""
+    if text is None:
+        return ""
+    text = _WS.sub(" ", str(text)).strip()
+    if len(text) <= limit:
+        return text
+    head = max(1, (limit - 3) * 2 // 5)
+    tail = max(0, limit - 3 - head)
+    return f"{text[:head].rstrip()} … {text[len(text) - tail:].lstrip()}" if tail else text[: limit - 1] + "…"
+
+
+def fenced(text: Any, info: str = "text") -> str:
+    """A fenced code block that `text` cannot break out of: the fence is longer than
+    any run of backticks in it. Long texts keep their head and tail."""
+    body = str(text or "").replace("\r\n", "\n").replace("\r", "\n")
+    body = _CONTROL.sub("", body).rstrip()
+    if len(body) > ERROR_CHARS:
+        head, tail = ERROR_CHARS // 4, ERROR_CHARS - ERROR_CHARS // 4
+        omitted = len(body) - head - tail
+        body = f"{body[:head]}\n[… {omitted} characters omitted …]\n{body[-tail:]}"
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{body}\n{fence}"
+
+
+_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+def short_sha(sha: str | None) -> str | None:
+    """The first 7 hex digits of a commit, or None when it is not a hex sha (never user text)."""
+    return sha[:7] if sha and _SHA.match(sha) else None
+
+
+def safe_url(url: str | None) -> str | None:
+    """An http(s) URL fit for a Markdown link destination (inside a table too), else None."""
+    if not url or not re.match(r"^https?://[^\s]+$", url):
+        return None
+    for ch, code in (("(", "%28"), (")", "%29"), ("<", "%3C"), (">", "%3E"), ('"', "%22"), ("|", "%7C"),
+                     ("\\", "%5C"), ("`", "%60")):
+        url = url.replace(ch, code)
+    return url
+
+
+# --- numbers ------------------------------------------------------------------------
+
+
+def finite(value: Any) -> bool:
+    """A real number that can be shown (not None, not a bool, not NaN or infinite)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def format_ms(value: float | None) -> str:
+    """A latency given in milliseconds, three significant digits, in µs, ms or s; ``—`` when missing."""
+    if not finite(value):
+        return "—"
+    if value == 0:
+        return "0 ms"
+    for scale, unit in ((1000.0, "s"), (1.0, "ms"), (1e-3, "µs")):
+        if abs(value) >= scale * 0.9995 or unit == "µs":
+            return f"{_sig3(value / scale)} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _sig3(x: float) -> str:
+    """Three significant digits, no exponent, no trailing zeros lost (1.20, 12.3, 123, 1230)."""
+    if x == 0:
+        return "0"
+    digits = max(0, 2 - math.floor(math.log10(abs(x))))
+    text = f"{x:.{digits}f}"
+    if digits and len(text.replace("-", "").replace(".", "").lstrip("0")) > 3:  # 9.999 -> 10.00 -> 10.0
+        text = f"{x:.{digits - 1}f}"
+    return text
+
+
+def _pct(ratio_minus_one: float) -> str:
+    return f"{ratio_minus_one * 100:+.1f}%"
+
+
+def format_change(cell: Cell) -> str:
+    """``+7.9% [+6.1%, +9.8%]``: the median's relative change and its interval."""
+    est = cell.estimate
+    if est is None:
+        return "—"
+    return f"{_pct(est.ratio - 1)} [{_pct(est.low - 1)}, {_pct(est.high - 1)}]"
+
+
+def format_speedup(value: float | None) -> str:
+    """How many times faster than ONNX Runtime: ``3.1x``, ``0.45x``, ``12x``."""
+    if not finite(value):
+        return "—"
+    if value >= 10:
+        return f"{value:.0f}x"
+    if value >= 1:
+        return f"{value:.1f}x"
+    return f"{value:.2f}x"
+
+
+def format_ratio(ratio: float | None) -> str:
+    """A head/base ratio as a relative change: 1.032 -> ``+3.2%``."""
+    return _pct(ratio - 1) if finite(ratio) else "—"
+
+
+def plain_number(value: float) -> str:
+    """Four significant digits, never an exponent (for Mermaid data)."""
+    if value == 0 or not finite(value):
+        return "0"
+    digits = max(0, 3 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def format_percent(fraction: float) -> str:
+    """A confidence as a percentage without noise: 0.95 -> 95%, 0.99875 -> 99.875%."""
+    text = f"{fraction * 100:.4f}".rstrip("0").rstrip(".")
+    return f"{text}%"
+
+
+def format_number(value: Any) -> str:
+    """Error magnitudes and the like: ``1.2e-05``, ``0.003``, ``—`` for missing."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return escape_markdown(value)
+
+
+def format_value(value: Any, limit: int = VALUE_CHARS) -> str:
+    """A fingerprint value: scalars as text, dicts and lists as compact JSON; escaped and capped."""
+    if value is None:
+        return "—"
+    if isinstance(value, dict | list):
+        value = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return escape_markdown(clip(value, limit))
+
+
+# --- a decision in one word ------------------------------------------------------------
+
+
+def status_word(decision: Decision) -> str:
+    """PASS, WARN (findings that do not gate under this fail-on policy) or FAIL: every view's headline starts with it."""
+    if decision.failed:
+        return "FAIL"
+    if any(c.verdict in ("failed", "regression") and not c.known_failure for c in decision.cells):
+        return "WARN"
+    return "PASS"
