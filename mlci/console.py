@@ -118,6 +118,7 @@ def failure_lines(results: Results) -> list[str]:
             )
     return lines
 
+
 # --- mlci compare ------------------------------------------------------------------
 
 VERDICT_STYLES = {
