@@ -6,7 +6,7 @@ layers, calibrated so that they really cost 3%, 5% and 10% more on this machine
 is tuned once through one shared tuning cache (all layers are one kernel) and built
 with TVM, exactly as `mlci run` builds it. Then each pair is compared many times the
 way `mlci run --base` + `mlci compare` do it: interleaved A/B rounds
-(`mlci.measure.measure_ab`, re-measuring an unsettled cell), then the gate's verdict
+(`mlci.measure.measure_ab` with `mlci.ab.RemeasurePolicy`, re-measuring an unsettled cell), then the gate's verdict
 (`mlci.gate.decide` on a results object holding those samples). Identical pairs (the
 base against itself, two VMs of one build) give the false-alarm rate.
 
@@ -14,7 +14,7 @@ The "true" cost of each variant is measured once more with a long interleaved ru
 and reported beside the nominal size: the gate is judged against what the variant
 really costs on this machine.
 
-Goal (issue 3): >= 95% of 5% slowdowns detected, <= 1% false alarms, <= 30 s of
+Goal: >= 95% of 5% slowdowns detected, <= 1% false alarms, <= 30 s of
 measuring per model.
 
 Run (from the repository root, in the project's virtualenv)::
@@ -42,13 +42,13 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from mlci import compile as tvm_compile
 from mlci import gate, measure, tuning
+from mlci.ab import RemeasurePolicy
 from mlci.config import GateConfig, MeasureConfig, ModelConfig
-from mlci.models import prepare_model
-from mlci.results import Baseline, GitInfo, Latency, ModelResult, Results, TargetInfo, json_safe
-from mlci.stats import cell_confidence, classify, median_ratio_ci, summarize
-from mlci.targets import ResolvedTarget, detect_host_target, tvm_target_object
+from mlci.pipeline import ModelSettings, Pipeline
+from mlci.results import Baseline, Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo, json_safe
+from mlci.stats import summarize
+from mlci.targets import ResolvedTarget, detect_host_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "out" / "gate_power.json"
@@ -79,27 +79,20 @@ def chain_model(layers: int, width: int, batch: int) -> onnx.ModelProto:
 
 
 @dataclass
-class Compiled:
+class Built:
     layers: int
     timer: Any
     sync: Any
 
 
-def build(layers: int, width: int, batch: int, workdir: Path, cache: tuning.TuningCache, target: Any,
-          trials: int) -> Compiled:
-    import tvm
-
+def build(layers: int, width: int, batch: int, workdir: Path, pipeline: Pipeline, trials: int) -> Built:
+    """One chain model through the same pipeline `mlci run` uses (all layers share one kernel)."""
     path = workdir / f"chain{layers}.onnx"
     onnx.save(chain_model(layers, width, batch), path)
-    prepared = prepare_model(ModelConfig(name=path.stem, path=path))
-    mod = tvm_compile.import_relax(prepared)
-    kernels = tuning.extract_kernels(tvm_compile.fuse_for_tuning(mod, target), target)
-    with cache.lock():
-        tuning.tune(kernels, target, cache, trials=trials, seconds=600, per_round=16,
-                    log_dir=workdir / "logs", seed=0)
-    model = measure.TvmModel(tvm_compile.build(mod, target, cache.database), tvm.cpu(0))
-    inputs = measure.make_inputs(prepared.inputs, 0)
-    return Compiled(layers, model.timer(inputs, [s.name for s in prepared.inputs]), model.sync)
+    settings = ModelSettings(trials=trials, seconds=600, trials_per_round=16, seed=0)
+    compiled = pipeline.compile(ModelConfig(name=path.stem, path=path), settings)
+    checked = pipeline.check(compiled, settings)
+    return Built(layers, checked.tvm_timer(), checked.model.sync)
 
 
 @dataclass
@@ -130,17 +123,13 @@ class Row:
         return [c.seconds for c in self.comparisons]
 
 
-def compare_once(base: Compiled, head: Compiled, m: MeasureConfig, g: GateConfig, cells: int) -> Comparison:
+def compare_once(base: Built, head: Built, m: MeasureConfig, g: GateConfig, cells: int) -> Comparison:
     """One gate decision, measured and decided the way `mlci run --base` + `mlci compare` do."""
-    confidence = cell_confidence(cells, g.confidence)
-
-    def settled(b: list[float], h: list[float]) -> bool:
-        return classify(median_ratio_ci(b, h, paired=True, confidence=confidence), g.threshold) == "unchanged"
-
+    policy = RemeasurePolicy.from_gate(g, cells)
     start = time.perf_counter()
     b, h, rounds = measure.measure_ab(
-        base.timer, head.timer, settled=settled, max_rounds=1 + g.remeasure,
-        warmup=m.warmup, samples=m.samples, min_sample_ms=m.min_sample_ms, max_seconds=m.max_seconds, sync=head.sync,
+        base.timer, head.timer, settled=policy.settled, max_rounds=policy.max_rounds, sync=head.sync,
+        **measure.timing_args(m),
     )
     seconds = time.perf_counter() - start
 
@@ -149,7 +138,7 @@ def compare_once(base: Compiled, head: Compiled, m: MeasureConfig, g: GateConfig
 
     result = Results(
         git=GitInfo(commit="head", base_commit="base"),
-        target=TargetInfo(name="cpu", tvm_target={}, fingerprint={}),
+        target=TargetInfo(name="cpu", tvm_target={}, fingerprint=Fingerprint()),
         models=[ModelResult(name="chain", path="chain.onnx", latency_ms=latency(h), threshold=g.threshold,
                             base=Baseline(commit="base", status="ok", latency_ms=latency(b), rounds=rounds))],
     )
@@ -161,7 +150,7 @@ def compare_once(base: Compiled, head: Compiled, m: MeasureConfig, g: GateConfig
     return Comparison(cell.verdict, est.ratio, est.low, est.high, rounds, len(b), seconds)
 
 
-def true_ratio(base: Compiled, head: Compiled, m: MeasureConfig) -> float:
+def true_ratio(base: Built, head: Built, m: MeasureConfig) -> float:
     """A long interleaved run (10x the samples) for the variant's real cost on this machine."""
     b, h = measure.time_interleaved(base.timer, head.timer, warmup=m.warmup, samples=m.samples * 10,
                                     min_sample_ms=m.min_sample_ms, max_seconds=120, sync=head.sync)
@@ -211,25 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         m = MeasureConfig(**{**asdict(m), "min_sample_ms": args.min_sample_ms})
     g = GateConfig(threshold=args.threshold) if args.threshold else GateConfig()
     load_before = os.getloadavg()[0]
-    tuning.speed_up_tensor_intrin_import()
-    target = tvm_target_object(ResolvedTarget(name="cpu", tvm_target=detect_host_target()))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="mlci-gate-power-") as tmp:
         workdir = Path(tmp)
-        cache = tuning.TuningCache(workdir / "cache")
+        pipeline = Pipeline(ResolvedTarget(name="cpu", tvm_target=detect_host_target()),
+                            tuning.TuningCache(workdir / "cache"), log_dir=workdir / "logs")
         err.print(f"building base ({args.layers} layers) and variants; tuning {args.trials} trials once")
-        base = build(args.layers, args.width, args.batch, workdir, cache, target, args.trials)
+        base = build(args.layers, args.width, args.batch, workdir, pipeline, args.trials)
         # Calibrate: fixed costs (the VM call, argument setup) dilute extra layers, so pick the
         # layer counts that really cost 3/5/10% more here, from a probe with 20% more layers.
         probe_layers = round(args.layers * 1.2)
-        probe = build(probe_layers, args.width, args.batch, workdir, cache, target, args.trials)
+        probe = build(probe_layers, args.width, args.batch, workdir, pipeline, args.trials)
         per_layer = (true_ratio(base, probe, m) - 1) / (probe_layers - args.layers)
         err.print(f"one layer costs {per_layer * 100:.3f}% of the base model")
         pairs = [("identical", 0.0, base)]
         for size in SIZES:
             layers = args.layers + max(1, round(size / per_layer))
-            pairs.append((f"+{size:.0%}", size, build(layers, args.width, args.batch, workdir, cache, target,
-                                                      args.trials)))
+            pairs.append((f"+{size:.0%}", size, build(layers, args.width, args.batch, workdir, pipeline, args.trials)))
         for label, size, head in pairs:
             row = Row(label, size, base.layers, head.layers, true_ratio(base, head, m))
             repeats = args.null_repeats if size == 0 else args.repeats

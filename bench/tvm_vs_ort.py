@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mlci import compile as tvm_compile
 from mlci import measure, tuning
-from mlci.commands.run import pick_target, run_prepare
 from mlci.config import Config, ModelConfig, load_config
-from mlci.models import prepare_model
+from mlci.pipeline import Compiled, ModelSettings, Pipeline, run_prepare
 from mlci.results import json_safe
 from mlci.stats import speedup, summarize
-from mlci.targets import ResolvedTarget, environment_fingerprint, tvm_target_object
+from mlci.targets import ResolvedTarget, environment_fingerprint, select_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "mlci.toml"
@@ -143,80 +141,40 @@ class Bench:
     def __init__(self, config: Config, target: ResolvedTarget, budget_scale: float):
         self.config = config
         self.target = target
-        self.tvm_target = tvm_target_object(target)
         self.budget_scale = budget_scale
-        self.device = self._device()
-        m = config.measure
-        self.timing_args: dict[str, Any] = dict(
-            warmup=m.warmup, samples=m.samples, min_sample_ms=m.min_sample_ms, max_seconds=m.max_seconds
-        )
 
-    def _device(self) -> Any:
-        import tvm
-
-        return tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
-
-    def budget(self, cfg: ModelConfig) -> int:
-        trials = cfg.trials if cfg.trials is not None else self.config.tuning.trials
-        return max(1, round(trials * self.budget_scale))
+    def budget(self, settings: ModelSettings) -> int:
+        return max(1, round(settings.trials * self.budget_scale))
 
     def run_model(self, cfg: ModelConfig) -> ModelBench:
-        from tvm.s_tir import meta_schedule as ms
-
         name = cfg.name
-        atol = cfg.atol if cfg.atol is not None else self.config.numerics.atol
-        rtol = cfg.rtol if cfg.rtol is not None else self.config.numerics.rtol
+        settings = ModelSettings.resolve(self.config, cfg, seconds=TUNE_SECONDS)
+        timing = self.config.measure
 
-        _say(name, "importing")
-        start = time.monotonic()
-        prepared = prepare_model(cfg)
-        mod = tvm_compile.import_relax(prepared)
-        fused = tvm_compile.fuse_for_tuning(mod, self.tvm_target)
-        kernels = tuning.extract_kernels(fused, self.tvm_target)
-        import_seconds = time.monotonic() - start
+        def time_tvm(pipeline: Pipeline, compiled: Compiled) -> tuple[Timing, Timing, measure.NumericsReport]:
+            checked = pipeline.check(compiled, settings)
+            measured = pipeline.measure(checked, timing)
+            return Timing.of(measured.tvm_ms), Timing.of(measured.ort_ms), checked.numerics
 
-        inputs = measure.make_inputs(prepared.inputs, self.config.measure.seed)
-        input_names = [s.name for s in prepared.inputs]
-        reference = measure.OrtModel.load(prepared.original)
-        expected = reference.run(inputs)
-
-        def time_tvm(executable: Any) -> tuple[Timing, measure.NumericsReport]:
-            model = measure.TvmModel(executable, self.device)
-            numerics = measure.compare_outputs(
-                model.run(inputs, input_names), expected, reference.output_names, atol, rtol
-            )
-            samples = measure.time_callable(model.timer(inputs, input_names), sync=model.sync, **self.timing_args)
-            return Timing.of(samples), numerics
-
-        _say(name, f"{len(kernels)} kernels; building untuned")
-        untuned, untuned_numerics = time_tvm(tvm_compile.build(mod, self.tvm_target, ms.database.MemoryDatabase()))
-        _say(name, f"untuned TVM {untuned.median_ms:.3f} ms")
-
-        _say(name, "timing ONNX Runtime")
-        ort = Timing.of(measure.time_callable(reference.timer(inputs), **self.timing_args))
-        _say(name, f"ONNX Runtime {ort.median_ms:.3f} ms")
-
-        budget = self.budget(cfg)
         with tempfile.TemporaryDirectory(prefix=f"mlci-bench-{name}-") as tmp:
-            cache = tuning.TuningCache(Path(tmp) / "cache")
+            # Untuned: the model built against an empty tuning cache (naive kernels on CPU).
+            empty = Pipeline(self.target, tuning.TuningCache(Path(tmp) / "empty"), log_dir=Path(tmp) / "logs")
+            _say(name, "importing")
+            imported = empty.import_model(empty.load(cfg))
+            _say(name, f"{len(imported.kernels)} kernels; building untuned")
+            untuned_build = empty.tune_and_build(imported, replace(settings, trials=0))
+            untuned, ort, untuned_numerics = time_tvm(empty, untuned_build)
+            _say(name, f"untuned TVM {untuned.median_ms:.3f} ms; ONNX Runtime {ort.median_ms:.3f} ms")
+
+            budget = self.budget(settings)
+            pipeline = Pipeline(self.target, tuning.TuningCache(Path(tmp) / "cache"), log_dir=Path(tmp) / "logs")
             runs = []
             for trials in (budget, BUDGET_MULTIPLIER * budget):
                 _say(name, f"tuning to a budget of {trials} trials")
-                with cache.lock():
-                    outcome = tuning.tune(
-                        kernels,
-                        self.tvm_target,
-                        cache,
-                        trials=trials,
-                        seconds=TUNE_SECONDS,
-                        per_round=self.config.tuning.trials_per_round,
-                        log_dir=Path(tmp) / "logs",
-                        seed=self.config.measure.seed,
-                    )
-                start = time.monotonic()
-                executable = tvm_compile.build(mod, self.tvm_target, cache.database)
-                build_seconds = time.monotonic() - start
-                timing, numerics = time_tvm(executable)
+                compiled = pipeline.tune_and_build(imported, replace(settings, trials=trials))
+                outcome = compiled.tuning
+                assert outcome is not None and compiled.build_seconds is not None
+                timing_, _, numerics = time_tvm(pipeline, compiled)
                 runs.append(
                     TunedRun(
                         budget=trials,
@@ -227,8 +185,8 @@ class Bench:
                         tasks_from_cache=outcome.tasks_from_cache,
                         tune_seconds=round(outcome.seconds, 3),
                         deadline_hit=outcome.deadline_hit,
-                        build_seconds=round(build_seconds, 3),
-                        timing=timing,
+                        build_seconds=round(compiled.build_seconds, 3),
+                        timing=timing_,
                         numerics_passed=numerics.passed,
                         max_abs_err=numerics.max_abs_err,
                     )
@@ -236,14 +194,14 @@ class Bench:
                 _say(
                     name,
                     f"budget {trials}: searched {outcome.trials_new} new ({outcome.trials_cached} cached) "
-                    f"in {outcome.seconds:.1f} s -> {timing.median_ms:.3f} ms",
+                    f"in {outcome.seconds:.1f} s -> {timing_.median_ms:.3f} ms",
                 )
 
         tuned, tuned_4x = runs
         return ModelBench(
             name=name,
-            kernels=len(kernels),
-            import_seconds=round(import_seconds, 3),
+            kernels=len(imported.kernels),
+            import_seconds=round(imported.seconds, 3),
             untuned=untuned,
             untuned_numerics_passed=untuned_numerics.passed,
             tuned=tuned,
@@ -454,7 +412,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tuning.speed_up_tensor_intrin_import()
     config = load_config(args.config)
     unknown = sorted(set(args.models) - {m.name for m in config.models})
     if unknown:
@@ -462,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     selected = [m for m in config.models if not args.models or m.name in args.models]
     run_prepare(config)  # e.g. generate the example models
-    target = pick_target(config, args.target)
+    target = select_target(config, args.target)
 
     started = dt.datetime.now(dt.UTC)
     payload: dict[str, Any] = {
@@ -471,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(config.path.resolve()),
         "target": target.name,
         "tvm_target": target.tvm_target,
-        "fingerprint": environment_fingerprint(target),
+        "fingerprint": environment_fingerprint(target).as_dict(),
         "budget_scale": args.budget_scale,
         "budget_multiplier": BUDGET_MULTIPLIER,
         "tune_seconds_cap": TUNE_SECONDS,

@@ -1,7 +1,8 @@
 """Pure: how a model's tuning budget is spread over its kernels.
 
 MetaSchedule's gradient scheduler starves the last tasks of a large model when
-the budget is small (NOTES-tvm pitfall 3). mlci gives every kernel a floor
+the budget is small: it first gives every task a round of trials, and the last
+tasks of a large model never get theirs. mlci gives every kernel a floor
 first, so each one leaves naive loops behind, then hands the rest out in
 proportion to each kernel's share of the estimated cost (FLOPs x how often it
 is called), because that is where latency is won.

@@ -1,6 +1,6 @@
 """The `mlci` command line. Thin: parse, call the library, choose the exit code.
 
-Exit codes (DESIGN.md): 0 pass, 1 gate failed (`compare`; for `run`: a model failed),
+Exit codes: 0 pass, 1 gate failed (`compare`; for `run`: a model failed),
 2 usage or configuration error, 3 internal error.
 """
 
@@ -40,7 +40,7 @@ def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
     try:
         yield
     except usage_errors as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # paths stay whole for copy and grep
         raise typer.Exit(EXIT_USAGE) from None
     except (KeyboardInterrupt, typer.Exit):
         raise
@@ -160,8 +160,8 @@ def compare(
 ) -> None:
     """Decide pass or fail from the results of every target job; report it (terminal, PR comment, job summary)."""
     from mlci.commands.compare import CompareOptions, CompareUsageError, execute
+    from mlci.config import FAIL_ON
     from mlci.console import terminal_table
-    from mlci.gate import FAIL_ON
 
     if fail_on is not None and fail_on not in FAIL_ON:
         err.print(f"[red]error:[/red] --fail-on must be one of {', '.join(FAIL_ON)}, not {escape(fail_on)!r}")

@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from mlci.models import ModelError, PreparedModel
+from mlci.results import Status
 
 _DIRECTLY_HANDLED = {"If", "Constant"}
 
@@ -54,7 +55,7 @@ def import_relax(prepared: PreparedModel) -> Any:
     """Relax IRModule with weights bound as constants; raises ModelError(import_failed)."""
     found = unsupported_nodes(prepared.folded, supported_onnx_ops())
     if found:
-        raise ModelError("import_failed", describe_unsupported(found))
+        raise ModelError(Status.IMPORT_FAILED, describe_unsupported(found))
     from tvm.relax.frontend.onnx import from_onnx
 
     shapes = {s.name: list(s.shape) for s in prepared.inputs}
@@ -62,7 +63,7 @@ def import_relax(prepared: PreparedModel) -> Any:
     try:
         return from_onnx(prepared.folded, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
     except Exception as exc:
-        raise ModelError("import_failed", f"TVM's ONNX importer failed: {_first_line(exc)}") from None
+        raise ModelError(Status.IMPORT_FAILED, f"TVM's ONNX importer failed: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -109,7 +110,7 @@ def build(mod: Any, tvm_target: Any, database: Any) -> Any:
     try:
         return ms.relax_integration.compile_relax(database, mod, tvm_target, params=None)
     except Exception as exc:
-        raise ModelError("compile_failed", f"TVM build failed: {_first_line(exc)}") from None
+        raise ModelError(Status.COMPILE_FAILED, f"TVM build failed: {_first_line(exc)}") from None
 
 
 def export_library(executable: Any, path: Path) -> Path:

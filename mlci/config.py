@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlci.results import FailOn
+
 DEFAULT_CONFIG_NAME = "mlci.toml"
 HOST_TARGET = "host"
 
@@ -58,14 +60,14 @@ class NumericsConfig:
     rtol: float = 1e-3
 
 
-FAIL_ON = ("regression", "failure", "never")
+FAIL_ON = tuple(FailOn)
 
 
 @dataclass(frozen=True)
 class GateConfig:
     threshold: float = 0.05
     """Relative change of median latency that counts (0.05: 5% slower is a regression)."""
-    fail_on: str = "regression"
+    fail_on: FailOn = FailOn.REGRESSION
     """``regression`` (regressions and failures fail the build), ``failure`` or ``never``."""
     confidence: float = 0.95
     """Family-wise: the chance of any false alarm across the whole matrix is at most 1 - this."""
@@ -217,7 +219,7 @@ def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> 
         if key == "fail_on" and value not in FAIL_ON:
             problems.append(f"{where}{key}: expected {type_name}, got {value!r}")
             continue
-        out[key] = float(value) if float in types and int in types else value
+        out[key] = float(value) if float in types and int in types else FailOn(value) if key == "fail_on" else value
     return out
 
 
@@ -398,6 +400,14 @@ def load_config(path: Path | str) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"cannot read: {exc}"]) from None
     return parse_config(text, path)
+
+
+def relative_to_root(path: Path, root: Path) -> Path:
+    """`path` relative to `root` for messages and results files; as given when outside it."""
+    try:
+        return path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return path
 
 
 def check_model_files(config: Config) -> None:

@@ -87,10 +87,10 @@ def results_table(results: Results) -> Table:
     table.add_column("speedup", justify="right")
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
-        speed = m.peer.get("speedup")
+        speed = m.peer.speedup if m.peer else None
         status_style = "green" if m.ok else "red"
         trials = (
-            f"{m.tuning.get('trials_new', 0)}/{m.tuning.get('trials_cached', 0)}" if m.tuning else "-"
+            f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
         )
         head_ms = m.latency_ms.median if m.latency_ms else None
         cells = [escape(m.name), f"[{status_style}]{m.status}[/{status_style}]"]
@@ -100,7 +100,7 @@ def results_table(results: Results) -> Table:
             cells += [format_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
         else:
             cells.append(format_ms(head_ms))
-        cells += [format_ms(m.peer.get("onnxruntime_median_ms")), "-" if speed is None else f"{speed:.2f}x", trials]
+        cells += [format_ms(m.peer.onnxruntime_median_ms if m.peer else None), "-" if speed is None else f"{speed:.2f}x", trials]
         table.add_row(*cells)
     return table
 
@@ -111,10 +111,10 @@ def failure_lines(results: Results) -> list[str]:
     for m in results.models:
         if not m.ok:
             lines.append(f"[red]{escape(m.name)}[/red] ({m.status}): {escape(m.error or '')}")
-        elif m.tuning.get("deadline_hit"):
+        elif m.tuning and m.tuning.deadline_hit:
             lines.append(
                 f"[yellow]{escape(m.name)}[/yellow]: tuning stopped at its time cap after "
-                f"{m.tuning['seconds']:.0f} s; the next run continues where it stopped"
+                f"{m.tuning.seconds:.0f} s; the next run continues where it stopped"
             )
     return lines
 

@@ -14,17 +14,29 @@ Where the baseline comes from, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from mlci.config import FAIL_ON, GateConfig
-from mlci.results import GitInfo, Latency, ModelResult, Results
+from mlci.config import GateConfig
+from mlci.results import (
+    BaseStatus,
+    FailOn,
+    GitInfo,
+    Latency,
+    ModelResult,
+    NumericsInfo,
+    Results,
+    Status,
+    TrendPoint,
+    TuningInfo,
+    Verdict,
+)
 from mlci.stats import RatioEstimate, cell_confidence, classify, median_ratio_ci, speedup
 
 DEFAULT_THRESHOLD = GateConfig.threshold
 DEFAULT_CONFIDENCE = GateConfig.confidence
-# Worst first: the order of the table and of the headline.
-VERDICT_ORDER = ("failed", "regression", "inconclusive", "improvement", "new", "removed", "unchanged")
+VERDICT_ORDER = tuple(Verdict)
+"""Worst first: the order of the table and of the headline."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +50,14 @@ class HistoryNote:
     """False when the environment fingerprint differs: never compared blindly."""
     fingerprint_diff: dict[str, list[Any]]
     ratio: float | None
-    trend: list[dict[str, Any]]
+    trend: list[TrendPoint]
 
 
 @dataclass(frozen=True)
 class Cell:
     model: str
     target: str
-    verdict: str
+    verdict: Verdict
     reason: str
     """One line for the reviewer: why this verdict."""
     threshold: float
@@ -60,10 +72,10 @@ class Cell:
     """Whether this cell fails the build under the decision's fail-on policy."""
     known_failure: bool = False
     """Failed at the base commit too: shown, but does not fail the build."""
-    status: str | None = None
+    status: Status | None = None
     error: str | None = None
-    tuning: dict[str, Any] = field(default_factory=dict)
-    numerics: dict[str, Any] = field(default_factory=dict)
+    tuning: TuningInfo | None = None
+    numerics: NumericsInfo | None = None
     rounds: int = 0
     mlflow_run_id: str | None = None
     mlflow_url: str | None = None
@@ -87,13 +99,15 @@ class TargetSummary:
 @dataclass(frozen=True)
 class Decision:
     cells: list[Cell]
-    fail_on: str
+    fail_on: FailOn
     family_confidence: float
     cell_confidence: float
     targets: list[TargetSummary]
     git: GitInfo
     problems: tuple[str, ...] = ()
     """Inputs that could not be used (an unreadable results file): the gate cannot vouch."""
+    config: str | None = None
+    """The config the results came from (relative to the repository): keys the sticky comment."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -108,15 +122,15 @@ class Decision:
 
     @property
     def failed(self) -> bool:
-        return bool(self.blocking) or (bool(self.problems) and self.fail_on != "never")
+        return bool(self.blocking) or (bool(self.problems) and self.fail_on != FailOn.NEVER)
 
     @property
     def verdict(self) -> str:
         """One word for the whole matrix (the `verdict` output): failed, regression or pass."""
         kinds = {c.verdict for c in self.blocking}
-        if "failed" in kinds or (self.problems and self.fail_on != "never"):
+        if Verdict.FAILED in kinds or (self.problems and self.fail_on != FailOn.NEVER):
             return "failed"
-        if "regression" in kinds:
+        if Verdict.REGRESSION in kinds:
             return "regression"
         return "pass"
 
@@ -124,9 +138,9 @@ class Decision:
     def headline(self) -> str:
         parts = []
         for verdict, singular, plural in (
-            ("failed", "failure", "failures"),
-            ("regression", "regression", "regressions"),
-            ("improvement", "improvement", "improvements"),
+            (Verdict.FAILED, "failure", "failures"),
+            (Verdict.REGRESSION, "regression", "regressions"),
+            (Verdict.IMPROVEMENT, "improvement", "improvements"),
         ):
             cells = [c for c in self.cells if c.verdict == verdict and not c.known_failure]
             if cells:
@@ -135,13 +149,13 @@ class Decision:
                 parts.append(f"{len(cells)} {noun} on {', '.join(targets)}")
         known = sum(c.known_failure for c in self.cells)
         if not parts:
-            if any(c.verdict == "unchanged" for c in self.cells):
+            if any(c.verdict == Verdict.UNCHANGED for c in self.cells):
                 parts.append("No significant change")
-            elif not any(c.verdict == "inconclusive" for c in self.cells):
+            elif not any(c.verdict == Verdict.INCONCLUSIVE for c in self.cells):
                 parts.append("Nothing compared")
         if known:
             parts.append(f"{known} still failing as at the base")
-        inconclusive = self.counts["inconclusive"]
+        inconclusive = self.counts[Verdict.INCONCLUSIVE]
         if inconclusive:
             parts.append(f"{inconclusive} inconclusive")
         if self.problems:
@@ -152,7 +166,7 @@ class Decision:
 def decide(
     results: list[Results],
     *,
-    fail_on: str | None = None,
+    fail_on: FailOn | str | None = None,
     threshold: float | None = None,
     family_confidence: float | None = None,
     problems: list[str] | None = None,
@@ -163,37 +177,40 @@ def decide(
     (`Results.gate`); per-model thresholds from the config win over the global one
     unless `threshold` is given.
     """
-    gate = results[0].gate if results else {}
-    fail_on = fail_on or gate.get("fail_on") or "regression"
-    if fail_on not in FAIL_ON:
-        raise ValueError(f"fail-on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
-    family = family_confidence or gate.get("confidence") or DEFAULT_CONFIDENCE
+    gate = results[0].gate if results else None
+    chosen = fail_on or (gate and gate.fail_on) or FailOn.REGRESSION
+    if chosen not in tuple(FailOn):
+        raise ValueError(f"fail-on must be one of {', '.join(FailOn)}, not {chosen!r}")
+    policy = FailOn(chosen)
+    family = family_confidence or (gate and gate.confidence) or DEFAULT_CONFIDENCE
 
     compared = sum(1 for r in results for m in r.models if _samples(m) is not None)
     per_cell = cell_confidence(compared, family)
     cells: list[Cell] = []
-    default_threshold = threshold if threshold is not None else gate.get("threshold") or DEFAULT_THRESHOLD
+    default_threshold = threshold if threshold is not None else (gate and gate.threshold) or DEFAULT_THRESHOLD
     for res in results:
         for model in res.models:
             limit = threshold if threshold is not None else (model.threshold or default_threshold)
             cells.append(_cell(res, model, limit, per_cell))
         for name in res.removed_models:
-            cells.append(Cell(name, res.target.name, "removed", "in the base commit's config, not in the head's",
+            cells.append(Cell(name, res.target.name, Verdict.REMOVED, "in the base commit's config, not in the head's",
                               default_threshold, base_commit=res.git.base_commit))
-    cells = [_with_blocking(c, fail_on) for c in cells]
+    cells = [_with_blocking(c, policy) for c in cells]
     cells.sort(key=lambda c: (VERDICT_ORDER.index(c.verdict), c.model, c.target))
     targets = [
-        TargetSummary(r.target.name, r.target.fingerprint, r.git.commit, r.git.base_commit, r.base_ref)
+        TargetSummary(r.target.name, r.target.fingerprint.as_dict(), r.git.commit, r.git.base_commit, r.base_ref)
         for r in results
     ]
     git = results[0].git if results else GitInfo()
-    return Decision(cells, fail_on, family, per_cell, targets, git, tuple(problems or ()))
+    configs = sorted({r.config for r in results if r.config})
+    return Decision(cells, policy, family, per_cell, targets, git, tuple(problems or ()),
+                    config=", ".join(configs) or None)
 
 
-def _with_blocking(cell: Cell, fail_on: str) -> Cell:
-    if cell.known_failure or fail_on == "never":
+def _with_blocking(cell: Cell, fail_on: FailOn) -> Cell:
+    if cell.known_failure or fail_on == FailOn.NEVER:
         return cell
-    blocking = cell.verdict == "failed" or (fail_on == "regression" and cell.verdict == "regression")
+    blocking = cell.verdict == Verdict.FAILED or (fail_on == FailOn.REGRESSION and cell.verdict == Verdict.REGRESSION)
     return replace(cell, blocking=True) if blocking else cell
 
 
@@ -206,7 +223,7 @@ def _samples(model: ModelResult) -> tuple[list[float], list[float], bool, str] |
     if not model.ok or model.latency_ms is None:
         return None
     base = model.base
-    if base is not None and base.status == "ok" and base.latency_ms and base.latency_ms.samples:
+    if base is not None and base.status == BaseStatus.OK and base.latency_ms and base.latency_ms.samples:
         # Paired when the samples came from the same blocks (always, from `mlci run`);
         # a hand-merged file with unequal counts is still compared, unpaired.
         paired = base.latency_ms.n == model.latency_ms.n
@@ -242,33 +259,33 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
         mlflow_url=model.mlflow_url,
         history=_history_note(model),
         head_ms=_median(model.latency_ms),
-        speedup_vs_ort=speedup(model.peer.get("onnxruntime_median_ms"), _median(model.latency_ms)),
+        speedup_vs_ort=speedup(model.peer.onnxruntime_median_ms if model.peer else None, _median(model.latency_ms)),
         base_commit=base.commit if base else (model.history.commit if model.history else None),
         rounds=base.rounds if base else 0,
     )
     if not model.ok:
-        if model.status == "numerics_failed":
-            return Cell(verdict="failed", reason=f"wrong numbers: {model.error}", **common)
-        if base is not None and base.status == "ok":
-            return Cell(verdict="failed", reason=f"{model.status} (the base commit built): {model.error}", **common)
-        if base is not None and base.status not in ("ok", "missing"):
-            return Cell(verdict="failed", reason=f"{model.status}, as at the base commit: {model.error}",
+        if model.status == Status.NUMERICS_FAILED:
+            return Cell(verdict=Verdict.FAILED, reason=f"wrong numbers: {model.error}", **common)
+        if base is not None and base.status == BaseStatus.OK:
+            return Cell(verdict=Verdict.FAILED, reason=f"{model.status} (the base commit built): {model.error}", **common)
+        if base is not None and base.status != BaseStatus.MISSING:
+            return Cell(verdict=Verdict.FAILED, reason=f"{model.status}, as at the base commit: {model.error}",
                         known_failure=True, **common)
-        return Cell(verdict="failed", reason=f"{model.status}: {model.error}", **common)
+        return Cell(verdict=Verdict.FAILED, reason=f"{model.status}: {model.error}", **common)
 
-    if base is not None and base.status == "missing":
-        return Cell(verdict="new", reason="not in the base commit", **common)
-    if base is not None and base.status != "ok":
+    if base is not None and base.status == BaseStatus.MISSING:
+        return Cell(verdict=Verdict.NEW, reason="not in the base commit", **common)
+    if base is not None and base.status != BaseStatus.OK:
         why = f"{base.status}: {base.error}" if base.error else base.status
-        return Cell(verdict="new", reason=f"works now; the base commit had {why}", **common)
+        return Cell(verdict=Verdict.NEW, reason=f"works now; the base commit had {why}", **common)
 
     compared = _samples(model)
     if compared is None:
         note = common["history"]
         if note is not None and not note.comparable:
             keys = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in note.fingerprint_diff.items())
-            return Cell(verdict="new", reason=f"no comparable baseline: the environment changed ({keys})", **common)
-        return Cell(verdict="new", reason="no baseline: no A/B base and no earlier run in MLflow", **common)
+            return Cell(verdict=Verdict.NEW, reason=f"no comparable baseline: the environment changed ({keys})", **common)
+        return Cell(verdict=Verdict.NEW, reason="no baseline: no A/B base and no earlier run in MLflow", **common)
 
     base_samples, head_samples, paired, kind = compared
     estimate = median_ratio_ci(base_samples, head_samples, paired=paired, confidence=confidence)
@@ -278,14 +295,14 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
     return Cell(verdict=verdict, reason=reason, baseline=kind, base_ms=base_ms, estimate=estimate, **common)
 
 
-def _reason(verdict: str, est: RatioEstimate, threshold: float, kind: str) -> str:
+def _reason(verdict: Verdict, est: RatioEstimate, threshold: float, kind: str) -> str:
     interval = f"{(est.low - 1) * 100:+.1f}% to {(est.high - 1) * 100:+.1f}%"
     how = "same-runner A/B" if kind == "ab" else "vs the MLflow baseline"
     band = f"±{threshold * 100:g}%"
     text = {
-        "regression": f"slower beyond {band}",
-        "improvement": f"faster beyond {band}",
-        "unchanged": f"interval inside {band}",
-        "inconclusive": f"too noisy to tell: the interval crosses the {band} band",
+        Verdict.REGRESSION: f"slower beyond {band}",
+        Verdict.IMPROVEMENT: f"faster beyond {band}",
+        Verdict.UNCHANGED: f"interval inside {band}",
+        Verdict.INCONCLUSIVE: f"too noisy to tell: the interval crosses the {band} band",
     }[verdict]
     return f"{text} ({how}, {est.confidence * 100:.4g}% interval {interval})"

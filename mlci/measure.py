@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from mlci.config import MeasureConfig
 from mlci.models import InputSpec
+from mlci.results import NumericsInfo
+
+
+def timing_args(m: MeasureConfig) -> dict[str, Any]:
+    """The [measure] settings as the keyword arguments of the timing functions below."""
+    return dict(warmup=m.warmup, samples=m.samples, min_sample_ms=m.min_sample_ms, max_seconds=m.max_seconds)
 
 
 def make_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
@@ -221,14 +228,9 @@ class NumericsReport:
     passed: bool
     message: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "max_abs_err": self.max_abs_err,
-            "max_rel_err": self.max_rel_err,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "passed": self.passed,
-        }
+    def info(self) -> NumericsInfo:
+        """The results file's numerics section."""
+        return NumericsInfo(self.max_abs_err, self.max_rel_err, self.atol, self.rtol, self.passed)
 
 
 def compare_outputs(

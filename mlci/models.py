@@ -3,7 +3,7 @@
 Real exported models compute reshape targets at run time (``Shape -> Gather ->
 Concat -> Reshape``), which TVM's importer cannot take. Binding every input
 dimension and letting ONNX Runtime's basic optimiser fold the graph turns
-those subgraphs into constants (NOTES-tvm pitfall 4).
+those subgraphs into constants.
 """
 
 from __future__ import annotations
@@ -12,22 +12,26 @@ import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from mlci.config import ModelConfig
+from mlci.results import Status
 
-# onnxruntime 1.31 refuses IR versions above this (NOTES-tvm pitfall 6).
+# onnxruntime 1.31 refuses IR versions above this (onnx 1.23 writes 14 by default).
 MAX_ORT_IR_VERSION = 13
 
 
 class ModelError(Exception):
     """A model that cannot be used; `status` is the results-file status to report."""
 
-    def __init__(self, status: str, message: str):
-        self.status = status
+    def __init__(self, status: Status | str, message: str):
+        self.status = Status(status)
+        self.partial: Any = None
+        """What the chain had produced before this failure (set by the pipeline)."""
         super().__init__(message)
 
 
@@ -116,7 +120,7 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
                 shape.append(-1)
         specs.append(InputSpec(value.name, tuple(shape), dtype))
     if problems:
-        raise ModelError("import_failed", "; ".join(problems))
+        raise ModelError(Status.IMPORT_FAILED, "; ".join(problems))
     return specs
 
 
@@ -162,16 +166,16 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
     try:
         original = cfg.path.read_bytes()
     except OSError as exc:
-        raise ModelError("import_failed", f"{cfg.path}: cannot read: {exc}") from None
+        raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: cannot read: {exc}") from None
     sha256 = hashlib.sha256(original).hexdigest()
     try:
         model = onnx.load_from_string(original)
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several unrelated types here
-        raise ModelError("import_failed", f"{cfg.path}: not a valid ONNX model: {exc}") from None
+        raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: not a valid ONNX model: {exc}") from None
     if model.ir_version > MAX_ORT_IR_VERSION:
         raise ModelError(
-            "import_failed",
+            Status.IMPORT_FAILED,
             f"{cfg.path}: ONNX IR version {model.ir_version} is newer than ONNX Runtime accepts "
             f"({MAX_ORT_IR_VERSION}); save the model with ir_version <= {MAX_ORT_IR_VERSION}",
         )
@@ -181,7 +185,7 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         folded = fold(static)
     except Exception as exc:
         raise ModelError(
-            "import_failed", f"{cfg.path}: ONNX Runtime cannot load the model to fold it: {exc}"
+            Status.IMPORT_FAILED, f"{cfg.path}: ONNX Runtime cannot load the model to fold it: {exc}"
         ) from None
     return PreparedModel(
         name=cfg.name,

@@ -86,7 +86,7 @@ def comment_marker(config: str | None) -> str:
 
 def decision_marker(decision: Decision) -> str:
     """The marker of the config the decision's results came from."""
-    return comment_marker(getattr(decision, "config", None))
+    return comment_marker(decision.config)
 
 
 @dataclass
@@ -160,10 +160,10 @@ def _charts(cells: list[Cell], head_label: str) -> list[Chart]:
             continue
         labels, values = [], []
         for i, point in enumerate(note.trend):
-            median = point.get("median") if isinstance(point, dict) else None
+            median = point.median
             if not finite(median):
                 continue
-            labels.append(short_sha(point.get("commit")) or f"run {i + 1}")
+            labels.append(short_sha(point.commit) or f"run {i + 1}")
             values.append(float(median))
         if len(values) < 2:
             continue
@@ -175,13 +175,13 @@ def _charts(cells: list[Cell], head_label: str) -> list[Chart]:
 
 
 def _targets(decision: Decision) -> tuple[list[TargetSummary], list[str]]:
-    """Targets by name (first results file wins) and the union of their fingerprint keys, in order."""
+    """Targets by name (first results file wins) and the fingerprint keys that any of them has a value for, in order."""
     seen: dict[str, TargetSummary] = {}
     for target in decision.targets:
         seen.setdefault(target.name, target)
     keys: dict[str, None] = {}
     for target in seen.values():
-        keys.update(dict.fromkeys(target.fingerprint or {}))
+        keys.update(dict.fromkeys(k for k, v in (target.fingerprint or {}).items() if v is not None))
     return list(seen.values()), list(keys)
 
 

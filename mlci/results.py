@@ -1,33 +1,83 @@
 """The results file: the one contract between `mlci run` and `mlci compare`.
 
-Versioned by its ``schema`` string. A reader refuses a schema it does not know
-rather than guessing. Written atomically, before anything is sent anywhere.
+Every section is a dataclass; statuses and verdicts are string enums. The file
+carries an integer ``schema_version``: a reader lifts older versions through
+MIGRATIONS (files written by earlier mlci releases keep loading) and refuses
+newer ones or other schemas rather than guessing. `write_results` is the one
+writer: atomic, and called before anything is sent anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import json
 import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from mlci import __version__
 
-SCHEMA = "mlci.results/1"
-STATUSES = ("ok", "import_failed", "compile_failed", "tune_failed", "numerics_failed", "run_failed")
+SCHEMA = "mlci.results"
+SCHEMA_VERSION = 2
+"""Bumped when a field changes meaning or shape; every older version has a migration below."""
 MAX_BYTES = 64 * 2**20
 """A results file larger than this is refused unread (they come from untrusted runs too)."""
 
 
 class ResultsError(Exception):
     pass
+
+
+class Status(StrEnum):
+    """How far one model got on one target: ``ok`` or the stage that failed."""
+
+    OK = "ok"
+    IMPORT_FAILED = "import_failed"
+    COMPILE_FAILED = "compile_failed"
+    TUNE_FAILED = "tune_failed"
+    NUMERICS_FAILED = "numerics_failed"
+    RUN_FAILED = "run_failed"
+
+
+class BaseStatus(StrEnum):
+    """The base commit's build of a model: a Status, or ``missing`` (no such file at the base commit)."""
+
+    OK = "ok"
+    MISSING = "missing"
+    IMPORT_FAILED = "import_failed"
+    COMPILE_FAILED = "compile_failed"
+    TUNE_FAILED = "tune_failed"
+    NUMERICS_FAILED = "numerics_failed"
+    RUN_FAILED = "run_failed"
+
+
+class Verdict(StrEnum):
+    """The gate's word on one model x target; declared worst first (the report's order)."""
+
+    FAILED = "failed"
+    REGRESSION = "regression"
+    INCONCLUSIVE = "inconclusive"
+    IMPROVEMENT = "improvement"
+    NEW = "new"
+    REMOVED = "removed"
+    UNCHANGED = "unchanged"
+
+
+class FailOn(StrEnum):
+    """Which verdicts fail the build: regressions and failures, failures only, or nothing."""
+
+    REGRESSION = "regression"
+    FAILURE = "failure"
+    NEVER = "never"
 
 
 @dataclass
@@ -42,10 +92,35 @@ class GitInfo:
 
 
 @dataclass
+class Fingerprint:
+    """What a latency was measured on. Results are compared only when `hash` matches."""
+
+    cpu: str | None = None
+    arch: str | None = None
+    cores: int | None = None
+    gpu: str | None = None
+    driver: str | None = None
+    os: str | None = None
+    python: str | None = None
+    tvm: str | None = None
+    tvm_ffi: str | None = None
+    llvm: str | None = None
+    onnxruntime: str | None = None
+    tvm_target: dict[str, Any] = field(default_factory=dict)
+    """TVM's own Target JSON (its keys are TVM's, not mlci's)."""
+    hash: str | None = None
+    """Over every field but `os` and `python` (a kernel update does not make numbers incomparable)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class TargetInfo:
     name: str
     tvm_target: dict[str, Any]
-    fingerprint: dict[str, Any]
+    """TVM Target JSON, e.g. {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}."""
+    fingerprint: Fingerprint
 
 
 @dataclass
@@ -60,6 +135,63 @@ class Latency:
 
 
 @dataclass
+class CompileInfo:
+    seconds: float
+    """Building the library with the tuned schedules."""
+    import_seconds: float | None = None
+    """Importing into Relax and extracting the kernels."""
+    kernels: int | None = None
+
+
+@dataclass
+class TuningInfo:
+    trials_new: int
+    """Candidates this run measured."""
+    trials_cached: int
+    """Trials the model's kernels already had in the tuning cache (up to their share of the budget)."""
+    tasks: int
+    tasks_from_cache: int
+    """Kernels that needed no search: the cache held their share."""
+    seconds: float
+    trials_valid_new: int | None = None
+    """Of trials_new, those that built and ran."""
+    trials_budget: int | None = None
+    seconds_budget: float | None = None
+    deadline_hit: bool = False
+    """Tuning stopped at its time cap; the next run continues."""
+
+
+@dataclass
+class NumericsInfo:
+    """Compiled outputs against ONNX Runtime: |tvm - ort| <= atol + rtol * |ort|."""
+
+    max_abs_err: float
+    max_rel_err: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclass
+class PeerInfo:
+    """ONNX Runtime on the same machine, same inputs, same harness."""
+
+    onnxruntime_median_ms: float
+    onnxruntime_samples: list[float] = field(default_factory=list)
+    speedup: float | None = None
+    """ONNX Runtime's median over TVM's: above 1, TVM is faster."""
+
+
+@dataclass
+class GateSettings:
+    """The config's gate settings, recorded for `mlci compare`."""
+
+    threshold: float | None = None
+    fail_on: FailOn | None = None
+    confidence: float | None = None
+
+
+@dataclass
 class Baseline:
     """The same model built from the base commit and measured interleaved with the head
     (A/B in one process): sample i of each side comes from the same moment."""
@@ -67,14 +199,20 @@ class Baseline:
     commit: str
     path: str | None = None
     sha256: str | None = None
-    status: str = field(default="ok", metadata={"choices": ("missing", *STATUSES)})
-    """``ok``, ``missing`` (no such file at the base commit) or one of STATUSES."""
+    status: BaseStatus = BaseStatus.OK
     error: str | None = None
     latency_ms: Latency | None = None
     """Paired with the head's ``latency_ms``: sample i of each was taken in the same block."""
     rounds: int = 0
     """Measuring rounds; more than one when an inconclusive or flagged cell was re-measured."""
     same_model: bool = False
+
+
+@dataclass
+class TrendPoint:
+    commit: str | None
+    median: float | None
+    created_at: str | None = None
 
 
 @dataclass
@@ -90,8 +228,8 @@ class History:
     fingerprint_diff: dict[str, list[Any]] = field(default_factory=dict)
     """key -> [baseline value, this run's value] for every differing fingerprint entry."""
     latency_ms: Latency | None = None
-    trend: list[dict[str, Any]] = field(default_factory=list)
-    """Recent default-branch runs, oldest first: {commit, median, created_at}."""
+    trend: list[TrendPoint] = field(default_factory=list)
+    """Recent default-branch runs, oldest first."""
 
 
 @dataclass
@@ -99,14 +237,14 @@ class ModelResult:
     name: str
     path: str
     sha256: str | None = None
-    status: str = field(default="ok", metadata={"choices": STATUSES})
+    status: Status = Status.OK
     error: str | None = None
-    compile: dict[str, Any] = field(default_factory=dict)
-    tuning: dict[str, Any] = field(default_factory=dict)
-    numerics: dict[str, Any] = field(default_factory=dict)
+    compile: CompileInfo | None = None
+    tuning: TuningInfo | None = None
+    numerics: NumericsInfo | None = None
     latency_ms: Latency | None = None
     """With an A/B base: the head's interleaved samples, paired index by index with base.latency_ms."""
-    peer: dict[str, Any] = field(default_factory=dict)
+    peer: PeerInfo | None = None
     mlflow_run_id: str | None = None
     mlflow_url: str | None = None
     threshold: float | None = None
@@ -116,7 +254,7 @@ class ModelResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.OK
 
 
 @dataclass
@@ -124,13 +262,15 @@ class Results:
     git: GitInfo
     target: TargetInfo
     models: list[ModelResult] = field(default_factory=list)
+    config: str | None = None
+    """The config file, relative to the repository's top level: it keys the PR comment."""
     base_ref: str | None = None
     """The ref A/B compared against (resolved to git.base_commit, the merge-base)."""
     removed_models: list[str] = field(default_factory=list)
     """Models configured at the base commit that the head no longer has."""
-    gate: dict[str, Any] = field(default_factory=dict)
-    """The config's gate settings (threshold, fail_on, confidence) for `mlci compare`."""
+    gate: GateSettings | None = None
     schema: str = SCHEMA
+    schema_version: int = SCHEMA_VERSION
     mlci_version: str = __version__
     created_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -141,13 +281,11 @@ class Results:
 
     @classmethod
     def from_dict(cls, data: Any) -> Results:
-        """Check `data` against the dataclasses' type hints (keys it does not know are
-        ignored: newer mlci versions add optional fields) and build the Results."""
+        """Migrate `data` to this version, check it against the dataclasses' type hints (keys
+        it does not know are ignored: newer mlci versions add optional fields) and build it."""
         if not isinstance(data, dict):
             raise ResultsError(f"expected a JSON object at the top level, got {_show(data)}")
-        schema = data.get("schema")
-        if schema != SCHEMA:
-            raise ResultsError(f"unsupported results schema {_show(schema)} (this mlci reads {SCHEMA!r})")
+        data = migrate(data)
         check = _Checker()
         for key in ("models", "mlci_version", "created_at"):  # defaulted in code, always in a file
             if key not in data:
@@ -159,16 +297,58 @@ class Results:
         return results
 
 
+# --- versions -----------------------------------------------------------------
+
+
+def schema_version(data: dict[str, Any]) -> int:
+    """The version a parsed results file was written in; raises ResultsError for anything else."""
+    schema, version = data.get("schema"), data.get("schema_version")
+    if schema == "mlci.results/1" and version is None:
+        return 1
+    if schema == SCHEMA and isinstance(version, int) and not isinstance(version, bool) and version >= 2:
+        if version > SCHEMA_VERSION:
+            raise ResultsError(f"results schema version {version} is newer than this mlci reads ({SCHEMA_VERSION}): "
+                               "upgrade mlci")
+        return version
+    shown = _show(schema) if version is None else f"{_show(schema)} version {_show(version)}"
+    raise ResultsError(f"unsupported results schema {shown} (this mlci reads {SCHEMA!r} up to version {SCHEMA_VERSION})")
+
+
+def update_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (``"schema": "mlci.results/1"``) kept the stage sections as free-form objects,
+    written as ``{}`` for a stage the model never reached; version 2 types them and writes null."""
+    out = {**data, "schema": SCHEMA, "schema_version": 2}
+    if out.get("gate") == {}:
+        out["gate"] = None
+    models = out.get("models")
+    if isinstance(models, list):
+        out["models"] = [
+            {**m, **{key: None for key in ("compile", "tuning", "numerics", "peer") if m.get(key) == {}}}
+            if isinstance(m, dict) else m
+            for m in models
+        ]
+    return out
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2}
+"""version -> the function that lifts a file of that version to the next."""
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A parsed results file of any supported version, as the current version."""
+    version = schema_version(data)
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+    return data
+
+
 def _check_consistency(results: Results, check: _Checker) -> None:
     """What the type hints cannot say but `mlci compare` relies on (`mlci run` never writes otherwise)."""
-    from mlci.gate import FAIL_ON
-
     gate = results.gate
-    if gate.get("fail_on") is not None and gate["fail_on"] not in FAIL_ON:
-        check.problem("gate.fail_on", f"expected one of {', '.join(FAIL_ON)}, got {_show(gate['fail_on'])}")
     for key in ("threshold", "confidence"):
-        value = gate.get(key)
-        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1):
+        value = getattr(gate, key) if gate else None
+        if value is not None and not 0 < value < 1:
             check.problem(f"gate.{key}", f"expected a fraction between 0 and 1, got {_show(value)}")
     for i, m in enumerate(results.models):
         where = f"models[{i}]"
@@ -213,6 +393,15 @@ class _Checker:
             return self.convert(value, inner, path)
         if dataclasses.is_dataclass(hint):
             return self.dataclass(value, hint, path)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            choices = ", ".join(member.value for member in hint)
+            if not isinstance(value, str):
+                return self.wrong(path, f"one of {choices}", value)
+            if value not in hint._value2member_map_:
+                name = path.rsplit(".", 1)[-1]
+                self.problem(path, f"unknown {name} {_show(value)} (expected one of {choices})")
+                return value
+            return hint(value)
         if origin is list:
             if not isinstance(value, list):
                 return self.wrong(path, "a list", value)
@@ -243,9 +432,6 @@ class _Checker:
                 kwargs[f.name] = None  # json_safe writes NaN (the summary of no samples) as null
                 continue
             kwargs[f.name] = self.convert(item, hints[f.name], where)
-            choices = f.metadata.get("choices")
-            if choices and isinstance(item, str) and item not in choices:
-                self.problem(where, f"unknown {f.name} {_show(item)} (expected one of {', '.join(choices)})")
         return cls(**kwargs) if self.count == before else value
 
     def wrong(self, path: str, expected: str, value: Any) -> Any:
@@ -315,3 +501,46 @@ def read_results(path: Path) -> Results:
         return Results.from_dict(data)
     except ResultsError as exc:
         raise ResultsError(f"{path}: {exc}") from None
+
+
+# --- documentation ----------------------------------------------------------------
+
+
+def _outline(cls: type) -> str:
+    parts = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in get_args(hint) if a is not type(None)]
+        inner = args[0] if get_origin(hint) in (Union, types.UnionType) and len(args) == 1 else hint
+        if get_origin(inner) is list and dataclasses.is_dataclass(get_args(inner)[0]):
+            parts.append(f"{f.name}[{_outline(get_args(inner)[0])}]")
+        elif dataclasses.is_dataclass(inner) and inner is not Latency:
+            parts.append(f"{f.name}{_outline(inner)}")
+        elif isinstance(inner, type) and issubclass(inner, enum.Enum):
+            parts.append(f"{f.name}: {'|'.join(m.value for m in inner)}")
+        else:
+            parts.append(f.name)
+    return "{" + ", ".join(parts) + "}"
+
+
+def schema_outline(width: int = 100) -> str:
+    """The README's description of the results file, generated from the dataclasses above."""
+    latency = ", ".join(f.name for f in dataclasses.fields(Latency))
+    text = (f"schema {SCHEMA!r}, schema_version {SCHEMA_VERSION}: {_outline(Results)}\n"
+            f"where every latency_ms is {{{latency}}}; a section a model never reached is null.")
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_outline())

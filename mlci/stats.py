@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from mlci.results import Verdict
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -55,7 +57,7 @@ def speedup(reference_ms: float | None, candidate_ms: float | None) -> float | N
     return reference_ms / candidate_ms
 
 
-# --- comparing two sets of samples (issue 3's gate builds on these) ----------
+# --- comparing two sets of samples (the regression gate builds on these) ----------
 
 VERDICTS = ("regression", "improvement", "unchanged", "inconclusive")
 
@@ -113,18 +115,18 @@ def median_ratio_ci(
     return RatioEstimate(ratio, float(min(low, ratio)), float(max(high, ratio)), confidence)
 
 
-def classify(estimate: RatioEstimate, threshold: float) -> str:
+def classify(estimate: RatioEstimate, threshold: float) -> Verdict:
     """The verdict rule, Bencher-style: a change counts only when the whole interval
     says so and the estimate clears the threshold; `unchanged` needs the interval
     inside the threshold band; anything else is `inconclusive` (never a guess)."""
     upper, lower = 1.0 + threshold, 1.0 / (1.0 + threshold)
     if estimate.low > 1.0 and estimate.ratio >= upper:
-        return "regression"
+        return Verdict.REGRESSION
     if estimate.high < 1.0 and estimate.ratio <= lower:
-        return "improvement"
+        return Verdict.IMPROVEMENT
     if estimate.low >= lower and estimate.high <= upper:
-        return "unchanged"
-    return "inconclusive"
+        return Verdict.UNCHANGED
+    return Verdict.INCONCLUSIVE
 
 
 def cell_confidence(cells: int, family_confidence: float = 0.95) -> float:

@@ -18,7 +18,8 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
-from mlci.config import HOST_TARGET, TargetConfig
+from mlci.config import HOST_TARGET, Config, ConfigError, TargetConfig
+from mlci.results import Fingerprint
 
 GPU_KINDS = {"cuda", "rocm", "vulkan", "metal", "opencl"}
 
@@ -72,6 +73,23 @@ def tvm_target_object(target: ResolvedTarget):
     return tvm.target.Target(target.tvm_target)
 
 
+def select_target(config: Config, name: str | None) -> ResolvedTarget:
+    """The config's target `name` (default: the first), resolved on this machine; a name the
+    config lacks, or a target TVM rejects, is a ConfigError naming the key."""
+    if name is None:
+        name = next(iter(config.targets))
+    if name not in config.targets:
+        raise ConfigError(
+            config.path, [f"targets.{name}: no such target; configured: {', '.join(config.targets)}"]
+        )
+    resolved = resolve_target(config.targets[name])
+    try:
+        tvm_target_object(resolved)
+    except Exception as exc:  # TVM raises ValueError or its own errors for bad JSON
+        raise ConfigError(config.path, [f"targets.{name}.tvm: TVM rejects this target: {exc}"]) from None
+    return resolved
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -122,31 +140,32 @@ def llvm_version() -> str | None:
     return str(major) if major else None
 
 
-def environment_fingerprint(target: ResolvedTarget) -> dict[str, Any]:
+def environment_fingerprint(target: ResolvedTarget) -> Fingerprint:
     """What the numbers depend on: hardware, toolchain, and the target itself."""
     import onnxruntime
     import tvm
 
     gpu, driver = _gpu() if target.is_gpu else (None, None)
-    fields = {
-        "cpu": _cpu_model(),
-        "arch": platform.machine(),
-        "cores": usable_cores(),
-        "gpu": gpu,
-        "driver": driver,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "tvm": tvm.__version__,
-        "tvm_ffi": _version("apache-tvm-ffi"),
-        "llvm": llvm_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "tvm_target": target.tvm_target,
-    }
-    fields["hash"] = fingerprint_hash(fields)
-    return fields
+    fingerprint = Fingerprint(
+        cpu=_cpu_model(),
+        arch=platform.machine(),
+        cores=usable_cores(),
+        gpu=gpu,
+        driver=driver,
+        os=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+        tvm=tvm.__version__,
+        tvm_ffi=_version("apache-tvm-ffi"),
+        llvm=llvm_version(),
+        onnxruntime=onnxruntime.__version__,
+        tvm_target=target.tvm_target,
+    )
+    fingerprint.hash = fingerprint_hash(fingerprint.as_dict())
+    return fingerprint
 
 
 def fingerprint_hash(fields: dict[str, Any]) -> str:
     """Stable short hash over the fields that decide comparability (kernel release excluded)."""
     keyed = {k: v for k, v in fields.items() if k not in ("hash", "os", "python")}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+

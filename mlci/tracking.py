@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from filelock import FileLock
 
-from mlci.results import History, Latency, ModelResult, Results
+from mlci.results import Fingerprint, History, Latency, ModelResult, Results, TrendPoint, write_results
 
-# A down server otherwise hangs each call for minutes (NOTES-mlflow "Faults").
+# MLflow's defaults (7 retries, 120 s timeout) hang each call for minutes on a down server.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
 
 
@@ -41,7 +43,7 @@ def model_tags(results: Results, model: ModelResult, job_key: str) -> dict[str, 
         "mlci.branch": git.branch or "",
         "mlci.pr": str(git.pr) if git.pr is not None else "",
         "mlci.status": model.status,
-        "mlci.fingerprint": str(results.target.fingerprint.get("hash", "")),
+        "mlci.fingerprint": results.target.fingerprint.hash or "",
         "mlci.job_key": job_key,
         "mlci.sha256": model.sha256 or "",
         "mlflow.runName": run_name(model.name, results.target.name),
@@ -62,18 +64,17 @@ def model_metrics(model: ModelResult) -> dict[str, float]:
         for key in ("median", "mean", "std", "min", "p90"):
             metrics[f"latency_ms_{key}"] = getattr(lat, key)
         metrics["latency_samples"] = lat.n
-    for key, name in (("onnxruntime_median_ms", "onnxruntime_median_ms"), ("speedup", "speedup_vs_onnxruntime")):
-        if model.peer.get(key) is not None:
-            metrics[name] = model.peer[key]
-    if "seconds" in model.compile:
-        metrics["compile_s"] = model.compile["seconds"]
-    for key, name in (("seconds", "tune_s"), ("trials_new", "trials_new"), ("trials_cached", "trials_cached"),
-                      ("tasks", "tuning_tasks"), ("tasks_from_cache", "tuning_tasks_from_cache")):
-        if model.tuning.get(key) is not None:
-            metrics[name] = model.tuning[key]
-    for key in ("max_abs_err", "max_rel_err"):
-        if model.numerics.get(key) is not None:
-            metrics[f"numerics_{key}"] = model.numerics[key]
+    if model.peer:
+        metrics["onnxruntime_median_ms"] = model.peer.onnxruntime_median_ms
+        metrics["speedup_vs_onnxruntime"] = model.peer.speedup
+    if model.compile:
+        metrics["compile_s"] = model.compile.seconds
+    if model.tuning:
+        t = model.tuning
+        metrics.update(tune_s=t.seconds, trials_new=t.trials_new, trials_cached=t.trials_cached,
+                       tuning_tasks=t.tasks, tuning_tasks_from_cache=t.tasks_from_cache)
+    if model.numerics:
+        metrics.update(numerics_max_abs_err=model.numerics.max_abs_err, numerics_max_rel_err=model.numerics.max_rel_err)
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
@@ -92,16 +93,18 @@ def model_params(results: Results, model: ModelResult, extra: dict[str, Any]) ->
     params = {
         "target": results.target.name,
         "tvm_target": str(results.target.tvm_target),
-        "tvm_version": fp.get("tvm"),
-        "tvm_ffi_version": fp.get("tvm_ffi"),
-        "llvm_version": fp.get("llvm"),
-        "onnxruntime_version": fp.get("onnxruntime"),
-        "cpu": fp.get("cpu"),
-        "gpu": fp.get("gpu"),
+        "tvm_version": fp.tvm,
+        "tvm_ffi_version": fp.tvm_ffi,
+        "llvm_version": fp.llvm,
+        "onnxruntime_version": fp.onnxruntime,
+        "cpu": fp.cpu,
+        "gpu": fp.gpu,
         "mlci_version": results.mlci_version,
         "model_path": model.path,
-        "atol": model.numerics.get("atol"),
-        "rtol": model.numerics.get("rtol"),
+        "atol": model.numerics.atol if model.numerics else None,
+        "rtol": model.numerics.rtol if model.numerics else None,
+        "trials_budget": model.tuning.trials_budget if model.tuning else None,
+        "tune_seconds_budget": model.tuning.seconds_budget if model.tuning else None,
         **extra,
     }
     return {k: str(v)[:6000] for k, v in params.items() if v is not None}
@@ -123,7 +126,7 @@ class Tracker:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             # Several processes creating a new sqlite store at once break it for good;
-            # the first one initialises it under a lock (NOTES-mlflow).
+            # the first one initialises it under a lock.
             with FileLock(str(db) + ".lock"):
                 self.client = MlflowClient(tracking_uri=uri)
                 self.experiment_id = self._experiment(experiment, artifact_root)
@@ -195,7 +198,7 @@ class Tracker:
         self,
         model: str,
         target: str,
-        fingerprint: dict[str, Any],
+        fingerprint: Fingerprint,
         *,
         base_commit: str | None,
         default_branch: str | None,
@@ -233,7 +236,8 @@ class Tracker:
         stored = self._stored_results(chosen.info.run_id)
         theirs = stored.get("target", {}).get("fingerprint", {}) if stored else {}
         their_hash = tags.get("mlci.fingerprint") or theirs.get("hash")
-        match = their_hash == fingerprint.get("hash")
+        mine = fingerprint.as_dict()
+        match = their_hash == fingerprint.hash
         latency = None
         for m in (stored or {}).get("models", []):
             if m.get("name") == model and isinstance(m.get("latency_ms"), dict):
@@ -252,11 +256,11 @@ class Tracker:
             created_at=_iso(chosen.info.start_time),
             fingerprint=their_hash,
             fingerprint_match=match,
-            fingerprint_diff={} if match else fingerprint_diff(theirs, fingerprint) or {"hash": [their_hash, fingerprint.get("hash")]},
+            fingerprint_diff={} if match else fingerprint_diff(theirs, mine) or {"hash": [their_hash, fingerprint.hash]},
             latency_ms=latency,
             trend=[
-                {"commit": r.data.tags.get("mlci.commit"), "median": r.data.metrics["latency_ms_median"],
-                 "created_at": _iso(r.info.start_time)}
+                TrendPoint(commit=r.data.tags.get("mlci.commit"), median=r.data.metrics["latency_ms_median"],
+                           created_at=_iso(r.info.start_time))
                 for r in reversed(trend_runs)
             ],
         )
@@ -281,3 +285,60 @@ def _iso(millis: int | None) -> str | None:
     if not millis:
         return None
     return dt.datetime.fromtimestamp(millis / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+class _Progress(Protocol):
+    def stage(self, model: str, text: str) -> None: ...
+
+    def finish(self, model: str, status: str) -> None: ...
+
+
+def log_results(
+    results: Results,
+    path: Path,
+    *,
+    uri: str,
+    experiment: str,
+    artifact_root: Path,
+    artifacts_dir: Path,
+    params: dict[str, Any],
+    progress: _Progress,
+) -> str | None:
+    """Look up each model's history baseline, then log one run per model with its artifacts
+    (``artifacts_dir/MODEL``: tuning records and library). History first, so a run never finds
+    itself. `results` gains the baselines and run ids, and is rewritten to `path` before any run
+    is logged. Tracking is best effort: a failure comes back as a message, never an exception."""
+    try:
+        tracker = Tracker(uri, experiment, artifact_root=artifact_root)
+        git = results.git
+        for model in results.models:
+            progress.stage(model.name, "reading MLflow history")
+            model.history = tracker.history(
+                model.name, results.target.name, results.target.fingerprint,
+                base_commit=git.base_commit, default_branch=git.default_branch, exclude_commit=git.commit,
+            )
+        write_results(results, path)
+        invocation = git.run_id or uuid.uuid4().hex[:12]
+        for model in results.models:
+            progress.stage(model.name, "logging to MLflow")
+            out_dir = artifacts_dir / model.name
+            single = Results(git=git, target=results.target, models=[model], config=results.config,
+                             created_at=results.created_at)
+            results_json = write_results(single, out_dir / "results.json")
+            model.mlflow_run_id = tracker.log_model(
+                results,
+                model,
+                job_key=f"{invocation}/{git.commit or 'nocommit'}/{results.target.name}/{model.name}",
+                params=params,
+                artifacts=[
+                    (results_json, None),
+                    (out_dir / "tuning_records.json", "tuning"),
+                    (out_dir / f"{model.name}.so", "compiled"),
+                ],
+            )
+            model.mlflow_url = tracker.run_url(model.mlflow_run_id)
+            progress.finish(model.name, model.status)
+    except Exception as exc:  # the results file already holds everything
+        logging.getLogger("mlci").error("MLflow logging failed:\n%s", traceback.format_exc())
+        return f"MLflow logging to {uri} failed: {type(exc).__name__}: {exc}"
+    return None

@@ -11,6 +11,7 @@ cached schedules, as MetaSchedule's evolutionary search seeds from the database)
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -23,17 +24,18 @@ from typing import Any
 from filelock import FileLock
 
 from mlci.budget import allocate_trials, trials_to_search
+from mlci.results import Fingerprint, TuningInfo
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
 CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
-# Trace-replay keys are not files: inspect.getmodule scans every module for each (pitfall 1).
+# Frozen importlib frames are not files: inspect.getmodule scans every module for each.
 _FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
 
 
 def speed_up_tensor_intrin_import() -> None:
     """Importing tvm.s_tir.tensor_intrin parses TVMScript, which calls inspect.stack();
     without this, each call scans all of sys.modules for frozen importlib frames
-    (43 s -> 11 s measured; NOTES-tvm pitfall 1)."""
+    (43 s -> 11 s measured on a 2-core machine)."""
     for name in _FROZEN_FRAMES:
         inspect.modulesbyfile.setdefault(name, None)  # type: ignore[arg-type]
 
@@ -127,6 +129,18 @@ def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
     return kernels
 
 
+def cache_key(fingerprint: Fingerprint) -> str:
+    """Tuning records are reusable only on the same target, hardware and compiler."""
+    keyed = {k: getattr(fingerprint, k) for k in ("tvm_target", "cpu", "arch", "gpu", "tvm", "tvm_ffi", "llvm")}
+    return hashlib.sha256(repr(sorted(keyed.items())).encode()).hexdigest()[:12]
+
+
+def cache_directory(cache_root: Path, target_name: str, fingerprint: Fingerprint) -> Path:
+    """One tuning cache per target and fingerprint: records tuned on another CPU or TVM
+    version are not reused as if equal."""
+    return cache_root / f"{target_name}-{cache_key(fingerprint)}"
+
+
 class TuningCache:
     """A directory holding one target's MetaSchedule database and the trials ledger.
 
@@ -197,6 +211,8 @@ class TuningCache:
 
 @dataclass
 class TuningOutcome:
+    trials_budget: int
+    seconds_budget: float
     trials_new: int = 0
     trials_valid_new: int = 0
     trials_cached: int = 0
@@ -205,6 +221,20 @@ class TuningOutcome:
     seconds: float = 0.0
     deadline_hit: bool = False
     planned: list[int] = field(default_factory=list)
+
+    def info(self) -> TuningInfo:
+        """The results file's tuning section."""
+        return TuningInfo(
+            trials_new=self.trials_new,
+            trials_valid_new=self.trials_valid_new,
+            trials_cached=self.trials_cached,
+            trials_budget=self.trials_budget,
+            seconds_budget=self.seconds_budget,
+            tasks=self.tasks,
+            tasks_from_cache=self.tasks_from_cache,
+            seconds=round(self.seconds, 3),
+            deadline_hit=self.deadline_hit,
+        )
 
 
 ProgressFn = Callable[[int, int, str], None]
@@ -271,7 +301,7 @@ def tune(
     """Search what the budget still owes each kernel; every record lands in the cache."""
     start = time.monotonic()
     deadline = start + seconds
-    outcome = TuningOutcome(tasks=len(kernels))
+    outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels))
     ledger = cache.ledger()
     planned = allocate_trials([k.cost for k in kernels], trials, per_round)
     done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]

@@ -8,7 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlci.gate import decide
-from mlci.results import Baseline, GitInfo, History, Latency, ModelResult, Results, TargetInfo
+from mlci.results import (
+    Baseline,
+    Fingerprint,
+    GateSettings,
+    GitInfo,
+    History,
+    Latency,
+    ModelResult,
+    Results,
+    TargetInfo,
+    TrendPoint,
+)
 from mlci.stats import summarize
 
 
@@ -31,8 +42,8 @@ def ab_model(name: str, base_ms: float, head_ms: float, *, seed: int = 0, **kw) 
 def results(*models: ModelResult, target: str = "cpu", removed: list[str] | None = None, gate=None) -> Results:
     return Results(
         git=GitInfo(commit="h" * 40, base_commit="b" * 40, branch="feature"),
-        target=TargetInfo(name=target, tvm_target={"kind": "llvm"}, fingerprint={"hash": "f1", "tvm": "0.27"}),
-        models=list(models), removed_models=removed or [], gate=gate or {},
+        target=TargetInfo(name=target, tvm_target={"kind": "llvm"}, fingerprint=Fingerprint(hash="f1", tvm="0.27")),
+        models=list(models), removed_models=removed or [], gate=gate,
     )
 
 
@@ -71,7 +82,7 @@ def test_every_verdict_and_who_fails_the_build():
 
 
 def test_regression_alone_fails_only_under_fail_on_regression():
-    res = results(ab_model("slower", 1.0, 1.2), gate={"fail_on": "failure"})
+    res = results(ab_model("slower", 1.0, 1.2), gate=GateSettings(fail_on="failure"))
     assert not decide([res]).failed  # the config recorded by `mlci run` says failures only
     assert decide([res], fail_on="regression").verdict == "regression"
 
@@ -102,7 +113,7 @@ def test_many_cells_widen_each_interval():
 def _history(match: bool, samples: list[float]) -> History:
     return History(commit="c" * 40, branch="main", run_id="r1", fingerprint="f1" if match else "f0",
                    fingerprint_match=match, fingerprint_diff={} if match else {"tvm": ["0.26", "0.27"]},
-                   latency_ms=lat(samples), trend=[{"commit": "c" * 40, "median": 1.0, "created_at": None}])
+                   latency_ms=lat(samples), trend=[TrendPoint(commit="c" * 40, median=1.0)])
 
 
 def test_history_decides_without_ab_only_when_the_environment_matches():

@@ -13,12 +13,17 @@ from mlci.budget import allocate_trials, trials_to_search
 from mlci.measure import compare_outputs
 from mlci.results import (
     SCHEMA,
+    CompileInfo,
+    Fingerprint,
     GitInfo,
     Latency,
     ModelResult,
+    NumericsInfo,
+    PeerInfo,
     Results,
     ResultsError,
     TargetInfo,
+    TuningInfo,
     read_results,
     write_results,
 )
@@ -89,17 +94,18 @@ def test_numerics_nan_and_shape_mismatch() -> None:
 def _results() -> Results:
     return Results(
         git=GitInfo(commit="abc", branch="main", pr=7, repository="o/r", run_id="1"),
-        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint={"hash": "f", "cpu": "x"}),
+        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint=Fingerprint(hash="f", cpu="x")),
         models=[
             ModelResult(
                 name="mlp", path="m.onnx", sha256="00", status="ok",
-                compile={"seconds": 1.5}, tuning={"trials_new": 3, "trials_cached": 5},
-                numerics={"max_abs_err": 1e-6, "max_rel_err": 1e-5, "atol": 1e-4, "rtol": 1e-3, "passed": True},
+                compile=CompileInfo(seconds=1.5),
+                tuning=TuningInfo(trials_new=3, trials_cached=5, tasks=2, tasks_from_cache=1, seconds=4.0),
+                numerics=NumericsInfo(max_abs_err=1e-6, max_rel_err=1e-5, atol=1e-4, rtol=1e-3, passed=True),
                 latency_ms=Latency(samples=[1.0, 2.0], median=1.5, mean=1.5, std=0.7, min=1.0, p90=1.9, n=2),
-                peer={"onnxruntime_median_ms": 2.0, "speedup": 1.33},
+                peer=PeerInfo(onnxruntime_median_ms=2.0, speedup=1.33),
             ),
             ModelResult(name="lstm", path="l.onnx", status="import_failed", error="unsupported: LSTM",
-                        numerics={"max_abs_err": math.inf}),
+                        numerics=NumericsInfo(max_abs_err=math.inf, max_rel_err=math.inf, atol=0, rtol=0, passed=False)),
         ],
     )
 
@@ -120,7 +126,7 @@ def test_results_round_trip(tmp_path: Path) -> None:
 
 def test_results_refuse_unknown_schema_and_status(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({**_results().to_dict(), "schema": "mlci.results/99"}))
+    path.write_text(json.dumps({**_results().to_dict(), "schema": "mlci.results/99", "schema_version": None}))
     with pytest.raises(ResultsError, match="unsupported results schema"):
         read_results(path)
     bad = _results().to_dict()

@@ -39,7 +39,21 @@ from mlci.report import (
     render_comment,
     render_summary,
 )
-from mlci.results import Baseline, GitInfo, History, Latency, ModelResult, Results, TargetInfo
+from mlci.results import (
+    Baseline,
+    Fingerprint,
+    GateSettings,
+    GitInfo,
+    History,
+    Latency,
+    ModelResult,
+    NumericsInfo,
+    PeerInfo,
+    Results,
+    TargetInfo,
+    TrendPoint,
+    TuningInfo,
+)
 from mlci.stats import summarize
 from mlci.templating import template_source
 
@@ -77,8 +91,8 @@ def model(
     error: str | None = None,
     base_status: str = "ok",
     ort: float | None = None,
-    numerics: dict | None = None,
-    tuning: dict | None = None,
+    numerics: NumericsInfo | None = None,
+    tuning: TuningInfo | None = None,
     history: History | None = None,
     mlflow_url: str | None = None,
 ) -> ModelResult:
@@ -101,11 +115,11 @@ def model(
         status=status,
         error=error,
         latency_ms=latency(head_samples) if ok and head_samples else None,
-        peer={"onnxruntime_median_ms": ort} if ort else {},
-        numerics=numerics if numerics is not None else ({"max_abs_err": 2.4e-06, "max_rel_err": 1.1e-05, "atol": 1e-4,
-                                                         "rtol": 1e-3, "passed": True} if ok else {}),
-        tuning=tuning if tuning is not None else ({"trials_new": 64, "trials_cached": 448, "tasks": 12,
-                                                   "tasks_from_cache": 10, "seconds": 81.5, "deadline_hit": False} if ok else {}),
+        peer=PeerInfo(onnxruntime_median_ms=ort) if ort else None,
+        numerics=numerics if numerics is not None else (
+            NumericsInfo(max_abs_err=2.4e-06, max_rel_err=1.1e-05, atol=1e-4, rtol=1e-3, passed=True) if ok else None),
+        tuning=tuning if tuning is not None else (
+            TuningInfo(trials_new=64, trials_cached=448, tasks=12, tasks_from_cache=10, seconds=81.5) if ok else None),
         mlflow_url=mlflow_url,
         base=baseline,
         history=history,
@@ -113,11 +127,14 @@ def model(
 
 
 FINGERPRINTS = {
-    "cpu-x86": {"cpu": "AMD EPYC 7763 64-Core Processor", "arch": "x86_64", "cores": 4, "gpu": None, "tvm": "0.21.0",
-                "llvm": "17", "onnxruntime": "1.20.1", "tvm_target": {"kind": "llvm", "mcpu": "znver3"}, "hash": "3f9a0c1d2e4b5a6c"},
-    "gpu-cuda": {"cpu": "Intel Xeon Platinum 8480+", "arch": "x86_64", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3",
-                 "driver": "550.54.15", "tvm": "0.21.0", "llvm": "17", "onnxruntime": "1.20.1",
-                 "tvm_target": {"kind": "cuda", "arch": "sm_90"}, "hash": "a1b2c3d4e5f60718"},
+    "cpu-x86": Fingerprint(cpu="AMD EPYC 7763 64-Core Processor", arch="x86_64", cores=4, gpu=None,
+                           os="Linux 6.8.0-1017-azure", python="3.11.11", tvm="0.21.0", tvm_ffi="0.1.14.post0",
+                           llvm="17", onnxruntime="1.20.1", tvm_target={"kind": "llvm", "mcpu": "znver3"},
+                           hash="3f9a0c1d2e4b5a6c"),
+    "gpu-cuda": Fingerprint(cpu="Intel Xeon Platinum 8480+", arch="x86_64", cores=16, gpu="NVIDIA H100 80GB HBM3",
+                            driver="550.54.15", os="Linux 6.8.0-1017-azure", python="3.11.11", tvm="0.21.0",
+                            tvm_ffi="0.1.14.post0", llvm="17", onnxruntime="1.20.1",
+                            tvm_target={"kind": "cuda", "arch": "sm_90"}, hash="a1b2c3d4e5f60718"),
 }
 
 
@@ -126,14 +143,15 @@ def results(target: str, models: list[ModelResult], *, fail_on: str = "regressio
     info = dict(commit=HEAD, branch="feature/faster-conv", base_commit=BASE, pr=42, repository="acme/vision",
                 run_id="123", default_branch="main")
     info.update(git)
-    fingerprint = FINGERPRINTS.get(target, {"cpu": "generic", "tvm": "0.21.0", "hash": "0000000000000000"})
+    fingerprint = FINGERPRINTS.get(target, Fingerprint(cpu="generic", tvm="0.21.0", tvm_target={"kind": "llvm"},
+                                                       hash="0000000000000000"))
     return Results(
         git=GitInfo(**info),
-        target=TargetInfo(name=target, tvm_target=fingerprint.get("tvm_target", {"kind": "llvm"}), fingerprint=fingerprint),
+        target=TargetInfo(name=target, tvm_target=fingerprint.tvm_target, fingerprint=fingerprint),
         models=models,
         base_ref=base_ref,
         removed_models=list(removed),
-        gate={"fail_on": fail_on, "threshold": 0.05, "confidence": 0.95},
+        gate=GateSettings(fail_on=fail_on, threshold=0.05, confidence=0.95),
         created_at="2025-01-01T00:00:00+00:00",
     )
 
@@ -194,7 +212,7 @@ def failure_decision() -> Decision:
             model("resnet50", base=4.1, head=4.1, ort=12.9),
             model("squeezenet", status="numerics_failed",
                   error="output 0 'logits': 12 of 1000 values differ; worst at index 417: got 0.731, expected 0.512",
-                  numerics={"max_abs_err": 0.219, "max_rel_err": 0.428, "atol": 1e-4, "rtol": 1e-3, "passed": False}),
+                  numerics=NumericsInfo(max_abs_err=0.219, max_rel_err=0.428, atol=1e-4, rtol=1e-3, passed=False)),
         ]),
         results("gpu-cuda", [
             model("resnet50", status="compile_failed",
@@ -213,8 +231,8 @@ def inconclusive_decision() -> Decision:
     ])])
 
 
-def trend(*points: tuple[str, float]) -> list[dict]:
-    return [{"commit": c, "median": m, "created_at": f"2025-01-0{i + 1}T00:00:00+00:00"} for i, (c, m) in enumerate(points)]
+def trend(*points: tuple[str, float]) -> list[TrendPoint]:
+    return [TrendPoint(commit=c, median=m, created_at=f"2025-01-0{i + 1}T00:00:00+00:00") for i, (c, m) in enumerate(points)]
 
 
 # --- snapshots -------------------------------------------------------------------
@@ -282,10 +300,7 @@ def test_summary_is_the_comment_without_the_marker():
 
 def with_config(decision: Decision, config: str | None) -> Decision:
     """The decision of the results of one config file (its path relative to the repository)."""
-    if any(f.name == "config" for f in dataclasses.fields(decision)):
-        return dataclasses.replace(decision, config=config)
-    object.__setattr__(decision, "config", config)  # a Decision without the field: the report reads it if present
-    return decision
+    return dataclasses.replace(decision, config=config)
 
 
 def test_default_config_keeps_the_marker_existing_comments_carry():

@@ -12,16 +12,30 @@ import pytest
 from typer.testing import CliRunner
 
 from mlci.cli import app
+from mlci.gate import decide
 from mlci.results import (
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
     Baseline,
+    CompileInfo,
+    Fingerprint,
+    GateSettings,
     GitInfo,
     History,
     Latency,
     ModelResult,
+    NumericsInfo,
+    PeerInfo,
     Results,
     ResultsError,
+    Status,
     TargetInfo,
+    TrendPoint,
+    TuningInfo,
     read_results,
+    schema_outline,
+    schema_version,
     write_results,
 )
 from mlci.stats import summarize
@@ -36,25 +50,30 @@ def good() -> Results:
     return Results(
         git=GitInfo(commit="h" * 40, branch="feature", base_commit="b" * 40, pr=7, repository="o/r", run_id="1",
                     default_branch="main"),
-        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint={"hash": "f", "cpu": "x"}),
+        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint=Fingerprint(hash="f", cpu="x")),
         models=[
             ModelResult(
                 name="mlp", path="m.onnx", sha256="00", status="ok",
-                compile={"seconds": 1.5}, tuning={"trials_new": 3}, numerics={"passed": True},
-                latency_ms=lat([1.0, 1.1, 1.2, 1.05, 1.15]), peer={"onnxruntime_median_ms": 2.0, "speedup": 1.8},
+                compile=CompileInfo(seconds=1.5, import_seconds=0.5, kernels=3),
+                tuning=TuningInfo(trials_new=3, trials_cached=1, tasks=3, tasks_from_cache=1, seconds=2.5,
+                                  trials_valid_new=3, trials_budget=4, seconds_budget=600.0),
+                numerics=NumericsInfo(max_abs_err=1e-6, max_rel_err=1e-5, atol=1e-4, rtol=1e-3, passed=True),
+                latency_ms=lat([1.0, 1.1, 1.2, 1.05, 1.15]),
+                peer=PeerInfo(onnxruntime_median_ms=2.0, onnxruntime_samples=[2.0, 2.1], speedup=1.8),
                 threshold=0.05,
                 base=Baseline(commit="b" * 40, path="m.onnx", sha256="01", latency_ms=lat([1.0, 1.1, 1.0, 1.2, 1]),
                               rounds=2, same_model=False),
                 history=History(commit="c" * 40, branch="main", run_id="r1", created_at="2024-01-01T00:00:00+00:00",
                                 fingerprint="g", fingerprint_match=False, fingerprint_diff={"cpu": ["y", "x"]},
-                                latency_ms=lat([1.0, 1.2]), trend=[{"commit": "c", "median": 1.1, "created_at": None}]),
+                                latency_ms=lat([1.0, 1.2]), trend=[TrendPoint(commit="c", median=1.1)]),
             ),
             ModelResult(name="lstm", path="l.onnx", status="import_failed", error="unsupported: LSTM",
                         base=Baseline(commit="b" * 40, status="missing")),
         ],
         base_ref="origin/main",
         removed_models=["old"],
-        gate={"threshold": 0.05, "fail_on": "regression"},
+        config="models/mlci.toml",
+        gate=GateSettings(threshold=0.05, fail_on="regression"),
     )
 
 
@@ -124,7 +143,8 @@ HOSTILE = [
     (_set("models.0.name", {"$ne": 1}), "models[0].name: expected a string, got an object"),
     (_set("models.1.status", "great"), "models[1].status: unknown status 'great'"),
     (_set("models.0.base.status", "fine"), "models[0].base.status: unknown status 'fine'"),
-    (_set("models.0.status", 1), "models[0].status: expected a string, got 1"),
+    (_set("models.0.status", 1), "models[0].status: expected one of ok, import_failed, compile_failed, tune_failed, "
+                                 "numerics_failed, run_failed, got 1"),
     (_set("models.0.latency_ms.median", True), "models[0].latency_ms.median: expected a number, got True"),
     (_set("models.0.latency_ms.samples.0", None), "models[0].latency_ms.samples[0]: expected a number, got null"),
     (_set("models.0.latency_ms.samples.0", 10**400), "models[0].latency_ms.samples[0]: expected a number"),
@@ -137,7 +157,12 @@ HOSTILE = [
     (_set("models.0.history.fingerprint_diff.cpu", "x"), "models[0].history.fingerprint_diff.cpu: expected a list"),
     (_set("models.0.history.fingerprint_diff", {"a b": 1}), "models[0].history.fingerprint_diff['a b']: expected a list"),
     (_set("models.0.threshold", "0.05"), "models[0].threshold: expected a number, got '0.05'"),
-    (_set("models.0.peer", None), "models[0].peer: expected an object, got null"),
+    (_set("models.0.peer", [2.0]), "models[0].peer: expected an object, got a list"),
+    (_drop("models.0.tuning.trials_new"), "models[0].tuning.trials_new: missing"),
+    (_set("models.0.numerics.passed", "yes"), "models[0].numerics.passed: expected true or false, got 'yes'"),
+    (_set("models.0.compile.seconds", "1.5"), "models[0].compile.seconds: expected a number, got '1.5'"),
+    (_set("target.fingerprint.cores", "2"), "target.fingerprint.cores: expected an integer, got '2'"),
+    (_set("models.0.history.trend.0.median", "fast"), "models[0].history.trend[0].median: expected a number, got 'fast'"),
     (_set("target.tvm_target", ["llvm"]), "target.tvm_target: expected an object, got a list"),
     (_set("removed_models.0", 1), "removed_models[0]: expected a string, got 1"),
     (_set("models", {"mlp": {}}), "models: expected a list, got an object"),
@@ -148,9 +173,14 @@ HOSTILE = [
     (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
     (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
     (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
+    (_set("schema_version", 3), "results schema version 3 is newer than this mlci reads (2): upgrade mlci"),
+    (_set("schema_version", "2"), "unsupported results schema 'mlci.results' version '2'"),
+    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 2)"),
     # consistent types, but values `mlci run` never writes and `mlci compare` would trip over
     (_set("gate.fail_on", 5), "gate.fail_on: expected one of regression, failure, never, got 5"),
-    (_set("gate.threshold", "5%"), "gate.threshold: expected a fraction between 0 and 1, got '5%'"),
+    (_set("gate.fail_on", "sometimes"), "gate.fail_on: unknown fail_on 'sometimes' (expected one of regression, failure, never)"),
+    (_set("gate.threshold", "5%"), "gate.threshold: expected a number, got '5%'"),
+    (_set("gate.threshold", 5), "gate.threshold: expected a fraction between 0 and 1, got 5"),
     (_set("gate.confidence", 1), "gate.confidence: expected a fraction between 0 and 1, got 1"),
     (_set("models.0.base.latency_ms.n", 1), "models[0].base.latency_ms.n: 1, but there are 5 samples"),
     (lambda d: d["models"][0]["latency_ms"].update(samples=[], n=0),
@@ -263,3 +293,53 @@ def test_compare_reports_a_hostile_file_and_fails_the_gate(tmp_path: Path, monke
     assert "models[0].latency_ms.samples[3]: expected a number, got 'x'" in problem
     assert {c["target"] for c in decision["cells"]} == {"cpu"}
     assert "<script>" not in (report_dir / "comment.md").read_text()
+
+
+# --- versions: older files keep loading, the README describes the code -------------------
+
+GOLDEN = Path(__file__).parent / "data" / "results"
+"""Results files written by earlier mlci releases, each named vN-*.json for its schema version."""
+
+
+def golden_files() -> list[Path]:
+    return sorted(GOLDEN.glob("v*.json"))
+
+
+def test_every_earlier_schema_version_has_a_golden_file() -> None:
+    versions = {int(p.name[1:].split("-", 1)[0]) for p in golden_files()}
+    assert versions == set(range(1, SCHEMA_VERSION)) == set(MIGRATIONS)
+
+
+@pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.name)
+def test_a_results_file_of_an_earlier_version_still_loads(path: Path, tmp_path: Path) -> None:
+    raw = json.loads(path.read_text())
+    assert schema_version(raw) < SCHEMA_VERSION
+    results = read_results(path)
+    assert results.schema == SCHEMA and results.schema_version == SCHEMA_VERSION
+    assert [m.name for m in results.models] == [m["name"] for m in raw["models"]]
+    for model, old in zip(results.models, raw["models"]):
+        assert model.status == old["status"] and isinstance(model.status, Status)
+        if model.ok:  # typed sections, not dicts, with the values the old file held
+            assert isinstance(model.tuning, TuningInfo) and model.tuning.trials_new == old["tuning"]["trials_new"]
+            assert isinstance(model.numerics, NumericsInfo) and model.numerics.passed is True
+            assert isinstance(model.peer, PeerInfo)
+            assert model.peer.onnxruntime_median_ms == old["peer"]["onnxruntime_median_ms"]
+            assert model.latency_ms is not None and model.latency_ms.samples == old["latency_ms"]["samples"]
+        else:  # stages a failed model never reached were {} and are now null
+            assert model.error == old["error"]
+            assert model.peer is None and model.latency_ms is None
+    assert results.target.fingerprint.hash == raw["target"]["fingerprint"]["hash"]
+    decide([results])  # the gate takes it
+    again = read_results(write_results(results, tmp_path / "cpu.json"))  # and it is written as the current version
+    assert again == results and json.loads((tmp_path / "cpu.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def test_the_readme_schema_section_is_generated_from_the_code() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- results-schema: start -->\n```text\n", "```\n<!-- results-schema: end -->"
+    assert start in readme and end in readme
+    documented = readme.split(start, 1)[1].split(end, 1)[0]
+    assert documented == schema_outline() + "\n", (
+        "README.md's results schema is out of date: replace the text between the results-schema markers "
+        "with the output of `python -m mlci.results`"
+    )

@@ -24,9 +24,10 @@ def test_host_target_is_detected() -> None:
 
 
 def test_fingerprint_names_hardware_and_toolchain() -> None:
-    fp = environment_fingerprint(resolve_target(TargetConfig(name="cpu")))
+    fp = environment_fingerprint(resolve_target(TargetConfig(name="cpu"))).as_dict()
     assert {"cpu", "cores", "gpu", "driver", "tvm", "tvm_ffi", "llvm", "onnxruntime", "hash"} <= set(fp)
     assert fp["tvm"].startswith("0.27") and fp["tvm_ffi"] == "0.1.14.post0"
+    assert fp["cpu"] and fp["cores"] >= 1 and fp["hash"]
     assert fp["hash"] == fingerprint_hash(fp)
     other = {**fp, "cpu": "another CPU"}
     assert fingerprint_hash(other) != fp["hash"]

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 from pathlib import Path
 
-from mlci.results import GitInfo, Latency, ModelResult, Results, TargetInfo
+from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, PeerInfo, Results, TargetInfo
 
 
 def _results(model: str) -> tuple[Results, ModelResult]:
     m = ModelResult(
         name=model, path=f"{model}.onnx", sha256="0" * 64,
         latency_ms=Latency(samples=[1.0], median=1.0, mean=1.0, std=0.0, min=1.0, p90=1.0, n=1),
-        peer={"onnxruntime_median_ms": 2.0, "speedup": 2.0},
+        peer=PeerInfo(onnxruntime_median_ms=2.0, speedup=2.0),
     )
     r = Results(git=GitInfo(commit="c0ffee", branch="main"),
-                target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"}, fingerprint={"hash": "fp"}),
+                target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"}, fingerprint=Fingerprint(hash="fp")),
                 models=[m])
     return r, m
 
@@ -60,7 +61,7 @@ def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None
     from mlci.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "mlci", artifact_root=tmp_path / "artifacts")
-    fingerprint = {"hash": "fp", "tvm": "0.27", "cpu": "znver5"}
+    fingerprint = Fingerprint(hash="fp", tvm="0.27", cpu="znver5")
     for i, commit in enumerate(["c1", "c2", "c3"]):
         results, m = _results("m")
         results.git = GitInfo(commit=commit, branch="main")
@@ -73,11 +74,11 @@ def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None
 
     newest = tracker.history("m", "cpu", fingerprint, base_commit=None, default_branch="main", exclude_commit="c4")
     assert newest.commit == "c3" and newest.fingerprint_match and newest.latency_ms.samples == [3.0, 3.1]
-    assert [p["commit"] for p in newest.trend] == ["c1", "c2", "c3"]
+    assert [p.commit for p in newest.trend] == ["c1", "c2", "c3"]
     merge_base = tracker.history("m", "cpu", fingerprint, base_commit="c1", default_branch="main", exclude_commit="c3")
-    assert merge_base.commit == "c1" and [p["commit"] for p in merge_base.trend] == ["c1", "c2"]
+    assert merge_base.commit == "c1" and [p.commit for p in merge_base.trend] == ["c1", "c2"]
 
-    upgraded = {**fingerprint, "hash": "fp2", "tvm": "0.28"}
+    upgraded = dataclasses.replace(fingerprint, hash="fp2", tvm="0.28")
     other = tracker.history("m", "cpu", upgraded, base_commit=None, default_branch="main", exclude_commit=None)
     assert not other.fingerprint_match and other.fingerprint_diff == {"tvm": ["0.27", "0.28"]}
     assert tracker.history("m", "gpu", fingerprint, base_commit=None, default_branch="main", exclude_commit=None) is None

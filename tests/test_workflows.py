@@ -1,7 +1,7 @@
 """The action, the reusable workflow and the starter workflows: what no linter checks.
 
 GitHub only finds reusable workflows directly in .github/workflows/, and inside one `uses: ./`
-means the caller's repository (NOTES-github): both mistakes pass every linter and break every
+means the caller's repository: both mistakes pass every linter and break every
 user. Also checked here: the files agree with each other (inputs, secrets, the mlci ref), and the
 plan/report jobs' light install really needs no TVM.
 """

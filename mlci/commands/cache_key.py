@@ -34,16 +34,16 @@ def _slug(text: str) -> str:
 
 def cache_plan(config: Config, target_name: str | None) -> CachePlan:
     """Resolve the target on this runner (its fingerprint decides which cached schedules are valid)."""
-    from mlci.commands.run import cache_key, pick_target
-    from mlci.targets import environment_fingerprint
+    from mlci.targets import environment_fingerprint, select_target
+    from mlci.tuning import cache_directory, cache_key
 
-    target = pick_target(config, target_name)
+    target = select_target(config, target_name)
     fingerprint = environment_fingerprint(target)
     hardware = cache_key(fingerprint)
     config_digest = hashlib.sha256(config.path.read_bytes()).hexdigest()[:12]
-    family = f"mlci-tuning-{KEY_VERSION}-{_slug(target.name)}-tvm{_slug(str(fingerprint.get('tvm')))}-{hardware}-"
+    family = f"mlci-tuning-{KEY_VERSION}-{_slug(target.name)}-tvm{_slug(str(fingerprint.tvm))}-{hardware}-"
     return CachePlan(
-        path=str((config.cache_dir / f"{target.name}-{hardware}").resolve()),
+        path=str(cache_directory(config.cache_dir, target.name, fingerprint).resolve()),
         key=f"{family}{config_digest}-",
         restore_keys=[f"{family}{config_digest}-", family],
     )

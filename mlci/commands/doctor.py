@@ -44,34 +44,29 @@ def tiny_matmul_model(n: int = 64):
 
 
 def tuning_proof(trials: int = 4) -> Check:
-    """Tune a tiny kernel for real with mlci's builder; say how many candidates built and ran."""
+    """Tune a tiny kernel for real through mlci's pipeline; say how many candidates built and ran."""
     import onnx
-    import tvm
 
-    from mlci import compile as tvm_compile
-    from mlci import tuning
     from mlci.config import ModelConfig
-    from mlci.models import prepare_model
-    from mlci.targets import detect_host_target
+    from mlci.pipeline import ModelSettings, Pipeline
+    from mlci.targets import ResolvedTarget, detect_host_target
+    from mlci.tuning import TuningCache
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mlci-doctor-") as tmp:
         path = Path(tmp) / "matmul.onnx"
         onnx.save(tiny_matmul_model(), path)
-        prepared = prepare_model(ModelConfig(name="matmul", path=path, key="doctor"))
-        target = tvm.target.Target(detect_host_target())
-        mod = tvm_compile.import_relax(prepared)
-        kernels = tuning.extract_kernels(tvm_compile.fuse_for_tuning(mod, target), target)
-        cache = tuning.TuningCache(Path(tmp) / "cache")
-        outcome = tuning.tune(
-            kernels, target, cache, trials=trials, seconds=120, per_round=trials, log_dir=Path(tmp) / "logs"
-        )
+        pipeline = Pipeline(ResolvedTarget("host", detect_host_target()), TuningCache(Path(tmp) / "cache"),
+                            log_dir=Path(tmp) / "logs")
+        settings = ModelSettings(trials=trials, seconds=120, trials_per_round=trials)
+        imported = pipeline.import_model(pipeline.load(ModelConfig(name="matmul", path=path, key="doctor")))
+        outcome = pipeline.tune(imported, settings)
     seconds = time.monotonic() - start
     ok = outcome.trials_valid_new > 0
     return Check(
         "tuning works",
         f"{outcome.trials_valid_new} of {outcome.trials_new} candidates built and ran "
-        f"({len(kernels)} kernel, {seconds:.1f} s)",
+        f"({len(imported.kernels)} kernel, {seconds:.1f} s)",
         ok,
     )
 

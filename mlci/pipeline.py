@@ -1,0 +1,429 @@
+"""The one chain from an ONNX file to a checked, measured build:
+load -> import -> tune -> build -> check -> measure.
+
+`mlci run`, `mlci doctor`, the benchmarks in ``bench/`` and the tests all go
+through this module, so what a benchmark measures is what `mlci run` ships.
+Each stage returns a typed artifact that the next one takes:
+
+    PreparedModel -> Imported -> (TuningOutcome) -> Compiled -> Checked -> Measured
+
+A stage that fails raises ModelError with the results-file status of that
+stage (an unexpected exception inside a stage is mapped to it too), carrying
+what the chain had produced so far in ``partial``. `Pipeline.evaluate` runs a
+whole model and never raises for a model's own failure: it returns an
+`Evaluation` saying how far the model got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mlci import compile as tvm_compile
+from mlci import measure, tuning
+from mlci.config import (
+    Config,
+    ConfigError,
+    GateConfig,
+    MeasureConfig,
+    ModelConfig,
+    NumericsConfig,
+    TuningConfig,
+    relative_to_root,
+)
+from mlci.models import ModelError, PreparedModel, prepare_model
+from mlci.results import CompileInfo, PeerInfo, Status, TuningInfo
+from mlci.stats import speedup, summarize
+from mlci.targets import ResolvedTarget, tvm_target_object
+
+log = logging.getLogger("mlci")
+
+
+# --- settings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything the chain needs to know about one model, resolved once (`resolve`): the
+    command line wins over the model's own keys, which win over the config's sections.
+    The defaults are the config's."""
+
+    trials: int = TuningConfig.trials
+    """Tuning trials for the whole model, spread over its kernels."""
+    seconds: float = TuningConfig.seconds
+    """Wall-clock cap on tuning."""
+    trials_per_round: int = TuningConfig.trials_per_round
+    atol: float = NumericsConfig.atol
+    rtol: float = NumericsConfig.rtol
+    threshold: float = GateConfig.threshold
+    """Relative change that counts as a regression or improvement."""
+    seed: int = MeasureConfig.seed
+    """Seeds the generated inputs and the search."""
+
+    @classmethod
+    def resolve(cls, config: Config, model: ModelConfig, *, trials: int | None = None,
+                seconds: float | None = None) -> ModelSettings:
+        def pick(*values: Any) -> Any:
+            return next(v for v in values if v is not None)
+
+        return cls(
+            trials=pick(trials, model.trials, config.tuning.trials),
+            seconds=seconds or model.seconds or config.tuning.seconds,
+            trials_per_round=config.tuning.trials_per_round,
+            atol=pick(model.atol, config.numerics.atol),
+            rtol=pick(model.rtol, config.numerics.rtol),
+            threshold=pick(model.threshold, config.gate.threshold),
+            seed=config.measure.seed,
+        )
+
+
+def run_prepare(config: Config) -> None:
+    """The config's `prepare` command (e.g. export models), run from the config's directory."""
+    if not config.prepare:
+        return
+    try:
+        proc = subprocess.run(config.prepare, cwd=config.root, capture_output=True, text=True)
+    except OSError as exc:
+        raise ConfigError(config.path, [f"prepare: cannot start {config.prepare[0]!r}: {exc}"]) from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise ConfigError(
+            config.path,
+            [f"prepare: {' '.join(config.prepare)!r} exited with {proc.returncode}: " + " | ".join(tail)],
+        )
+
+
+# --- artifacts ----------------------------------------------------------------------
+
+
+@dataclass
+class Imported:
+    """A model in Relax with its weights bound, and the kernels MetaSchedule can tune."""
+
+    prepared: PreparedModel
+    mod: Any
+    """The Relax IRModule."""
+    kernels: list[tuning.Kernel]
+    seconds: float
+
+
+@dataclass
+class Compiled:
+    """What load -> import -> tune -> build produced; on a failure, as far as it got."""
+
+    prepared: PreparedModel | None = None
+    imported: Imported | None = None
+    tuning: tuning.TuningOutcome | None = None
+    executable: Any = None
+    """The Relax executable, tuned schedules applied."""
+    build_seconds: float | None = None
+
+    def compile_info(self) -> CompileInfo | None:
+        if self.build_seconds is None:
+            return None
+        return CompileInfo(
+            seconds=round(self.build_seconds, 3),
+            import_seconds=round(self.imported.seconds, 3) if self.imported else None,
+            kernels=len(self.imported.kernels) if self.imported else None,
+        )
+
+    def tuning_info(self) -> TuningInfo | None:
+        return self.tuning.info() if self.tuning else None
+
+
+@dataclass
+class Checked:
+    """The build loaded on its device, run once on seeded inputs and compared with ONNX Runtime."""
+
+    compiled: Compiled
+    model: measure.TvmModel
+    reference: measure.OrtModel
+    inputs: dict[str, np.ndarray]
+    input_names: list[str]
+    numerics: measure.NumericsReport
+
+    def tvm_timer(self) -> Callable[[], Any]:
+        return self.model.timer(self.inputs, self.input_names)
+
+
+@dataclass
+class Measured:
+    """Latency samples in ms per call: TVM, ONNX Runtime, and with A/B the base's, paired with TVM's."""
+
+    tvm_ms: list[float]
+    ort_ms: list[float]
+    base_ms: list[float] | None = None
+    rounds: int = 1
+    """A/B rounds: more than one when an unsettled cell was measured again."""
+
+    def peer_info(self) -> PeerInfo:
+        ort_median = summarize(self.ort_ms).median
+        return PeerInfo(
+            onnxruntime_median_ms=ort_median,
+            onnxruntime_samples=[round(s, 6) for s in self.ort_ms],
+            speedup=speedup(ort_median, summarize(self.tvm_ms).median),
+        )
+
+
+@dataclass
+class Evaluation:
+    """One model through the whole chain: how far it got, and every artifact on the way."""
+
+    status: Status = Status.OK
+    error: str | None = None
+    compiled: Compiled = field(default_factory=Compiled)
+    checked: Checked | None = None
+    measured: Measured | None = None
+
+
+class Progress(Protocol):
+    """Where the chain says what it is doing (the terminal's progress bars, or nothing)."""
+
+    def stage(self, model: str, text: str) -> None: ...
+
+    def trials(self, model: str, done: int, total: int, kernel: str) -> None: ...
+
+
+class Silent:
+    def stage(self, model: str, text: str) -> None:
+        pass
+
+    def trials(self, model: str, done: int, total: int, kernel: str) -> None:
+        pass
+
+
+BaseModelFor = Callable[["Compiled"], "measure.TvmModel | None"]
+"""Given the head's build, the base commit's build of the same model to measure it against (A/B)."""
+
+
+@contextlib.contextmanager
+def _stage(status: Status, what: str, partial: Compiled | None = None) -> Iterator[None]:
+    """An unexpected exception inside a stage becomes that stage's failure; every ModelError
+    leaving the stage carries what the chain had produced so far."""
+    try:
+        yield
+    except ModelError as exc:
+        if partial is not None and exc.partial is None:
+            exc.partial = partial
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        log.error("unexpected error while %s:\n%s", what, "".join(traceback.format_exception(exc)))
+        error = ModelError(status, f"unexpected error while {what}: {type(exc).__name__}: {exc}")
+        error.partial = partial
+        raise error from exc
+
+
+# --- the chain ----------------------------------------------------------------------------
+
+
+class Pipeline:
+    """The chain on one target, with the tuning cache and device its models share."""
+
+    def __init__(self, target: ResolvedTarget, cache: tuning.TuningCache, *, log_dir: Path,
+                 progress: Progress | None = None, root: Path | None = None):
+        self.target = target
+        self.tvm_target = tvm_target_object(target)
+        self.cache = cache
+        self.log_dir = log_dir
+        """MetaSchedule's logs go to log_dir/MODEL."""
+        self.progress = progress or Silent()
+        self.root = root
+        """Paths in messages are shown relative to this directory."""
+        tuning.speed_up_tensor_intrin_import()
+
+    @property
+    def device(self) -> Any:
+        import tvm
+
+        return tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
+
+    def require_device(self) -> Any:
+        device = self.device
+        if not device.exist:
+            kind = self.target.kind
+            raise ModelError(
+                Status.RUN_FAILED,
+                f"compiled for {kind}, but no {kind} device is visible on this machine: not tuned, checked or "
+                "measured (run this target on a runner that has one)",
+            )
+        return device
+
+    # load and import
+
+    def load(self, model: ModelConfig, label: str = "") -> PreparedModel:
+        """Read and check the ONNX file, bind its input shapes, fold it, hash it."""
+        self.progress.stage(model.name, f"loading{label}")
+        with _stage(Status.IMPORT_FAILED, "loading the model"):
+            return prepare_model(model)
+
+    def import_model(self, prepared: PreparedModel, label: str = "") -> Imported:
+        """Import into Relax and find the kernels MetaSchedule can tune."""
+        self.progress.stage(prepared.name, f"importing{label}")
+        start = time.monotonic()
+        with _stage(Status.IMPORT_FAILED, "importing into Relax", Compiled(prepared=prepared)):
+            mod = tvm_compile.import_relax(prepared)
+            fused = tvm_compile.fuse_for_tuning(mod, self.tvm_target)
+            kernels = tuning.extract_kernels(fused, self.tvm_target)
+        return Imported(prepared, mod, kernels, time.monotonic() - start)
+
+    # tune and build
+
+    def tune(self, imported: Imported, settings: ModelSettings, label: str = "") -> tuning.TuningOutcome:
+        """Search what the budget still owes each kernel, through the shared tuning cache. With no
+        device to measure candidates on, nothing is searched: the build uses what is cached."""
+        name = imported.prepared.name
+        trials = settings.trials if self.device.exist else 0
+        self.progress.stage(name, f"tuning{label}")
+        with _stage(Status.TUNE_FAILED, "tuning"), self.cache.lock():
+            return tuning.tune(
+                imported.kernels,
+                self.tvm_target,
+                self.cache,
+                trials=trials,
+                seconds=settings.seconds,
+                per_round=settings.trials_per_round,
+                log_dir=self.log_dir / name,
+                seed=settings.seed,
+                on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
+            )
+
+    def build(self, imported: Imported, database: Any = None) -> tuple[Any, float]:
+        """The executable with the best cached schedule of every kernel (or of `database`), and
+        the seconds it took."""
+        start = time.monotonic()
+        with _stage(Status.COMPILE_FAILED, "compiling"):
+            executable = tvm_compile.build(imported.mod, self.tvm_target, database or self.cache.database)
+        return executable, time.monotonic() - start
+
+    def tune_and_build(self, imported: Imported, settings: ModelSettings, label: str = "") -> Compiled:
+        compiled = Compiled(prepared=imported.prepared, imported=imported)
+        with _stage(Status.TUNE_FAILED, "tuning", compiled):
+            compiled.tuning = self.tune(imported, settings, label)
+        if compiled.tuning.trials_new and not compiled.tuning.trials_valid_new:
+            logs = relative_to_root(self.log_dir, self.root) if self.root else self.log_dir
+            error = ModelError(
+                Status.TUNE_FAILED, f"0 of {compiled.tuning.trials_new} tuning candidates built and ran; see {logs}"
+            )
+            error.partial = compiled
+            raise error
+        self.progress.stage(imported.prepared.name, f"compiling{label}")
+        with _stage(Status.COMPILE_FAILED, "compiling", compiled):
+            compiled.executable, compiled.build_seconds = self.build(imported)
+        return compiled
+
+    def compile(self, model: ModelConfig, settings: ModelSettings, label: str = "",
+                same_as: Compiled | None = None) -> Compiled:
+        """load -> import -> tune -> build. Raises ModelError (with ``partial``) at the failing stage.
+
+        When the file holds the same bytes as the model `same_as` was built from, that build is
+        returned: the same bytes build the same code from the same tuning cache."""
+        prepared = self.load(model, label)
+        if same_as is not None and same_as.prepared is not None and same_as.prepared.sha256 == prepared.sha256:
+            return same_as
+        return self.tune_and_build(self.import_model(prepared, label), settings, label)
+
+    def export(self, compiled: Compiled, out_dir: Path) -> tuple[Path, Path]:
+        """The tuning records of the model's kernels and the compiled library (run artifacts)."""
+        assert compiled.imported is not None and compiled.executable is not None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records = out_dir / "tuning_records.json"
+        self.cache.export_records(compiled.imported.kernels, records)
+        library = tvm_compile.export_library(compiled.executable, out_dir / f"{compiled.imported.prepared.name}.so")
+        return records, library
+
+    # check and measure
+
+    def load_on_device(self, compiled: Compiled) -> measure.TvmModel:
+        with _stage(Status.RUN_FAILED, "loading the model on its device"):
+            return measure.TvmModel(compiled.executable, self.require_device())
+
+    def check(self, compiled: Compiled, settings: ModelSettings) -> Checked:
+        """Run the build and ONNX Runtime on the same seeded inputs and compare every output."""
+        prepared = compiled.prepared
+        assert prepared is not None
+        self.progress.stage(prepared.name, "checking numerics")
+        with _stage(Status.RUN_FAILED, "running the model"):
+            model = self.load_on_device(compiled)
+            reference = measure.OrtModel.load(prepared.original)
+            inputs = measure.make_inputs(prepared.inputs, settings.seed)
+            input_names = [s.name for s in prepared.inputs]
+            expected = reference.run(inputs)
+            got = model.run(inputs, input_names)
+        numerics = measure.compare_outputs(got, expected, reference.output_names, settings.atol, settings.rtol)
+        return Checked(compiled, model, reference, inputs, input_names, numerics)
+
+    def measure(
+        self,
+        checked: Checked,
+        timing: MeasureConfig,
+        *,
+        base: measure.TvmModel | None = None,
+        settled: Callable[[list[float], list[float]], bool] = lambda base, head: True,
+        max_rounds: int = 1,
+    ) -> Measured:
+        """TVM and ONNX Runtime by the same harness; with `base`, the base build and the head
+        interleaved in rounds until `settled` says the samples decide (at most `max_rounds`)."""
+        name = checked.compiled.prepared.name if checked.compiled.prepared else ""
+        self.progress.stage(name, "measuring")
+        args = measure.timing_args(timing)
+
+        def on_round(n: int) -> None:
+            if n:
+                self.progress.stage(name, f"re-measuring (round {n + 1})")
+
+        with _stage(Status.RUN_FAILED, "measuring"):
+            head_timer = checked.tvm_timer()
+            base_ms, rounds = None, 1
+            if base is not None:
+                base_timer = base.timer(checked.inputs, checked.input_names)
+                base_ms, tvm_ms, rounds = measure.measure_ab(
+                    base_timer, head_timer, settled=settled, max_rounds=max_rounds, on_round=on_round,
+                    sync=checked.model.sync, **args,
+                )
+            else:
+                tvm_ms = measure.time_callable(head_timer, sync=checked.model.sync, **args)
+            ort_ms = measure.time_callable(checked.reference.timer(checked.inputs), **args)
+        return Measured(tvm_ms, ort_ms, base_ms, rounds)
+
+    def evaluate(
+        self,
+        model: ModelConfig,
+        settings: ModelSettings,
+        timing: MeasureConfig,
+        *,
+        out_dir: Path | None = None,
+        base_model_for: BaseModelFor | None = None,
+        settled: Callable[[list[float], list[float]], bool] = lambda base, head: True,
+        max_rounds: int = 1,
+    ) -> Evaluation:
+        """The whole chain for one model; a model's own failure ends up in the Evaluation's
+        status and error. `out_dir` receives the tuning records and the library."""
+        evaluation = Evaluation()
+        try:
+            evaluation.compiled = self.compile(model, settings)
+            if out_dir is not None:
+                with _stage(Status.COMPILE_FAILED, "exporting the library"):
+                    self.export(evaluation.compiled, out_dir)
+            evaluation.checked = self.check(evaluation.compiled, settings)
+            numerics = evaluation.checked.numerics
+            if not numerics.passed:
+                raise ModelError(Status.NUMERICS_FAILED, numerics.message)
+            base = base_model_for(evaluation.compiled) if base_model_for is not None else None
+            evaluation.measured = self.measure(evaluation.checked, timing, base=base, settled=settled,
+                                               max_rounds=max_rounds)
+        except ModelError as exc:
+            evaluation.status, evaluation.error = exc.status, str(exc)
+            if exc.partial is not None:
+                evaluation.compiled = exc.partial
+        return evaluation
