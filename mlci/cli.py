@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages name paths: never break them across lines
 
 
 @contextlib.contextmanager
@@ -40,7 +40,7 @@ def _exit_codes(*usage_errors: type[Exception]) -> Iterator[None]:
     try:
         yield
     except usage_errors as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # paths stay whole for copy and grep
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     except (KeyboardInterrupt, typer.Exit):
         raise

@@ -11,6 +11,7 @@ cached schedules, as MetaSchedule's evolutionary search seeds from the database)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -54,11 +55,13 @@ def fast_build(mod: Any, target: Any, _params: Any) -> Any:
     return tvm_build(mod, target=target)
 
 
+@functools.cache
 def pooled_builder(max_workers: int, timeout_sec: float = 60.0) -> Any:
-    """A MetaSchedule builder whose worker processes live for the whole tuning session.
+    """A MetaSchedule builder whose worker processes live as long as this process.
 
     The stock LocalBuilder starts a new pool every round (each worker importing TVM,
-    about 2 s a round here), which dominates when a model has many small kernels.
+    about 2 s a round here), which dominates when a model has many small kernels;
+    one pool shared by every model of a run pays that once.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -86,6 +89,18 @@ def pooled_builder(max_workers: int, timeout_sec: float = 60.0) -> Any:
             return results
 
     return _PooledBuilder()
+
+
+@functools.cache
+def shared_runner() -> Any:
+    """MetaSchedule's local runner, one per process: it starts (and checks) a worker process
+    when created, about 2 s, which every model of a run would pay again."""
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
+
+    return LocalRunner(
+        timeout_sec=30,
+        evaluator_config=EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
+    )
 
 
 @dataclass
@@ -318,16 +333,12 @@ def tune(
 
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
 
     speed_up_tensor_intrin_import()
     log_dir.mkdir(parents=True, exist_ok=True)
     cores = int(tvm_target.attrs.get("num-cores", 1) or 1) if tvm_target.kind.name == "llvm" else 1
     builder = pooled_builder(max_workers=max(1, cores))
-    runner = LocalRunner(
-        timeout_sec=30,
-        evaluator_config=EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
-    )
+    runner = shared_runner()
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores))
     database = cache.database
 

@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny real ONNX models built in code, and config writers."""
+"""Shared fixtures: tiny real ONNX models built in code, config writers, and the quick start's
+cold run, which is the one cold tuning run of the suite: end-to-end tests that only need a tuned
+tuning cache run on its project."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import shutil
 import subprocess
+import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +87,43 @@ def write_config(directory: Path, body: str) -> Path:
 @pytest.fixture
 def tmp_repo(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def quickstart_commands() -> list[str]:
+    """The commands of the README's second code block under '## Quick start'."""
+    section = REPO.joinpath("README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [line.strip() for line in blocks[1].splitlines() if line.strip() and not line.startswith("#")]
+
+
+@dataclass
+class Quickstart:
+    """The README's first command, run cold in a copy of examples/ (no .mlci/, no models yet)."""
+
+    cwd: Path
+    argv: list[str]
+    proc: subprocess.CompletedProcess
+
+    @property
+    def project(self) -> Path:
+        return self.cwd / "examples"
+
+    @property
+    def results(self) -> dict:
+        return json.loads((self.project / ".mlci" / "results" / "cpu.json").read_text())
+
+    def mlci(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlci.cli", *args], cwd=self.cwd, capture_output=True,
+                              text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
+    cwd = tmp_path_factory.mktemp("quickstart")
+    shutil.copytree(REPO / "examples", cwd / "examples", ignore=shutil.ignore_patterns(".mlci", "models", "__pycache__"))
+    run, _ = quickstart_commands()
+    argv = shlex.split(run)
+    assert argv[0] == "mlci"
+    proc = subprocess.run([sys.executable, "-m", "mlci.cli", *argv[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    return Quickstart(cwd, argv, proc)

@@ -1,8 +1,10 @@
 """`mlci run` end to end in a subprocess: real TVM tuning, ONNX Runtime, MLflow sqlite store.
 
-One config holds a tiny model that must pass, an LSTM model TVM cannot import
-and a model checked with zero tolerance (TVM and ONNX Runtime sum in different
-orders): the failures are reported and the good model still finishes.
+What a tuned model looks like is checked on the quick start's cold run (the suite's one
+cold tuning run). The failure cases run untuned (`trials = 0`): one config holds a tiny
+model that must pass, an LSTM model TVM cannot import and a model checked with zero
+tolerance (TVM and ONNX Runtime sum in different orders): the failures are reported and
+the good model still finishes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import lstm_model, save, tiny_mlp, write_config
+from .conftest import Quickstart, lstm_model, save, tiny_mlp, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +35,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save(tiny_mlp((256, 512, 16), seed=5), root / "models" / "strict.onnx")
     write_config(root, """
         [tuning]
-        trials = 4
-        trials_per_round = 4
+        trials = 0
         [measure]
         samples = 10
         min_sample_ms = 0.5
@@ -78,17 +79,22 @@ def test_failures_fail_the_run_but_every_model_is_reported(cold, results) -> Non
     assert "2 model(s) failed: lstm, strict" in cold.stderr
 
 
-def test_good_model_is_tuned_checked_and_benchmarked(results) -> None:
-    tiny = _model(results, "tiny")
-    assert tiny["status"] == "ok", tiny["error"]
-    assert tiny["tuning"]["trials_new"] > 0
-    assert tiny["numerics"]["passed"] is True
-    lat = tiny["latency_ms"]
+def test_good_model_is_tuned_checked_and_benchmarked(quickstart: Quickstart) -> None:
+    results = quickstart.results
+    mlp = _model(results, "mlp")
+    assert mlp["status"] == "ok", mlp["error"]
+    assert mlp["tuning"]["trials_new"] > 0 and mlp["tuning"]["trials_valid_new"] == mlp["tuning"]["trials_new"]
+    assert mlp["tuning"]["trials_budget"] == 64 and mlp["tuning"]["seconds_budget"] == 600
+    assert mlp["compile"]["seconds"] > 0 and mlp["compile"]["kernels"] >= 2
+    assert mlp["numerics"]["passed"] is True
+    lat = mlp["latency_ms"]
     assert lat["n"] == len(lat["samples"]) >= 3
     assert lat["min"] <= lat["median"] <= lat["p90"]
-    assert tiny["peer"]["onnxruntime_median_ms"] > 0
-    assert tiny["peer"]["speedup"] > 0
-    assert len(tiny["sha256"]) == 64
+    assert mlp["peer"]["onnxruntime_median_ms"] > 0
+    assert mlp["peer"]["speedup"] > 0
+    assert len(mlp["sha256"]) == 64
+    assert results["schema"] == "mlci.results" and results["schema_version"] >= 2
+    assert results["config"] == "mlci.toml"  # not in git: relative to its own directory
     fp = results["target"]["fingerprint"]
     assert fp["tvm"].startswith("0.27") and fp["cores"] >= 1 and fp["hash"]
     assert results["target"]["tvm_target"]["kind"] == "llvm"
@@ -131,7 +137,7 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     assert metrics["speedup_vs_onnxruntime"] > 0
     assert {"compile_s", "tune_s", "trials_new", "onnxruntime_median_ms"} <= set(metrics)
     assert tiny.data.params["tvm_version"].startswith("0.27")
-    assert tiny.data.params["trials_budget"] == "4"
+    assert tiny.data.params["trials_budget"] == "0"
     assert tiny.data.params["tune_seconds_budget"] == "300.0"  # the model's own cap, not the global one
     artifacts = {a.path for a in client.list_artifacts(tiny.info.run_id)}
     assert {"results.json", "tuning", "compiled"} <= artifacts
@@ -143,10 +149,10 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     assert "encoder/lstm_1" in runs["lstm"].data.tags["mlci.error"]
 
 
-def test_warm_rerun_searches_nothing(results, project: Path) -> None:
-    warm = mlci("run", "--model", "tiny", "--no-tracking", "-o", "warm.json", cwd=project)
+def test_warm_rerun_searches_nothing(quickstart: Quickstart) -> None:
+    warm = quickstart.mlci("run", "-c", "examples/mlci.toml", "--model", "mlp", "--no-tracking", "-o", "warm.json")
     assert warm.returncode == 0, warm.stderr
-    tiny = _model(json.loads((project / "warm.json").read_text()), "tiny")
-    assert tiny["tuning"]["trials_new"] == 0
-    assert tiny["tuning"]["trials_cached"] == 4
-    assert tiny["status"] == "ok"
+    mlp = _model(json.loads((quickstart.cwd / "warm.json").read_text()), "mlp")
+    assert mlp["tuning"]["trials_new"] == 0
+    assert mlp["tuning"]["trials_cached"] == 64
+    assert mlp["status"] == "ok"
