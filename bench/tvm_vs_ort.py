@@ -160,7 +160,7 @@ class Bench:
             # Untuned: the model built against an empty tuning cache (naive kernels on CPU).
             empty = Pipeline(self.target, tuning.TuningCache(Path(tmp) / "empty"), log_dir=Path(tmp) / "logs")
             _say(name, "importing")
-            imported = empty.import_model(empty.load(cfg))
+            imported = empty.load_and_import(cfg)
             _say(name, f"{len(imported.kernels)} kernels; building untuned")
             untuned_build = empty.tune_and_build(imported, replace(settings, trials=0))
             untuned, ort, untuned_numerics = time_tvm(empty, untuned_build)

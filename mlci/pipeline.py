@@ -41,7 +41,7 @@ from mlci.config import (
     relative_to_root,
 )
 from mlci.models import ModelError, PreparedModel, prepare_model
-from mlci.results import CompileInfo, PeerInfo, Status, TuningInfo
+from mlci.results import CompileInfo, PeerInfo, Status
 from mlci.stats import speedup, summarize
 from mlci.targets import ResolvedTarget, tvm_target_object
 
@@ -135,9 +135,6 @@ class Compiled:
             import_seconds=round(self.imported.seconds, 3) if self.imported else None,
             kernels=len(self.imported.kernels) if self.imported else None,
         )
-
-    def tuning_info(self) -> TuningInfo | None:
-        return self.tuning.info() if self.tuning else None
 
 
 @dataclass
@@ -276,6 +273,9 @@ class Pipeline:
             fused = tvm_compile.fuse_for_tuning(mod, self.tvm_target)
             kernels = tuning.extract_kernels(fused, self.tvm_target)
         return Imported(prepared, mod, kernels, time.monotonic() - start)
+
+    def load_and_import(self, model: ModelConfig, label: str = "") -> Imported:
+        return self.import_model(self.load(model, label), label)
 
     # tune and build
 

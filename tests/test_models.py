@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from mlci import compile as tvm_compile
 from mlci.config import ModelConfig
 from mlci.models import ModelError, prepare_model
+from mlci.pipeline import Pipeline
+from mlci.targets import ResolvedTarget, detect_host_target
+from mlci.tuning import TuningCache
 
 from .conftest import REPO, lstm_model, save, tiny_mlp
 
 
 def _cfg(path: Path, **kw) -> ModelConfig:
     return ModelConfig(name=path.stem, path=path, key="models[0]", **kw)
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Pipeline:
+    return Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(tmp_path / "cache"), log_dir=tmp_path / "logs")
 
 
 def test_unbound_dynamic_dimension_is_named(tmp_path: Path) -> None:
@@ -50,26 +57,27 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
         prepare_model(_cfg(path))
 
 
-def test_lstm_is_reported_with_its_node_name(tmp_path: Path) -> None:
+def test_lstm_is_reported_with_its_node_name(tmp_path: Path, pipeline: Pipeline) -> None:
     path = save(lstm_model(), tmp_path / "lstm.onnx")
-    prepared = prepare_model(_cfg(path))  # ONNX Runtime can load it ...
+    prepared = pipeline.load(_cfg(path))  # ONNX Runtime can load it ...
     with pytest.raises(ModelError) as err:  # ... TVM cannot import it
-        tvm_compile.import_relax(prepared)
+        pipeline.import_model(prepared)
     assert err.value.status == "import_failed"
     assert "LSTM (node 'encoder/lstm_1')" in str(err.value)
 
 
-def test_runtime_reshape_is_folded_so_tvm_imports_it(tmp_path: Path) -> None:
+def test_runtime_reshape_is_folded_so_tvm_imports_it(tmp_path: Path, pipeline: Pipeline) -> None:
     sys.path.insert(0, str(REPO / "examples"))
     try:
         import make_models
     finally:
         sys.path.pop(0)
     path = save(make_models.cnn(), tmp_path / "cnn.onnx")
-    prepared = prepare_model(_cfg(path, dims={"batch": 1}))
+    prepared = pipeline.load(_cfg(path, dims={"batch": 1}))
     assert "Shape" not in {n.op_type for n in prepared.folded.graph.node}
-    mod = tvm_compile.import_relax(prepared)
-    assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
+    imported = pipeline.import_model(prepared)
+    assert "main" in [gv.name_hint for gv in imported.mod.get_global_vars()]
+    assert imported.kernels  # convolutions and the dense layer, for MetaSchedule
 
 
 def test_ir3_zoo_model_weights_become_constants() -> None:

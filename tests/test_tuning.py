@@ -24,7 +24,7 @@ def _pipeline(cache_dir: Path, log_dir: Path) -> Pipeline:
 def _imported(tmp_path: Path, widths, name: str):
     path = save(tiny_mlp(widths), tmp_path / f"{name}.onnx")
     pipeline = _pipeline(tmp_path / "scratch-cache", tmp_path / "logs")
-    return pipeline.import_model(pipeline.load(ModelConfig(name=name, path=path, dims={"batch": 1}, key="models[0]")))
+    return pipeline.load_and_import(ModelConfig(name=name, path=path, dims={"batch": 1}, key="models[0]"))
 
 
 def _tune(imported, cache_dir: Path, trials: int, log_dir: Path, seconds: float = 300) -> TuningOutcome:

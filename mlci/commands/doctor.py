@@ -59,7 +59,7 @@ def tuning_proof(trials: int = 4) -> Check:
         pipeline = Pipeline(ResolvedTarget("host", detect_host_target()), TuningCache(Path(tmp) / "cache"),
                             log_dir=Path(tmp) / "logs")
         settings = ModelSettings(trials=trials, seconds=120, trials_per_round=trials)
-        imported = pipeline.import_model(pipeline.load(ModelConfig(name="matmul", path=path, key="doctor")))
+        imported = pipeline.load_and_import(ModelConfig(name="matmul", path=path, key="doctor"))
         outcome = pipeline.tune(imported, settings)
     seconds = time.monotonic() - start
     ok = outcome.trials_valid_new > 0
