@@ -21,7 +21,8 @@ from mlci import ab, tracking
 from mlci.config import Config, ConfigError, ModelConfig, check_model_files, relative_to_root
 from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
-from mlci.pipeline import Evaluation, ModelSettings, Pipeline, run_prepare
+from mlci.measure import TvmModel
+from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
 from mlci.results import GateSettings, Latency, ModelResult, Results, Status, TargetInfo, write_results
 from mlci.stats import summarize
 from mlci.targets import environment_fingerprint, select_target
@@ -73,7 +74,7 @@ class ModelRunner:
         policy = dataclasses.replace(self.policy, threshold=settings.threshold)
         base_record = None
 
-        def base_model_for(head):  # the pipeline asks once the head is built and checked
+        def base_model_for(head: Compiled) -> TvmModel | None:  # asked once the head is built and checked
             nonlocal base_record
             base_record, model = self.base_builds.build_for(cfg, settings, head)
             return model
@@ -85,6 +86,7 @@ class ModelRunner:
             settled=policy.settled, max_rounds=policy.max_rounds,
         )
         if self.base_builds is not None and base_record is None and evaluation.status not in (Status.OK, Status.NUMERICS_FAILED):
+            # The head failed before A/B: whether the base builds here decides "stopped working" vs "already broken".
             base_record = self.base_builds.check_builds(cfg, settings, evaluation.status)
         result = model_result(cfg, self.config.root, settings, evaluation)
         result.base = base_record
