@@ -8,7 +8,9 @@ than their Python overheads.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +22,27 @@ from mlci.config import MeasureConfig
 from mlci.models import InputSpec
 from mlci.results import NumericsInfo
 
+log = logging.getLogger("mlci")
+
 
 def timing_args(m: MeasureConfig) -> dict[str, Any]:
     """The [measure] settings as the keyword arguments of the timing functions below."""
     return dict(warmup=m.warmup, samples=m.samples, min_sample_ms=m.min_sample_ms, max_seconds=m.max_seconds)
+
+
+def use_threads(threads: int) -> int:
+    """Make TVM's runtime in this process (and the processes it starts) run `threads` threads;
+    returns the count TVM then reports. TVM sizes its pool once, when it is first used, from
+    TVM_NUM_THREADS (by default it takes half the hardware threads on x86-64): call this before
+    anything runs a compiled model. A pool already started keeps its size, which the returned
+    count shows."""
+    import tvm
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    reported = int(tvm.runtime.num_threads())
+    if reported != threads:
+        log.warning("TVM's thread pool already runs %d threads; %d were asked for", reported, threads)
+    return reported
 
 
 def make_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
@@ -160,15 +179,18 @@ class OrtModel:
 
     session: Any
     output_names: list[str]
+    threads: int
+    """Intra-op threads (ONNX Runtime's own default is one per physical core)."""
 
     @classmethod
-    def load(cls, model_bytes: bytes) -> OrtModel:
+    def load(cls, model_bytes: bytes, threads: int) -> OrtModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        return cls(session, [o.name for o in session.get_outputs()])
+        return cls(session, [o.name for o in session.get_outputs()], threads)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(self.output_names, inputs))

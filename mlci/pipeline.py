@@ -161,6 +161,7 @@ class Measured:
     base_ms: list[float] | None = None
     rounds: int = 1
     """A/B rounds: more than one when an unsettled cell was measured again."""
+    ort_threads: int | None = None
 
     def peer_info(self) -> PeerInfo:
         ort_median = summarize(self.ort_ms).median
@@ -168,6 +169,7 @@ class Measured:
             onnxruntime_median_ms=ort_median,
             onnxruntime_samples=[round(s, 6) for s in self.ort_ms],
             speedup=speedup(ort_median, summarize(self.tvm_ms).median),
+            threads=self.ort_threads,
         )
 
 
@@ -237,6 +239,8 @@ class Pipeline:
         self.progress = progress or Silent()
         self.root = root
         """Paths in messages are shown relative to this directory."""
+        self.threads = measure.use_threads(target.threads)
+        """CPU threads of TVM's runtime here, of the tuning runner and of ONNX Runtime."""
         tuning.speed_up_tensor_intrin_import()
 
     @property
@@ -294,6 +298,7 @@ class Pipeline:
                 seconds=settings.seconds,
                 per_round=settings.trials_per_round,
                 log_dir=self.log_dir / name,
+                threads=self.threads,
                 seed=settings.seed,
                 on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
             )
@@ -355,7 +360,7 @@ class Pipeline:
         self.progress.stage(prepared.name, "checking numerics")
         with _stage(Status.RUN_FAILED, "running the model"):
             model = self.load_on_device(compiled)
-            reference = measure.OrtModel.load(prepared.original)
+            reference = measure.OrtModel.load(prepared.original, self.threads)
             inputs = measure.make_inputs(prepared.inputs, settings.seed)
             input_names = [s.name for s in prepared.inputs]
             expected = reference.run(inputs)
@@ -394,7 +399,7 @@ class Pipeline:
             else:
                 tvm_ms = measure.time_callable(head_timer, sync=checked.model.sync, **args)
             ort_ms = measure.time_callable(checked.reference.timer(checked.inputs), **args)
-        return Measured(tvm_ms, ort_ms, base_ms, rounds)
+        return Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=checked.reference.threads)
 
     def evaluate(
         self,

@@ -106,6 +106,8 @@ class Fingerprint:
     tvm_ffi: str | None = None
     llvm: str | None = None
     onnxruntime: str | None = None
+    threads: int | None = None
+    """CPU threads TVM reported in the measuring process (ONNX Runtime and the tuning runner use as many)."""
     tvm_target: dict[str, Any] = field(default_factory=dict)
     """TVM's own Target JSON (its keys are TVM's, not mlci's)."""
     hash: str | None = None
@@ -179,6 +181,8 @@ class PeerInfo:
     onnxruntime_median_ms: float
     onnxruntime_samples: list[float] = field(default_factory=list)
     speedup: float | None = None
+    threads: int | None = None
+    """ONNX Runtime's intra-op threads: the same count as TVM's, so the comparison is fair."""
     """ONNX Runtime's median over TVM's: above 1, TVM is faster."""
 
 

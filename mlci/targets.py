@@ -38,6 +38,13 @@ class ResolvedTarget:
     def is_gpu(self) -> bool:
         return self.kind in GPU_KINDS
 
+    @property
+    def threads(self) -> int:
+        """CPU threads for TVM's runtime, its tuning runner and ONNX Runtime: the target's
+        `num-cores` (detected for `host`), else every core this process may use."""
+        cores = self.tvm_target.get("num-cores")
+        return int(cores) if isinstance(cores, int) and cores > 0 else usable_cores()
+
 
 def usable_cores() -> int:
     """Cores this process may run on (cgroups and affinity included), not the host's total."""
@@ -140,8 +147,9 @@ def llvm_version() -> str | None:
     return str(major) if major else None
 
 
-def environment_fingerprint(target: ResolvedTarget) -> Fingerprint:
-    """What the numbers depend on: hardware, toolchain, and the target itself."""
+def environment_fingerprint(target: ResolvedTarget, threads: int | None = None) -> Fingerprint:
+    """What the numbers depend on: hardware, toolchain, the target itself, and the threads the
+    measuring process runs (`threads`: what TVM reports there; the target's count when not given)."""
     import onnxruntime
     import tvm
 
@@ -159,6 +167,7 @@ def environment_fingerprint(target: ResolvedTarget) -> Fingerprint:
         llvm=llvm_version(),
         onnxruntime=onnxruntime.__version__,
         tvm_target=target.tvm_target,
+        threads=threads if threads is not None else target.threads,
     )
     fingerprint.hash = fingerprint_hash(fingerprint.as_dict())
     return fingerprint

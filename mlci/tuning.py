@@ -11,13 +11,15 @@ cached schedules, as MetaSchedule's evolutionary search seeds from the database)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,15 +94,38 @@ def pooled_builder(max_workers: int, timeout_sec: float = 60.0) -> Any:
 
 
 @functools.cache
-def shared_runner() -> Any:
-    """MetaSchedule's local runner, one per process: it starts (and checks) a worker process
-    when created, about 2 s, which every model of a run would pay again."""
+def shared_runner(threads: int) -> Any:
+    """MetaSchedule's local runner, one per process and thread count: it starts (and checks) a
+    worker process when created, about 2 s, which every model of a run would pay again. The
+    worker runs candidates on `threads` threads, as the measuring process runs the build."""
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
 
-    return LocalRunner(
-        timeout_sec=30,
-        evaluator_config=EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
-    )
+    with _environment(TVM_NUM_THREADS=str(threads)):  # the worker process inherits it when it starts
+        return LocalRunner(
+            timeout_sec=30,
+            evaluator_config=EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
+        )
+
+
+def worker_threads() -> int:
+    """Run inside a runner worker: the threads TVM's runtime uses there."""
+    import tvm
+
+    return int(tvm.runtime.num_threads())
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -147,6 +172,8 @@ def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
 def cache_key(fingerprint: Fingerprint) -> str:
     """Tuning records are reusable only on the same target, hardware and compiler."""
     keyed = {k: getattr(fingerprint, k) for k in ("tvm_target", "cpu", "arch", "gpu", "tvm", "tvm_ffi", "llvm")}
+    # Schedules are chosen by timing them on this many threads: another count ranks them differently.
+    keyed["threads"] = fingerprint.threads
     return hashlib.sha256(repr(sorted(keyed.items())).encode()).hexdigest()[:12]
 
 
@@ -310,10 +337,12 @@ def tune(
     seconds: float,
     per_round: int,
     log_dir: Path,
+    threads: int,
     seed: int = 0,
     on_progress: ProgressFn | None = None,
 ) -> TuningOutcome:
-    """Search what the budget still owes each kernel; every record lands in the cache."""
+    """Search what the budget still owes each kernel; every record lands in the cache.
+    Candidates run on `threads` threads: as many as the build will run on when measured."""
     start = time.monotonic()
     deadline = start + seconds
     outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels))
@@ -338,7 +367,7 @@ def tune(
     log_dir.mkdir(parents=True, exist_ok=True)
     cores = int(tvm_target.attrs.get("num-cores", 1) or 1) if tvm_target.kind.name == "llvm" else 1
     builder = pooled_builder(max_workers=max(1, cores))
-    runner = shared_runner()
+    runner = shared_runner(threads)
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores))
     database = cache.database
 

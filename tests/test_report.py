@@ -129,12 +129,12 @@ def model(
 FINGERPRINTS = {
     "cpu-x86": Fingerprint(cpu="AMD EPYC 7763 64-Core Processor", arch="x86_64", cores=4, gpu=None,
                            os="Linux 6.8.0-1017-azure", python="3.11.11", tvm="0.21.0", tvm_ffi="0.1.14.post0",
-                           llvm="17", onnxruntime="1.20.1", tvm_target={"kind": "llvm", "mcpu": "znver3"},
+                           llvm="17", onnxruntime="1.20.1", threads=4, tvm_target={"kind": "llvm", "mcpu": "znver3"},
                            hash="3f9a0c1d2e4b5a6c"),
     "gpu-cuda": Fingerprint(cpu="Intel Xeon Platinum 8480+", arch="x86_64", cores=16, gpu="NVIDIA H100 80GB HBM3",
                             driver="550.54.15", os="Linux 6.8.0-1017-azure", python="3.11.11", tvm="0.21.0",
                             tvm_ffi="0.1.14.post0", llvm="17", onnxruntime="1.20.1",
-                            tvm_target={"kind": "cuda", "arch": "sm_90"}, hash="a1b2c3d4e5f60718"),
+                            threads=16, tvm_target={"kind": "cuda", "arch": "sm_90"}, hash="a1b2c3d4e5f60718"),
 }
 
 

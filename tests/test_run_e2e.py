@@ -100,6 +100,13 @@ def test_good_model_is_tuned_checked_and_benchmarked(quickstart: Quickstart) -> 
     assert results["target"]["tvm_target"]["kind"] == "llvm"
 
 
+def test_tvm_and_onnx_runtime_measure_on_the_targets_threads(results) -> None:
+    """TVM's default pool takes half the hardware threads; mlci gives it (and ONNX Runtime) the target's."""
+    cores = results["target"]["tvm_target"]["num-cores"]
+    assert results["target"]["fingerprint"]["threads"] == cores  # as TVM reported it in the measuring process
+    assert _model(results, "tiny")["peer"]["threads"] == cores
+
+
 def test_lstm_is_unsupported_with_node_named(results) -> None:
     lstm = _model(results, "lstm")
     assert lstm["status"] == "import_failed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from mlci.config import TargetConfig
 from mlci.targets import environment_fingerprint, fingerprint_hash, resolve_target
+from mlci.tuning import cache_directory
 
 from .conftest import save, tiny_mlp, write_config
 
@@ -31,6 +33,14 @@ def test_fingerprint_names_hardware_and_toolchain() -> None:
     assert fp["hash"] == fingerprint_hash(fp)
     other = {**fp, "cpu": "another CPU"}
     assert fingerprint_hash(other) != fp["hash"]
+    assert fingerprint_hash({**fp, "threads": fp["threads"] + 1}) != fp["hash"]
+
+
+def test_records_tuned_on_another_thread_count_live_in_another_cache() -> None:
+    fp = environment_fingerprint(resolve_target(TargetConfig(name="cpu")))
+    assert fp.threads == resolve_target(TargetConfig(name="cpu")).tvm_target["num-cores"]
+    one, two = dataclasses.replace(fp, threads=1), dataclasses.replace(fp, threads=2)
+    assert cache_directory(Path("c"), "cpu", one) != cache_directory(Path("c"), "cpu", two)
 
 
 def test_invalid_tvm_target_is_a_config_error(tmp_path: Path) -> None:

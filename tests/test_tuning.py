@@ -67,6 +67,14 @@ def test_cache_miss_hit_partial_hit_and_growing_budget(tmp_path: Path) -> None:
     assert all(cache.valid_records(k) for k in kernels_a)
 
 
+def test_the_tuning_runner_runs_candidates_on_the_targets_threads() -> None:
+    """Schedules are ranked by timing them in the runner's worker: on as many threads as the build gets."""
+    from mlci import tuning
+
+    for threads in (1, 2):
+        assert tuning.shared_runner(threads).pool.submit(tuning.worker_threads).result() == threads
+
+
 def test_time_cap_stops_tuning_and_the_next_run_continues(tmp_path: Path) -> None:
     cache_dir, logs = tmp_path / "cache", tmp_path / "logs"
     model = _imported(tmp_path, (16, 48, 4), "capped")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlci.targets import ResolvedTarget
+
 
 @dataclass
 class Check:
@@ -49,7 +51,7 @@ def tuning_proof(trials: int = 4) -> Check:
 
     from mlci.config import ModelConfig
     from mlci.pipeline import ModelSettings, Pipeline
-    from mlci.targets import ResolvedTarget, detect_host_target
+    from mlci.targets import detect_host_target
     from mlci.tuning import TuningCache
 
     start = time.monotonic()
@@ -71,6 +73,17 @@ def tuning_proof(trials: int = 4) -> Check:
     )
 
 
+def threads_check(target: ResolvedTarget) -> Check:
+    """The threads `mlci run` gives TVM's runtime, its tuning runner and ONNX Runtime on this target,
+    as TVM reports them in this process."""
+    from mlci.measure import use_threads
+
+    wanted = target.threads
+    got = use_threads(wanted)
+    return Check("threads", f"{got} (TVM runtime, tuning runner and ONNX Runtime; the target's num-cores is {wanted})",
+                 got == wanted)
+
+
 def run_checks(tune: bool = True) -> list[Check]:
     import tvm
 
@@ -86,7 +99,9 @@ def run_checks(tune: bool = True) -> list[Check]:
         Check("mlflow", _version("mlflow")),
     ]
     try:
-        checks.append(Check("host target", str(detect_host_target())))
+        host = ResolvedTarget("host", detect_host_target())
+        checks.append(Check("host target", str(host.tvm_target)))
+        checks.append(threads_check(host))
     except Exception as exc:
         checks.append(Check("host target", f"detection failed: {exc}", False))
     nvcc = shutil.which("nvcc")

@@ -21,7 +21,7 @@ from mlci import ab, tracking
 from mlci.config import Config, ConfigError, ModelConfig, check_model_files, relative_to_root
 from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
-from mlci.measure import TvmModel
+from mlci.measure import TvmModel, use_threads
 from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
 from mlci.results import GateSettings, Latency, ModelResult, Results, Status, TargetInfo, write_results
 from mlci.stats import summarize
@@ -141,7 +141,8 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
 
     git = detect_git(config.root)
     base_ref = options.base or git.base_commit or config.gate.base
-    fingerprint = environment_fingerprint(target)
+    # Threads first: TVM sizes its pool once, and the fingerprint records what it reports.
+    fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
     cache = TuningCache(cache_directory(config.cache_dir, target.name, fingerprint))
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
                         progress=reporter, root=config.root)
