@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from mlci.formatting import format_change, format_ms, format_speedup, status_word
+from mlci.formatting import format_change, format_faster, format_ms, status_word
 from mlci.results import Results
 
 if TYPE_CHECKING:
@@ -84,10 +84,9 @@ def results_table(results: Results) -> Table:
     if ab:
         table.add_column("vs base", justify="right")
     table.add_column("ORT", justify="right")
-    table.add_column("speedup", justify="right")
+    table.add_column("faster", justify="right")
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
-        speed = m.peer.speedup if m.peer else None
         status_style = "green" if m.ok else "red"
         trials = (
             f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
@@ -100,7 +99,8 @@ def results_table(results: Results) -> Table:
             cells += [format_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
         else:
             cells.append(format_ms(head_ms))
-        cells += [format_ms(m.peer.onnxruntime_median_ms if m.peer else None), "-" if speed is None else f"{speed:.2f}x", trials]
+        cells += [format_ms(m.peer.onnxruntime_median_ms if m.peer else None),
+                  format_faster(m.peer.speedup if m.peer else None), trials]
         table.add_row(*cells)
     return table
 
@@ -140,7 +140,7 @@ def terminal_table(decision: Decision) -> Table:
         caption=Text(_gate_line(decision)),
     )
     for header, justify in (("model", "left"), ("target", "left"), ("base", "right"), ("head", "right"),
-                            ("change [interval]", "right"), ("vs ORT", "right"), ("verdict", "left")):
+                            ("change [interval]", "right"), ("faster", "right"), ("verdict", "left")):
         table.add_column(Text(header), justify=justify, overflow="fold")  # Text: "[interval]" is no console markup
     for cell in decision.cells:
         style = VERDICT_STYLES.get(cell.verdict, "")
@@ -152,7 +152,7 @@ def terminal_table(decision: Decision) -> Table:
             format_ms(cell.base_ms),
             format_ms(cell.head_ms),
             change,
-            format_speedup(cell.speedup_vs_ort),
+            format_faster(cell.speedup_vs_ort),
             Text(word, style=style + (" reverse" if cell.blocking else "")),
         )
     return table

@@ -14,6 +14,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from mlci.stats import faster_backend
+
 if TYPE_CHECKING:
     from mlci.gate import Cell, Decision
 
@@ -168,6 +170,18 @@ def format_speedup(value: float | None) -> str:
     if value >= 1:
         return f"{value:.1f}x"
     return f"{value:.2f}x"
+
+
+BACKEND_NAMES = {"tvm": "TVM", "onnxruntime": "ORT"}
+
+
+def format_faster(speedup_vs_ort: float | None) -> str:
+    """The backend to ship on a target and by how much: ``TVM by 3.1x``, ``ORT by 2.0x``, ``—``."""
+    faster = faster_backend(speedup_vs_ort)
+    if faster is None:
+        return "—"
+    backend, factor = faster
+    return f"{BACKEND_NAMES[backend]} by {format_speedup(factor)}"
 
 
 def format_ratio(ratio: float | None) -> str:

@@ -42,7 +42,7 @@ from mlci.config import (
 )
 from mlci.models import ModelError, PreparedModel, prepare_model
 from mlci.results import CompileInfo, PeerInfo, Status
-from mlci.stats import speedup, summarize
+from mlci.stats import faster_backend, speedup, summarize
 from mlci.targets import ResolvedTarget, tvm_target_object
 
 log = logging.getLogger("mlci")
@@ -165,11 +165,15 @@ class Measured:
 
     def peer_info(self) -> PeerInfo:
         ort_median = summarize(self.ort_ms).median
+        ratio = speedup(ort_median, summarize(self.tvm_ms).median)
+        faster, faster_by = faster_backend(ratio) or (None, None)
         return PeerInfo(
             onnxruntime_median_ms=ort_median,
             onnxruntime_samples=[round(s, 6) for s in self.ort_ms],
-            speedup=speedup(ort_median, summarize(self.tvm_ms).median),
+            speedup=ratio,
             threads=self.ort_threads,
+            faster=faster,
+            faster_by=faster_by,
         )
 
 

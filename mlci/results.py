@@ -183,6 +183,10 @@ class PeerInfo:
     speedup: float | None = None
     threads: int | None = None
     """ONNX Runtime's intra-op threads: the same count as TVM's, so the comparison is fair."""
+    faster: str | None = None
+    """What to ship on this target: ``tvm`` or ``onnxruntime``, whichever ran faster ..."""
+    faster_by: float | None = None
+    """... and how many times faster than the other."""
     """ONNX Runtime's median over TVM's: above 1, TVM is faster."""
 
 

@@ -129,6 +129,16 @@ def classify(estimate: RatioEstimate, threshold: float) -> Verdict:
     return Verdict.INCONCLUSIVE
 
 
+def faster_backend(speedup_vs_ort: float | None) -> tuple[str, float] | None:
+    """Which of tuned TVM and ONNX Runtime to ship on a target, and how many times faster it
+    runs than the other: ("tvm", 3.1) or ("onnxruntime", 2.0); None without both latencies."""
+    if speedup_vs_ort is None or not math.isfinite(speedup_vs_ort) or speedup_vs_ort <= 0:
+        return None
+    if speedup_vs_ort >= 1.0:
+        return "tvm", speedup_vs_ort
+    return "onnxruntime", 1.0 / speedup_vs_ort
+
+
 def cell_confidence(cells: int, family_confidence: float = 0.95) -> float:
     """Bonferroni: each of `cells` intervals at 1 - alpha/cells keeps the chance of any
     false alarm across the whole model x target matrix at most alpha."""

@@ -27,7 +27,7 @@ from mlci.results import (
     read_results,
     write_results,
 )
-from mlci.stats import speedup, summarize
+from mlci.stats import faster_backend, speedup, summarize
 
 
 def test_every_kernel_is_searched_and_cost_gets_the_rest() -> None:
@@ -134,3 +134,10 @@ def test_results_refuse_unknown_schema_and_status(tmp_path: Path) -> None:
     path.write_text(json.dumps(bad))
     with pytest.raises(ResultsError, match="unknown status"):
         read_results(path)
+
+
+def test_the_faster_backend_and_by_how_much() -> None:
+    assert faster_backend(3.1) == ("tvm", 3.1)
+    assert faster_backend(0.25) == ("onnxruntime", 4.0)
+    assert faster_backend(1.0) == ("tvm", 1.0)
+    assert faster_backend(None) is None and faster_backend(math.nan) is None and faster_backend(0.0) is None

@@ -260,7 +260,7 @@ def test_improvement_comment_snapshot():
     assert "### mlci PASS: 1 improvement on cpu-x86" in text
     assert "**Passes**" in text
     assert "| bert-tiny | cpu-x86 | 2.50 ms | 2.00 ms | -20.0% [" in text
-    assert "| 1.9x | improvement |" in text
+    assert "| TVM by 1.9x | improvement |" in text
     assert_snapshot("improvement.md", text)
 
 
@@ -655,7 +655,7 @@ def test_terminal_table():
     console.print(terminal_table(decision))
     out = console.export_text()
     assert "mlci FAIL: 2 failures on cpu-x86, gpu-cuda" in out
-    for text in ("model", "target", "change [interval]", "vs ORT", "verdict", "squeezenet", "resnet50",
+    for text in ("model", "target", "change [interval]", "faster", "verdict", "squeezenet", "resnet50",
                  "failed *", "4.10 ms", "+0.0% [", "3.1x", "unchanged", "fails the build: 2 blocking cells"):
         assert text in out, text
     # user text is not console markup
@@ -666,3 +666,19 @@ def test_terminal_table():
     console.print(terminal_table(decide([results("[bold]x[/bold]", [model("[red]m[/red]")])])))
     out = console.export_text()
     assert "[red]m[/red]" in out and "[bold]x[/bold]" in out
+
+
+def test_the_comment_names_the_backend_to_ship_on_each_target() -> None:
+    """Per model x target, the faster of tuned TVM and ONNX Runtime, and by how much."""
+    decision = decide([
+        results("cpu-x86", [model("bert-tiny", base=1.0, head=1.0, ort=4.0), model("yolov8n", base=35.0, head=35.0, ort=14.0)]),
+        results("gpu-cuda", [model("yolov8n", base=4.0, head=4.0, ort=12.0)]),
+    ])
+    comment = render_comment(decision, CONTEXT)
+    assert "| faster: TVM or ORT |" in comment
+    rows = {(c.model, c.target): next(line for line in comment.splitlines() if line.startswith(f"| {c.model} | {c.target} |"))
+            for c in decision.cells}  # the first such line is the main table's
+    assert "| TVM by 4.0x |" in rows[("bert-tiny", "cpu-x86")]
+    assert "| ORT by 2.5x |" in rows[("yolov8n", "cpu-x86")]  # ship ONNX Runtime on this CPU ...
+    assert "| TVM by 3.0x |" in rows[("yolov8n", "gpu-cuda")]  # ... and the tuned model on this GPU
+    assert "ORT by 2.5x" in "".join(str(c) for c in terminal_table(decision).columns[5].cells)

@@ -92,6 +92,9 @@ def test_good_model_is_tuned_checked_and_benchmarked(quickstart: Quickstart) -> 
     assert lat["min"] <= lat["median"] <= lat["p90"]
     assert mlp["peer"]["onnxruntime_median_ms"] > 0
     assert mlp["peer"]["speedup"] > 0
+    # what to ship on this target, and by how much
+    assert mlp["peer"]["faster"] == ("tvm" if mlp["peer"]["speedup"] >= 1 else "onnxruntime")
+    assert mlp["peer"]["faster_by"] == pytest.approx(max(mlp["peer"]["speedup"], 1 / mlp["peer"]["speedup"]))
     assert len(mlp["sha256"]) == 64
     assert results["schema"] == "mlci.results" and results["schema_version"] >= 2
     assert results["config"] == "mlci.toml"  # not in git: relative to its own directory
