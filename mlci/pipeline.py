@@ -307,12 +307,11 @@ class Pipeline:
                 on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
             )
 
-    def build(self, imported: Imported, database: Any = None) -> tuple[Any, float]:
-        """The executable with the best cached schedule of every kernel (or of `database`), and
-        the seconds it took."""
+    def build(self, imported: Imported) -> tuple[Any, float]:
+        """The executable with the best cached schedule of every kernel, and the seconds it took."""
         start = time.monotonic()
         with _stage(Status.COMPILE_FAILED, "compiling"):
-            executable = tvm_compile.build(imported.mod, self.tvm_target, database or self.cache.database)
+            executable = tvm_compile.build(imported.mod, self.tvm_target, self.cache.database)
         return executable, time.monotonic() - start
 
     def tune_and_build(self, imported: Imported, settings: ModelSettings, label: str = "") -> Compiled:
