@@ -10,6 +10,8 @@ is called), because that is where latency is won.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 def allocate_trials(costs: list[float], total: int, per_round: int) -> list[int]:
     """Trials per kernel, summing to `total` (when there are enough kernels to take them).
@@ -51,3 +53,52 @@ def allocate_trials(costs: list[float], total: int, per_round: int) -> list[int]
 def trials_to_search(allocated: list[int], done: list[int]) -> list[int]:
     """What is still owed to each kernel, given trials already spent on it (the cache)."""
     return [max(0, a - d) for a, d in zip(allocated, done)]
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """What the cache knows about one kernel, for deciding where the next trials go."""
+
+    cost: float
+    """Estimated work per inference (FLOPs x calls): the prior when nothing was measured yet."""
+    trials: int
+    """Trials it has had so far (over every run)."""
+    seconds: float | None = None
+    """Its best measured time per inference (best record x calls), or None when it has none."""
+
+
+def remaining_gain(kernel: KernelState, per_round: int, seconds_per_cost: float) -> float:
+    """Estimated time a round of search could still win on this kernel.
+
+    The time at stake is its best measured time, or for a kernel never measured its cost priced
+    at the model's going rate (`seconds_per_cost`); what a round can still win of it shrinks as
+    trials accumulate (search returns diminish roughly as 1 / trials)."""
+    at_stake = kernel.seconds if kernel.seconds is not None else kernel.cost * seconds_per_cost
+    return at_stake * per_round / (per_round + kernel.trials)
+
+
+def progressive_trials(kernels: list[KernelState], total: int, per_round: int) -> list[int]:
+    """New trials per kernel for one run of progressive tuning, summing to `total`.
+
+    Rounds of `per_round` trials go one at a time to the kernel whose estimated remaining gain is
+    largest, its gain re-estimated after each. Kernels never measured come first in practice (their
+    time is priced as if naive, and they have no trials); then the costliest and least-searched.
+    Deterministic for the same inputs (ties go to the earlier kernel)."""
+    n = len(kernels)
+    if n == 0 or total <= 0:
+        return [0] * n
+    measured = [(k.seconds, k.cost) for k in kernels if k.seconds is not None and k.cost > 0]
+    # Price an unmeasured kernel's cost at the slowest rate seen (few trials: close to naive), or 1 s/GFLOP.
+    seconds_per_cost = max((s / c for s, c in measured), default=1e-9)
+    alloc = [0] * n
+    left = total
+    while left > 0:
+        gains = [
+            remaining_gain(KernelState(k.cost, k.trials + a, k.seconds), per_round, seconds_per_cost)
+            for k, a in zip(kernels, alloc)
+        ]
+        best = max(range(n), key=lambda i: (gains[i], -i))
+        step = min(per_round, left)
+        alloc[best] += step
+        left -= step
+    return alloc

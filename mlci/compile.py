@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ import onnx
 
 from mlci.models import ModelError, PreparedModel
 from mlci.results import Status
+
+log = logging.getLogger("mlci")
 
 _DIRECTLY_HANDLED = {"If", "Constant"}
 
@@ -76,8 +81,15 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1].strip()[:500] if lines else type(exc).__name__
 
 
+def prepacks_weights(tvm_target: Any) -> bool:
+    """On CPU, tuned schedules may store weights in the layout their loops read best (MetaSchedule's
+    layout rewrite); that needs the weights marked layout-free before tuning. GPU schedules read
+    weights as they are."""
+    return tvm_target.kind.name == "llvm"
+
+
 def _fusion_passes(tvm_target: Any) -> list[Any]:
-    """The same preparation `compile_relax` applies, so tuned workloads match at build time."""
+    """The same preparation at tuning and at build, so every tuned workload matches its kernel."""
     from tvm import relax
     from tvm.relax import pipeline
 
@@ -85,7 +97,7 @@ def _fusion_passes(tvm_target: Any) -> list[Any]:
         dispatch = list(pipeline.library_dispatch_passes(tvm_target))
     except (ValueError, AttributeError):
         dispatch = []
-    return [
+    passes = [
         *dispatch,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -93,6 +105,32 @@ def _fusion_passes(tvm_target: Any) -> list[Any]:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+    if prepacks_weights(tvm_target):
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    return passes
+
+
+def _lowering_passes(tvm_target: Any) -> list[Any]:
+    """Relax's own lowering after scheduling (those of `compile_relax`)."""
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    try:
+        return [*pipeline.dataflow_lower_passes(tvm_target), *pipeline.finalize_passes(tvm_target)]
+    except (ValueError, AttributeError):  # targets without a registered pipeline (plain CPU)
+        return [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
 
 
 def fuse_for_tuning(mod: Any, tvm_target: Any) -> Any:
@@ -102,15 +140,134 @@ def fuse_for_tuning(mod: Any, tvm_target: Any) -> Any:
         return tvm.transform.Sequential(_fusion_passes(tvm_target))(mod)
 
 
-def build(mod: Any, tvm_target: Any, database: Any) -> Any:
-    """Compile with the best cached schedule of each kernel; untuned kernels stay naive on
-    CPU and get DLight's default schedules on GPU. Raises ModelError(compile_failed)."""
+SCHEDULED_ATTR = "tirx.is_scheduled"
+
+DefaultSchedule = Callable[[Any], bool]
+"""Schedules a kernel with no tuned record in place (a TIR Schedule); False when it does not apply."""
+
+
+@dataclass
+class BuildReport:
+    """How each kernel of a build was scheduled: a silent fallback to naive code shows here."""
+
+    kernels: list[str] = field(default_factory=list)
+    tuned: list[str] = field(default_factory=list)
+    """Kernels compiled with their best tuned record from the cache."""
+    default: list[str] = field(default_factory=list)
+    """Kernels without a usable record, compiled with the rule-based default schedule."""
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    """Kernel -> why its tuned record could not be applied (it fell back alone)."""
+    kept_default: list[str] = field(default_factory=list)
+    """Kernels whose default schedule measured faster than their best tuned record (also in `default`)."""
+
+    @property
+    def naive(self) -> list[str]:
+        scheduled = {*self.tuned, *self.default}
+        return [k for k in self.kernels if k not in scheduled]
+
+
+def workload_key(func: Any) -> str:
+    """The structural hash MetaSchedule files a kernel's records under (a tuning task's key)."""
+    import tvm
+    import tvm_ffi
+
+    if isinstance(func, tvm.tirx.PrimFunc):
+        func = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _is_scheduled(func: Any) -> bool:
+    return bool(func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False))
+
+
+def apply_schedules(fused: Any, tvm_target: Any, database: Any, default_schedule: DefaultSchedule | None,
+                    report: BuildReport, keep_default: frozenset[str] = frozenset()) -> Any:
+    """Give every kernel of the fused module its best record from `database`, one kernel at a time,
+    so a record that fails to apply costs that kernel alone; kernels left unscheduled, and those
+    whose default schedule measured faster than their record (`keep_default`, workload keys), get
+    `default_schedule` where it applies."""
+    import tvm
+    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    def apply(db: Any, gvar: Any, func: Any) -> Any:
+        with db:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(tvm.IRModule({gvar: func}))[gvar]
+
+    defaults = ms.database.ScheduleFnDatabase(default_schedule) if default_schedule is not None else None
+    updates = {}
+    for gvar, func in fused.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        name = gvar.name_hint
+        report.kernels.append(name)
+        if _is_scheduled(func):  # scheduled by the importer or a library dispatch
+            report.tuned.append(name)
+            continue
+        scheduled = func
+        if defaults is not None and workload_key(func) in keep_default:
+            report.kept_default.append(name)
+        else:
+            try:
+                scheduled = apply(database, gvar, func)
+            except Exception as exc:  # noqa: BLE001 - one kernel's bad record must not fail the model
+                report.fallbacks[name] = _first_line(exc)
+                log.warning("kernel %s: its tuned schedule could not be applied (%s); it falls back alone",
+                            name, report.fallbacks[name])
+        if _is_scheduled(scheduled):
+            report.tuned.append(name)
+        elif defaults is not None:
+            try:
+                scheduled = apply(defaults, gvar, func)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("kernel %s: the default schedule failed (%s); left as plain loops", name, _first_line(exc))
+            if _is_scheduled(scheduled):
+                report.default.append(name)
+        updates[gvar] = scheduled
+    for gvar, func in updates.items():
+        fused[gvar] = func
+    return fused
+
+
+def empty_database() -> Any:
+    """No tuned records: a build with default schedules only."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.MemoryDatabase()
+
+
+def build(mod: Any, tvm_target: Any, database: Any, default_schedule: DefaultSchedule | None = None,
+          keep_default: frozenset[str] = frozenset()) -> tuple[Any, BuildReport]:
+    """Compile with the best cached schedule of each kernel (weights pre-packed into the layout
+    the schedule chose, on CPU); kernels without one get `default_schedule`, and on GPU DLight's
+    rules. Raises ModelError(compile_failed)."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.transform import PassContext
+    from tvm.relax.pipeline import BackendDispatcher
+    from tvm.s_tir import dlight as dl
+
+    report = BuildReport()
+
+    @tvm.transform.module_pass(opt_level=3)
+    def schedule_and_lower(mod: Any, _ctx: Any) -> Any:
+        mod = tvm.transform.Sequential(_fusion_passes(tvm_target))(mod)
+        mod = apply_schedules(mod, tvm_target, database, default_schedule, report, keep_default)
+        if prepacks_weights(tvm_target):
+            # The packing the schedules ask for becomes its own function, folded into the weights here.
+            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            mod = relax.transform.FoldConstant()(mod)
+        if BackendDispatcher.is_gpu_target(tvm_target):
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        return tvm.transform.Sequential(_lowering_passes(tvm_target))(mod)
+
     try:
-        return ms.relax_integration.compile_relax(database, mod, tvm_target, params=None)
+        with tvm_target, PassContext(opt_level=3):
+            executable = relax.build(mod, target=tvm_target, relax_pipeline=schedule_and_lower)
     except Exception as exc:
         raise ModelError(Status.COMPILE_FAILED, f"TVM build failed: {_first_line(exc)}") from None
+    return executable, report
 
 
 def export_library(executable: Any, path: Path) -> Path:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlci import compile as tvm_compile
-from mlci import measure, tuning
+from mlci import measure, schedules, tuning
 from mlci.config import (
     Config,
     ConfigError,
@@ -46,6 +46,9 @@ from mlci.stats import faster_backend, speedup, summarize
 from mlci.targets import ResolvedTarget, tvm_target_object
 
 log = logging.getLogger("mlci")
+
+QUICK_TIMING = dict(warmup=2, samples=8, min_sample_ms=2.0, max_seconds=3.0)
+"""Timing for the tuned-or-default decision: enough to see a real difference, cheap next to a build."""
 
 
 # --- settings ---------------------------------------------------------------------
@@ -68,6 +71,10 @@ class ModelSettings:
     """Relative change that counts as a regression or improvement."""
     seed: int = MeasureConfig.seed
     """Seeds the generated inputs and the search."""
+    progressive: bool = False
+    """Spend `trials` new trials every run where the estimated remaining gain is largest (the cache
+    converges over commits at a fixed cost per commit), instead of tuning each kernel up to a share
+    of `trials` once."""
 
     @classmethod
     def resolve(cls, config: Config, model: ModelConfig, *, trials: int | None = None,
@@ -116,6 +123,23 @@ class Imported:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BuildChoice:
+    """A quick paired timing of the tuned build and the build with default schedules only."""
+
+    tuned_ms: float
+    default_ms: float
+
+    @property
+    def kept(self) -> str:
+        """The tuned build unless the default one is faster by more than the timing's noise."""
+        return "default" if self.default_ms < self.tuned_ms * (1 - NEVER_WORSE_MARGIN) else "tuned"
+
+
+NEVER_WORSE_MARGIN = 0.03
+"""How much faster the default-schedule build must time before it replaces the tuned one."""
+
+
 @dataclass
 class Compiled:
     """What load -> import -> tune -> build produced; on a failure, as far as it got."""
@@ -126,14 +150,26 @@ class Compiled:
     executable: Any = None
     """The Relax executable, tuned schedules applied."""
     build_seconds: float | None = None
+    build_report: tvm_compile.BuildReport | None = None
+    """How each kernel was scheduled."""
+    build_choice: BuildChoice | None = None
+    """The tuned build against default schedules only, when both were timed."""
 
     def compile_info(self) -> CompileInfo | None:
         if self.build_seconds is None:
             return None
+        report = self.build_report
         return CompileInfo(
             seconds=round(self.build_seconds, 3),
             import_seconds=round(self.imported.seconds, 3) if self.imported else None,
             kernels=len(self.imported.kernels) if self.imported else None,
+            kernels_tuned=len(report.tuned) if report else None,
+            kernels_default=len(report.default) if report else None,
+            fallbacks=dict(report.fallbacks) if report else {},
+            kernels_kept_default=len(report.kept_default) if report else None,
+            build=self.build_choice.kept if self.build_choice else ("tuned" if report else None),
+            tuned_build_ms=self.build_choice.tuned_ms if self.build_choice else None,
+            default_build_ms=self.build_choice.default_ms if self.build_choice else None,
         )
 
 
@@ -245,6 +281,8 @@ class Pipeline:
         """Paths in messages are shown relative to this directory."""
         self.threads = measure.use_threads(target.threads)
         """CPU threads of TVM's runtime here, of the tuning runner and of ONNX Runtime."""
+        self.default_schedule = schedules.default_schedule_for(self.tvm_target, self.threads)
+        """Schedules kernels with no tuned record (None: the target's own defaults)."""
         tuning.speed_up_tensor_intrin_import()
 
     @property
@@ -304,15 +342,20 @@ class Pipeline:
                 log_dir=self.log_dir / name,
                 threads=self.threads,
                 seed=settings.seed,
+                progressive=settings.progressive,
+                default_schedule=self.default_schedule,
                 on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
             )
 
-    def build(self, imported: Imported) -> tuple[Any, float]:
-        """The executable with the best cached schedule of every kernel, and the seconds it took."""
+    def build(self, imported: Imported) -> tuple[Any, tvm_compile.BuildReport, float]:
+        """The executable with the best cached schedule of every kernel, how each kernel was
+        scheduled, and the seconds it took."""
         start = time.monotonic()
         with _stage(Status.COMPILE_FAILED, "compiling"):
-            executable = tvm_compile.build(imported.mod, self.tvm_target, self.cache.database)
-        return executable, time.monotonic() - start
+            executable, report = tvm_compile.build(imported.mod, self.tvm_target, self.cache.database,
+                                                   self.default_schedule,
+                                                   self.cache.slower_than_default(imported.kernels))
+        return executable, report, time.monotonic() - start
 
     def tune_and_build(self, imported: Imported, settings: ModelSettings, label: str = "") -> Compiled:
         compiled = Compiled(prepared=imported.prepared, imported=imported)
@@ -327,8 +370,36 @@ class Pipeline:
             raise error
         self.progress.stage(imported.prepared.name, f"compiling{label}")
         with _stage(Status.COMPILE_FAILED, "compiling", compiled):
-            compiled.executable, compiled.build_seconds = self.build(imported)
+            compiled.executable, compiled.build_report, compiled.build_seconds = self.build(imported)
+        if compiled.build_report.tuned and self.default_schedule is not None and self.device.exist:
+            self.progress.stage(imported.prepared.name, f"checking the tuned build is faster{label}")
+            with _stage(Status.COMPILE_FAILED, "comparing with default schedules", compiled):
+                self.never_worse(compiled, settings)
         return compiled
+
+    def never_worse(self, compiled: Compiled, settings: ModelSettings) -> None:
+        """Keep the build with default schedules only when it times faster than the tuned one
+        (tuned kernels can lose together what each won alone, e.g. to cache pressure)."""
+        imported = compiled.imported
+        assert imported is not None
+        start = time.monotonic()
+        default_exe, default_report = tvm_compile.build(
+            imported.mod, self.tvm_target, tvm_compile.empty_database(), self.default_schedule)
+        device = self.require_device()
+        inputs = measure.make_inputs(imported.prepared.inputs, settings.seed)
+        names = [s.name for s in imported.prepared.inputs]
+        tuned_model = measure.TvmModel(compiled.executable, device)
+        default_model = measure.TvmModel(default_exe, device)
+        default_ms, tuned_ms = measure.time_interleaved(
+            default_model.timer(inputs, names), tuned_model.timer(inputs, names), sync=tuned_model.sync,
+            **QUICK_TIMING)
+        choice = BuildChoice(tuned_ms=summarize(tuned_ms).median, default_ms=summarize(default_ms).median)
+        compiled.build_choice = choice
+        if choice.kept == "default":
+            log.warning("%s: the build with default schedules ran faster than the tuned one (%.3f vs %.3f ms); "
+                        "keeping it", imported.prepared.name, choice.default_ms, choice.tuned_ms)
+            compiled.executable, compiled.build_report = default_exe, default_report
+        compiled.build_seconds = (compiled.build_seconds or 0.0) + time.monotonic() - start
 
     def compile(self, model: ModelConfig, settings: ModelSettings, label: str = "",
                 same_as: Compiled | None = None) -> Compiled:

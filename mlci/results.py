@@ -143,6 +143,20 @@ class CompileInfo:
     import_seconds: float | None = None
     """Importing into Relax and extracting the kernels."""
     kernels: int | None = None
+    kernels_tuned: int | None = None
+    """Kernels built with a tuned schedule from the cache; the rest ran a default schedule or plain loops."""
+    kernels_default: int | None = None
+    """Kernels with no tuned record yet, built with the rule-based default schedule."""
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    """Kernel -> why its tuned schedule could not be applied (that kernel alone fell back)."""
+    kernels_kept_default: int | None = None
+    """Kernels whose default schedule measured faster than their best tuned record, so kept it."""
+    build: str | None = None
+    """The build kept: "tuned", or "default" when the build with default schedules only measured faster."""
+    tuned_build_ms: float | None = None
+    """The quick check's median for the tuned build (ms per call), when both builds were timed."""
+    default_build_ms: float | None = None
+    """The same check's median for the build with default schedules only."""
 
 
 @dataclass

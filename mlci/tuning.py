@@ -26,10 +26,17 @@ from typing import Any
 
 from filelock import FileLock
 
-from mlci.budget import allocate_trials, trials_to_search
+from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
+from mlci.compile import workload_key
 from mlci.results import Fingerprint, TuningInfo
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
+COST_MODEL_FILE = "cost_model.tar"
+DEFAULTS_FILE = "default_schedules.json"
+"""Measured time of each kernel's rule-based default schedule, so a build never takes a tuned
+record that is slower than it."""
+"""MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
+log = logging.getLogger("mlci")
 CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
 # Frozen importlib frames are not files: inspect.getmodule scans every module for each.
 _FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
@@ -146,7 +153,6 @@ class Kernel:
 
 
 def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -160,7 +166,7 @@ def extract_kernels(fused_mod: Any, tvm_target: Any) -> list[Kernel]:
         kernels.append(
             Kernel(
                 name=task.task_name,
-                key=f"{tvm_ffi.structural_hash(workload) & 0xFFFFFFFFFFFFFFFF:016x}",
+                key=workload_key(workload),
                 weight=int(task.weight),
                 flops=flops,
                 task=task,
@@ -225,12 +231,83 @@ class TuningCache:
         tmp.write_text(json.dumps(ledger, indent=0, sort_keys=True))
         tmp.replace(self._ledger_path)
 
+    @property
+    def cost_model_path(self) -> Path:
+        return self.dir / COST_MODEL_FILE
+
+    def load_cost_model(self, cores: int, warmup: int) -> Any:
+        """MetaSchedule's XGBoost cost model with what earlier runs on this fingerprint measured, so
+        the search is guided from its first round; a missing file starts a fresh model, and a
+        damaged one does too, with a warning."""
+        from tvm.s_tir import meta_schedule as ms
+
+        model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+        if not self.cost_model_path.exists():
+            return model
+        try:
+            model.load(str(self.cost_model_path))
+        except Exception as exc:  # noqa: BLE001 - a bad file costs a cold start, never the run
+            log.warning("tuning cache %s: the saved cost model could not be read (%s: %s); starting a fresh one",
+                        self.cost_model_path, type(exc).__name__, str(exc).strip()[:200])
+            model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+        return model
+
+    def save_cost_model(self, model: Any) -> None:
+        """Written next to the records it learned from, atomically (a crash leaves the old file)."""
+        if getattr(model, "booster", None) is None:
+            return  # nothing learned yet
+        tmp = self.cost_model_path.with_name(COST_MODEL_FILE + ".tmp")
+        try:
+            model.save(str(tmp))
+            tmp.replace(self.cost_model_path)
+        except Exception as exc:  # noqa: BLE001 - the records are saved; only the model's head start is lost
+            log.warning("tuning cache %s: could not save the cost model (%s)", self.dir, str(exc).strip()[:200])
+
     def valid_records(self, kernel: Kernel) -> list[Any]:
         db = self.database
         workload = kernel.task.dispatched[0]
         if not db.has_workload(workload):
             return []
         return list(db.get_top_k(db.commit_workload(workload), 1 << 30))
+
+    def default_seconds(self) -> dict[str, float]:
+        """Kernel key -> measured seconds per call of its rule-based default schedule."""
+        try:
+            return {k: float(v) for k, v in json.loads((self.dir / DEFAULTS_FILE).read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError, TypeError):
+            return {}  # a damaged file costs re-measuring, never a crash
+
+    def save_default_seconds(self, timings: dict[str, float]) -> None:
+        path = self.dir / DEFAULTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(timings, indent=0, sort_keys=True))
+        tmp.replace(path)
+
+    def record_seconds(self, kernel: Kernel) -> float | None:
+        """Seconds per call of the kernel's best tuned record, or None when it has none."""
+        records = self.valid_records(kernel)
+        if not records or not records[0].run_secs:
+            return None
+        secs = [float(x) for x in records[0].run_secs]
+        return sum(secs) / len(secs)
+
+    def slower_than_default(self, kernels: list[Kernel]) -> frozenset[str]:
+        """Keys of the kernels whose default schedule measured faster than their best tuned record:
+        a build keeps the default for those."""
+        defaults = self.default_seconds()
+        slower = set()
+        for kernel in kernels:
+            tuned = self.record_seconds(kernel)
+            if kernel.key in defaults and tuned is not None and defaults[kernel.key] < tuned:
+                slower.add(kernel.key)
+        return frozenset(slower)
+
+    def best_seconds(self, kernel: Kernel) -> float | None:
+        """The kernel's best measured time per inference (its best record times its calls)."""
+        seconds = self.record_seconds(kernel)
+        return None if seconds is None else seconds * kernel.weight
 
     def export_records(self, kernels: list[Kernel], path: Path, top_k: int = 8) -> int:
         """Write the best records of these kernels as JSON (an MLflow artifact); returns the count."""
@@ -280,6 +357,36 @@ class TuningOutcome:
 
 
 ProgressFn = Callable[[int, int, str], None]
+
+
+def measure_default(kernel: Kernel, tvm_target: Any, default_schedule: Callable[[Any], bool], builder: Any,
+                    runner: Any) -> float | None:
+    """Seconds per call of the kernel's default schedule, timed by the runner that times the
+    tuning candidates (so the two compare); None when it does not apply, build or run."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    workload = kernel.task.dispatched[0]
+    try:
+        sch = s_tir.Schedule(workload)
+        if not default_schedule(sch):
+            return None
+        (built,) = builder.build([BuilderInput(sch.mod, tvm_target)])
+        if built.error_msg is not None:
+            return None
+        args = ArgInfo.from_prim_func(workload["main"])
+        device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
+        (future,) = runner.run([RunnerInput(built.artifact_path, device, args)])
+        result = future.result()
+    except Exception as exc:  # noqa: BLE001 - without a timing the tuned record is used, as before
+        log.debug("kernel %s: timing its default schedule failed: %s", kernel.name, exc)
+        return None
+    if result.error_msg is not None or not result.run_secs:
+        return None
+    secs = [float(x) for x in result.run_secs]
+    return sum(secs) / len(secs)
 
 
 def search_strategy() -> Any:
@@ -339,17 +446,28 @@ def tune(
     log_dir: Path,
     threads: int,
     seed: int = 0,
+    progressive: bool = False,
+    default_schedule: Callable[[Any], bool] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> TuningOutcome:
     """Search what the budget still owes each kernel; every record lands in the cache.
-    Candidates run on `threads` threads: as many as the build will run on when measured."""
+    Candidates run on `threads` threads: as many as the build will run on when measured.
+
+    With `progressive`, `trials` new trials are searched whatever the cache holds, where the
+    estimated remaining gain is largest (`budget.progressive_trials`). Each kernel searched also
+    has its `default_schedule` timed once, so a build can tell whether tuning beat it."""
     start = time.monotonic()
     deadline = start + seconds
     outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels))
     ledger = cache.ledger()
-    planned = allocate_trials([k.cost for k in kernels], trials, per_round)
     done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]
-    owed = trials_to_search(planned, done_before)
+    if progressive:
+        states = [KernelState(k.cost, d, cache.best_seconds(k)) for k, d in zip(kernels, done_before)]
+        owed = progressive_trials(states, trials, per_round)
+        planned = [d + o for d, o in zip(done_before, owed)]
+    else:
+        planned = allocate_trials([k.cost for k in kernels], trials, per_round)
+        owed = trials_to_search(planned, done_before)
     outcome.planned = planned
     outcome.trials_cached = sum(min(p, d) for p, d in zip(planned, done_before))
     outcome.tasks_from_cache = sum(1 for o, d in zip(owed, done_before) if o == 0 and d > 0)
@@ -368,66 +486,77 @@ def tune(
     cores = int(tvm_target.attrs.get("num-cores", 1) or 1) if tvm_target.kind.name == "llvm" else 1
     builder = pooled_builder(max_workers=max(1, cores))
     runner = shared_runner(threads)
-    cost_model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores))
+    # A fresh model predicts at random until it has seen `warmup` candidates: one round, not MetaSchedule's
+    # default of 100 (more than most kernels get per commit). A saved one guides the search from the start.
+    cost_model = cache.load_cost_model(cores, warmup=per_round)
     database = cache.database
 
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     counts = {"measured": 0, "valid": 0}
     callbacks.append(_progress_callback(counts))
     searched_total = 0
-    for index, kernel in enumerate(kernels):
-        need = owed[index]
-        if need == 0:
-            continue
-        if time.monotonic() >= deadline:
-            outcome.deadline_hit = True
-            break
-        done = 0
-        # Search in chunks so the deadline is checked every couple of rounds; each chunk
-        # starts from the best schedules so far (evolutionary search seeds from the database).
-        chunk_no = 0
-        while done < need and time.monotonic() < deadline:
-            chunk = min(need - done, CHUNK_ROUNDS * per_round)
-            logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
-            _quiet_metaschedule_console()
-            contexts, weights = extracted_tasks_to_tune_contexts(
-                [kernel.task], work_dir=str(log_dir), strategy=search_strategy(),
-                seed=seed + 1000 * index + chunk_no, num_threads=max(1, cores),
-            )
-            _quiet_metaschedule_console()
-            if not contexts:  # already scheduled by the importer: nothing to search
+    default_timings = cache.default_seconds()
+    try:
+        for index, kernel in enumerate(kernels):
+            need = owed[index]
+            if need == 0:
+                continue
+            if default_schedule is not None and kernel.key not in default_timings:
+                seconds_default = measure_default(kernel, tvm_target, default_schedule, builder, runner)
+                if seconds_default is not None:
+                    default_timings[kernel.key] = seconds_default
+                    cache.save_default_seconds(default_timings)
+            if time.monotonic() >= deadline:
+                outcome.deadline_hit = True
                 break
-            counts["measured"] = counts["valid"] = 0
-            progress = (lambda measured, _base=searched_total + done, _name=kernel.name:
-                        on_progress(_base + measured, total_owed, _name)) if on_progress else None
-            counts["on_progress"] = progress
-            ms.tune_tasks(
-                tasks=contexts,
-                task_weights=weights,
-                work_dir=str(log_dir),
-                max_trials_global=chunk,
-                max_trials_per_task=chunk,
-                num_trials_per_iter=min(per_round, chunk),
-                builder=builder,
-                runner=runner,
-                database=database,
-                cost_model=cost_model,
-                measure_callbacks=callbacks,
-                task_scheduler="round-robin",
-            )
-            measured = counts["measured"]
-            outcome.trials_new += measured
-            outcome.trials_valid_new += counts["valid"]
-            done += measured
-            chunk_no += 1
-            if measured < chunk:  # the search space is exhausted
-                break
-        searched_total += done
-        cut_short = done < need and time.monotonic() >= deadline
-        outcome.deadline_hit = outcome.deadline_hit or cut_short
-        # A kernel whose search space ran out has had its due; one cut by the deadline
-        # is credited only what it got, so a later run picks up the rest.
-        ledger[kernel.key] = done_before[index] + (done if cut_short else need)
-        cache.save_ledger(ledger)
+            done = 0
+            # Search in chunks so the deadline is checked every couple of rounds; each chunk
+            # starts from the best schedules so far (evolutionary search seeds from the database).
+            chunk_no = 0
+            while done < need and time.monotonic() < deadline:
+                chunk = min(need - done, CHUNK_ROUNDS * per_round)
+                logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+                _quiet_metaschedule_console()
+                contexts, weights = extracted_tasks_to_tune_contexts(
+                    [kernel.task], work_dir=str(log_dir), strategy=search_strategy(),
+                    seed=seed + 1000 * index + chunk_no, num_threads=max(1, cores),
+                )
+                _quiet_metaschedule_console()
+                if not contexts:  # already scheduled by the importer: nothing to search
+                    break
+                counts["measured"] = counts["valid"] = 0
+                progress = (lambda measured, _base=searched_total + done, _name=kernel.name:
+                            on_progress(_base + measured, total_owed, _name)) if on_progress else None
+                counts["on_progress"] = progress
+                ms.tune_tasks(
+                    tasks=contexts,
+                    task_weights=weights,
+                    work_dir=str(log_dir),
+                    max_trials_global=chunk,
+                    max_trials_per_task=chunk,
+                    num_trials_per_iter=min(per_round, chunk),
+                    builder=builder,
+                    runner=runner,
+                    database=database,
+                    cost_model=cost_model,
+                    measure_callbacks=callbacks,
+                    task_scheduler="round-robin",
+                )
+                measured = counts["measured"]
+                outcome.trials_new += measured
+                outcome.trials_valid_new += counts["valid"]
+                done += measured
+                chunk_no += 1
+                if measured < chunk:  # the search space is exhausted
+                    break
+            searched_total += done
+            cut_short = done < need and time.monotonic() >= deadline
+            outcome.deadline_hit = outcome.deadline_hit or cut_short
+            # A kernel whose search space ran out has had its due; one cut by the deadline
+            # is credited only what it got, so a later run picks up the rest.
+            ledger[kernel.key] = done_before[index] + (done if cut_short else need)
+            cache.save_ledger(ledger)
+    finally:
+        cache.save_cost_model(cost_model)
     outcome.seconds = time.monotonic() - start
     return outcome

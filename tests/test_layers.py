@@ -16,7 +16,7 @@ LAYERS: dict[str, set[str]] = {
     "contracts": {"mlci", "mlci.config", "mlci.results"},
     "pure logic": {"mlci.stats", "mlci.gate", "mlci.budget", "mlci.formatting", "mlci.templating", "mlci.report",
                    "mlci.console"},
-    "adapters": {"mlci.models", "mlci.compile", "mlci.tuning", "mlci.targets", "mlci.measure", "mlci.pipeline",
+    "adapters": {"mlci.models", "mlci.compile", "mlci.schedules", "mlci.tuning", "mlci.targets", "mlci.measure", "mlci.pipeline",
                  "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github", "mlci.delivery"},
     "commands": {"mlci.commands", "mlci.commands.run", "mlci.commands.compare", "mlci.commands.init",
                  "mlci.commands.matrix", "mlci.commands.cache_key", "mlci.commands.doctor"},

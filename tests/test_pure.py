@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlci.budget import allocate_trials, trials_to_search
+from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
 from mlci.measure import compare_outputs
 from mlci.results import (
     SCHEMA,
@@ -41,6 +41,26 @@ def test_every_kernel_is_searched_and_cost_gets_the_rest() -> None:
 def test_budget_smaller_than_kernel_count_goes_to_costliest() -> None:
     alloc = allocate_trials([1.0, 9.0, 5.0], total=2, per_round=16)
     assert alloc == [0, 1, 1]
+
+
+def test_progressive_tuning_spends_a_fixed_budget_where_the_time_is() -> None:
+    kernels = [
+        KernelState(cost=1e6, trials=64, seconds=0.001),  # tuned a lot, cheap now
+        KernelState(cost=5e6, trials=16, seconds=0.004),  # slow and barely searched
+        KernelState(cost=2e6, trials=0),  # never measured: priced as if naive
+    ]
+    alloc = progressive_trials(kernels, total=64, per_round=16)
+    assert sum(alloc) == 64 and all(a % 16 == 0 for a in alloc)
+    assert alloc[1] > alloc[0] and alloc[2] > 0
+    assert alloc == progressive_trials(kernels, total=64, per_round=16)
+
+
+def test_progressive_tuning_moves_on_as_a_kernel_collects_trials() -> None:
+    """Diminishing returns: after enough rounds, a kernel with less at stake gets its turn."""
+    kernels = [KernelState(cost=1.0, trials=0, seconds=0.010), KernelState(cost=1.0, trials=0, seconds=0.002)]
+    assert progressive_trials(kernels, total=16, per_round=16) == [16, 0]
+    assert progressive_trials(kernels, total=160, per_round=16)[1] > 0
+    assert progressive_trials([], 64, 16) == [] and progressive_trials(kernels, 0, 16) == [0, 0]
 
 
 def test_allocation_is_deterministic_and_handles_edges() -> None:
