@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from mlci.formatting import format_change, format_faster, format_ms, status_word
+from mlci.formatting import format_change, format_faster, format_kernels, format_ms, status_word
 from mlci.results import Results
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def results_table(results: Results) -> Table:
         table.add_column("vs base", justify="right")
     table.add_column("ORT", justify="right")
     table.add_column("faster", justify="right")
+    table.add_column("kernels tuned", justify="right")
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
         status_style = "green" if m.ok else "red"
@@ -100,7 +101,7 @@ def results_table(results: Results) -> Table:
         else:
             cells.append(format_ms(head_ms))
         cells += [format_ms(m.peer.onnxruntime_median_ms if m.peer else None),
-                  format_faster(m.peer.speedup if m.peer else None), trials]
+                  format_faster(m.peer.speedup if m.peer else None), format_kernels(m.compile), trials]
         table.add_row(*cells)
     return table
 

@@ -18,6 +18,7 @@ from mlci.stats import faster_backend
 
 if TYPE_CHECKING:
     from mlci.gate import Cell, Decision
+    from mlci.results import CompileInfo
 
 COMMENT_LIMIT = 65_536
 """GitHub rejects a comment body over this many characters (422)."""
@@ -182,6 +183,15 @@ def format_faster(speedup_vs_ort: float | None) -> str:
         return "—"
     backend, factor = faster
     return f"{BACKEND_NAMES[backend]} by {format_speedup(factor)}"
+
+
+def format_kernels(compile_info: CompileInfo | None) -> str:
+    """Kernels with a tuned schedule out of all kernels, so a silent fallback to untuned code shows:
+    ``26/29``, with ``(default build)`` when the build with default schedules only was faster."""
+    if compile_info is None or compile_info.kernels is None or compile_info.kernels_tuned is None:
+        return "—"
+    text = f"{compile_info.kernels_tuned}/{compile_info.kernels}"
+    return text + " (default build)" if compile_info.build == "default" else text
 
 
 def format_ratio(ratio: float | None) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 from mlci.config import GateConfig
 from mlci.results import (
     BaseStatus,
+    CompileInfo,
     FailOn,
     GitInfo,
     Latency,
@@ -75,6 +76,7 @@ class Cell:
     status: Status | None = None
     error: str | None = None
     tuning: TuningInfo | None = None
+    compile: CompileInfo | None = None
     numerics: NumericsInfo | None = None
     rounds: int = 0
     mlflow_run_id: str | None = None
@@ -254,6 +256,7 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
         status=model.status,
         error=model.error,
         tuning=model.tuning,
+        compile=model.compile,
         numerics=model.numerics,
         mlflow_run_id=model.mlflow_run_id,
         mlflow_url=model.mlflow_url,

@@ -41,6 +41,7 @@ from mlci.report import (
 )
 from mlci.results import (
     Baseline,
+    CompileInfo,
     Fingerprint,
     GateSettings,
     GitInfo,
@@ -95,6 +96,7 @@ def model(
     tuning: TuningInfo | None = None,
     history: History | None = None,
     mlflow_url: str | None = None,
+    compile_info: CompileInfo | None = None,
 ) -> ModelResult:
     """A model x target result with an A/B baseline (base/head: a centre in ms or explicit samples)."""
     base_samples = samples(base) if isinstance(base, int | float) else base
@@ -120,6 +122,8 @@ def model(
             NumericsInfo(max_abs_err=2.4e-06, max_rel_err=1.1e-05, atol=1e-4, rtol=1e-3, passed=True) if ok else None),
         tuning=tuning if tuning is not None else (
             TuningInfo(trials_new=64, trials_cached=448, tasks=12, tasks_from_cache=10, seconds=81.5) if ok else None),
+        compile=compile_info if compile_info is not None else (
+            CompileInfo(seconds=4.2, kernels=14, kernels_tuned=12, kernels_default=2, build="tuned") if ok else None),
         mlflow_url=mlflow_url,
         base=baseline,
         history=history,
@@ -682,3 +686,18 @@ def test_the_comment_names_the_backend_to_ship_on_each_target() -> None:
     assert "| ORT by 2.5x |" in rows[("yolov8n", "cpu-x86")]  # ship ONNX Runtime on this CPU ...
     assert "| TVM by 3.0x |" in rows[("yolov8n", "gpu-cuda")]  # ... and the tuned model on this GPU
     assert "ORT by 2.5x" in "".join(str(c) for c in terminal_table(decision).columns[5].cells)
+
+
+def test_the_comment_shows_how_many_kernels_run_a_tuned_schedule() -> None:
+    """A fallback to untuned code is visible: kernels with a tuned schedule out of all, per model."""
+    decision = decide([results("cpu-x86", [
+        model("resnet50", compile_info=CompileInfo(seconds=9.0, kernels=40, kernels_tuned=31, kernels_default=9)),
+        model("mlp", compile_info=CompileInfo(seconds=0.4, kernels=3, kernels_tuned=3, build="default",
+                                              tuned_build_ms=0.05, default_build_ms=0.03)),
+    ])])
+    comment = render_comment(decision, CONTEXT)
+    assert "| kernels tuned |" in comment
+    tuning_rows = [line for line in comment.splitlines()
+                   if line.startswith(("| resnet50 |", "| mlp |")) and "| 81.5 |" in line]  # the tuning table's
+    assert "| 31/40 |" in tuning_rows[0]
+    assert "| 3/3 (default build) |" in tuning_rows[1]
