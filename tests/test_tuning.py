@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from mlci.compile import fuse_for_tuning
 from mlci.config import ModelConfig
 from mlci.pipeline import ModelSettings, Pipeline
 from mlci.targets import ResolvedTarget, detect_host_target
@@ -62,9 +64,68 @@ def test_cache_miss_hit_partial_hit_and_growing_budget(tmp_path: Path) -> None:
     assert grown.trials_cached == 8
     assert 0 < grown.trials_new <= 8
 
-    # Schedules found are applied at build time.
+    # Schedules found are applied at build time, with the weights pre-packed: every record matches.
     cache = TuningCache(cache_dir)
     assert all(cache.valid_records(k) for k in kernels_a)
+    pipeline = _pipeline(cache_dir, logs)
+    fused = fuse_for_tuning(model_a.mod, pipeline.tvm_target)
+    assert all("layout_free_buffers" in f.attrs for _, f in fused.functions_items() if hasattr(f, "buffer_map"))
+    _, report, _ = pipeline.build(model_a)
+    assert len(report.tuned) == len(report.kernels) == len(kernels_a)
+    assert not report.fallbacks and not report.naive
+
+    # What the search learned is kept for the next run, and each kernel's default schedule was timed.
+    assert cache.load_cost_model(cores=2, warmup=4).data_size >= miss.trials_valid_new
+    assert set(cache.default_seconds()) >= {k.key for k in kernels_a}
+
+
+def test_a_corrupt_saved_cost_model_starts_fresh_with_a_warning(tmp_path: Path, caplog) -> None:
+    cache = TuningCache(tmp_path / "cache")
+    cache.cost_model_path.write_bytes(b"not a tarball")
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        model = cache.load_cost_model(cores=2, warmup=16)
+    assert model.data_size == 0 and model.booster is None
+    assert "cost model could not be read" in caplog.text and "starting a fresh one" in caplog.text
+
+
+def _commit_naive_records(pipeline: Pipeline, imported) -> None:
+    """A 'tuned' record for every kernel that is the bare loop nest, claiming to be very fast."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.tirx import FloatImm
+
+    db = pipeline.cache.database
+    for kernel in imported.kernels:
+        workload = kernel.task.dispatched[0]
+        naive = s_tir.Schedule(workload)
+        root = naive.get_sblock("root")
+        naive.annotate(naive.get_child_blocks(root)[0], "naive", 1)  # an empty trace is not a valid record
+        db.commit_tuning_record(ms.database.TuningRecord(
+            naive.trace, db.commit_workload(workload), run_secs=[FloatImm("float64", 1e-9)],
+            target=pipeline.tvm_target, args_info=ms.arg_info.ArgInfo.from_prim_func(workload["main"])))
+
+
+def test_never_worse_than_the_default_schedules(tmp_path: Path) -> None:
+    """A kernel whose default schedule timed faster keeps it; a tuned build that runs slower than
+    the build with default schedules only is replaced by it, and the results say so."""
+    model = _imported(tmp_path, (256, 512, 256), "wide")
+    pipeline = _pipeline(tmp_path / "cache", tmp_path / "logs")
+    _commit_naive_records(pipeline, model)
+    settings = ModelSettings(trials=0, trials_per_round=4)
+
+    # Kernel by kernel: the default schedule measured faster than the record, so the build keeps it.
+    pipeline.cache.save_default_seconds({k.key: 1e-12 for k in model.kernels})
+    compiled = pipeline.tune_and_build(model, settings)
+    assert sorted(compiled.build_report.kept_default) == sorted(compiled.build_report.kernels)
+    assert compiled.compile_info().kernels_tuned == 0 and compiled.compile_info().kernels_kept_default == 2
+
+    # Whole build: with no default timings the naive records are used; the default build wins.
+    (pipeline.cache.dir / "default_schedules.json").unlink()
+    compiled = pipeline.tune_and_build(model, settings)
+    choice = compiled.build_choice
+    assert choice is not None and choice.default_ms < choice.tuned_ms
+    info = compiled.compile_info()
+    assert info.build == "default" and info.kernels_tuned == 0 and info.default_build_ms < info.tuned_build_ms
 
 
 def test_the_tuning_runner_runs_candidates_on_the_targets_threads() -> None:
