@@ -20,6 +20,10 @@ case "${MLCI_COMMAND:-run}" in
     if [ -n "${MLCI_TRIALS:-}" ]; then args+=(--trials "$MLCI_TRIALS"); fi
     if [ -n "${MLCI_TUNE_SECONDS:-}" ]; then args+=(--tune-seconds "$MLCI_TUNE_SECONDS"); fi
     if is_true "${MLCI_ALLOW_FAILURES:-}"; then args+=(--allow-failures); fi
+    case "${MLCI_PROGRESSIVE:-auto}" in
+      true) args+=(--progressive) ;;
+      false) args+=(--no-progressive) ;;
+    esac
     ;;
   compare)
     args=(compare --github)

@@ -95,6 +95,13 @@ def run(
         typer.Option(help="Git ref to A/B against: its merge-base's models are built and measured interleaved "
                           "with the head (default: the pull request's base, else [gate].base)."),
     ] = None,
+    progressive: Annotated[
+        bool | None,
+        typer.Option("--progressive/--no-progressive",
+                     help="Search the trial budget anew on this run, where the most is left to gain, so the cache "
+                          "converges over commits (default: only on pushes and schedules to the default branch "
+                          "in GitHub Actions)."),
+    ] = None,
 ) -> None:
     """Compile, tune, check and benchmark every model of the config on one target."""
     from mlci.commands.run import RunOptions, execute, run_outputs
@@ -105,6 +112,7 @@ def run(
         options = RunOptions(
             target=target, models=model or [], trials=trials, tune_seconds=tune_seconds,
             output=output, tracking=not no_tracking, tracking_uri=tracking_uri, base=base,
+            progressive=progressive,
         )
         with RunReporter(err) as reporter:
             outcome = execute(cfg, options, reporter)

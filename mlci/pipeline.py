@@ -78,7 +78,7 @@ class ModelSettings:
 
     @classmethod
     def resolve(cls, config: Config, model: ModelConfig, *, trials: int | None = None,
-                seconds: float | None = None) -> ModelSettings:
+                seconds: float | None = None, progressive: bool = False) -> ModelSettings:
         def pick(*values: Any) -> Any:
             return next(v for v in values if v is not None)
 
@@ -90,6 +90,7 @@ class ModelSettings:
             rtol=pick(model.rtol, config.numerics.rtol),
             threshold=pick(model.threshold, config.gate.threshold),
             seed=config.measure.seed,
+            progressive=progressive,
         )
 
 

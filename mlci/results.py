@@ -175,6 +175,9 @@ class TuningInfo:
     seconds_budget: float | None = None
     deadline_hit: bool = False
     """Tuning stopped at its time cap; the next run continues."""
+    progressive: bool = False
+    """The run searched `trials_budget` new trials where the most was left to gain (default-branch runs),
+    rather than only what the budget still owed each kernel."""
 
 
 @dataclass

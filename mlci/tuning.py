@@ -340,6 +340,7 @@ class TuningOutcome:
     seconds: float = 0.0
     deadline_hit: bool = False
     planned: list[int] = field(default_factory=list)
+    progressive: bool = False
 
     def info(self) -> TuningInfo:
         """The results file's tuning section."""
@@ -353,6 +354,7 @@ class TuningOutcome:
             tasks_from_cache=self.tasks_from_cache,
             seconds=round(self.seconds, 3),
             deadline_hit=self.deadline_hit,
+            progressive=self.progressive,
         )
 
 
@@ -458,7 +460,7 @@ def tune(
     has its `default_schedule` timed once, so a build can tell whether tuning beat it."""
     start = time.monotonic()
     deadline = start + seconds
-    outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels))
+    outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels), progressive=progressive)
     ledger = cache.ledger()
     done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]
     if progressive:

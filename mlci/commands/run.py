@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlci import ab, tracking
+from mlci.actions import GitHubContext
 from mlci.config import Config, ConfigError, ModelConfig, check_model_files, relative_to_root
 from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
 from mlci.measure import TvmModel, use_threads
 from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
-from mlci.results import GateSettings, Latency, ModelResult, Results, Status, TargetInfo, write_results
+from mlci.results import GateSettings, GitInfo, Latency, ModelResult, Results, Status, TargetInfo, write_results
 from mlci.stats import summarize
 from mlci.targets import environment_fingerprint, select_target
 from mlci.tuning import TuningCache, cache_directory
@@ -42,6 +43,9 @@ class RunOptions:
     tracking_uri: str | None = None
     base: str | None = None
     """Git ref to A/B against (resolved to the merge-base with HEAD)."""
+    progressive: bool | None = None
+    """Spend the trial budget anew on every run (see ModelSettings.progressive); None: only on a push
+    or schedule to the default branch in GitHub Actions, so the cache pull requests read converges."""
 
 
 @dataclass
@@ -70,7 +74,8 @@ class ModelRunner:
         self.work_dir = config.state_dir / "work" / pipeline.target.name
 
     def run(self, cfg: ModelConfig, progress: RunReporter) -> ModelResult:
-        settings = ModelSettings.resolve(self.config, cfg, trials=self.options.trials, seconds=self.options.tune_seconds)
+        settings = ModelSettings.resolve(self.config, cfg, trials=self.options.trials, seconds=self.options.tune_seconds,
+                                         progressive=bool(self.options.progressive))
         policy = dataclasses.replace(self.policy, threshold=settings.threshold)
         base_record = None
 
@@ -128,6 +133,14 @@ def _setup_file_logging(config: Config) -> None:
     log.setLevel(logging.INFO)
 
 
+def progressive_by_default(ctx: GitHubContext, git: GitInfo) -> bool:
+    """Progressive tuning on the default branch's own CI runs (pushes, schedules, manual runs): they
+    write the tuning cache that pull requests restore. Pull requests and local runs search only what
+    the budget still owes, so an unchanged model costs nothing."""
+    return (ctx.github_actions and ctx.event_name in ("push", "schedule", "workflow_dispatch")
+            and git.branch is not None and git.branch == git.default_branch)
+
+
 def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOutcome:
     """The whole command; raises ConfigError for problems that stop everything."""
     run_prepare(config)
@@ -139,7 +152,10 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     target = select_target(config, options.target)
     _setup_file_logging(config)
 
-    git = detect_git(config.root)
+    ctx = GitHubContext.from_env()
+    git = detect_git(config.root, ctx)
+    if options.progressive is None:
+        options = dataclasses.replace(options, progressive=progressive_by_default(ctx, git))
     base_ref = options.base or git.base_commit or config.gate.base
     # Threads first: TVM sizes its pool once, and the fingerprint records what it reports.
     fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
