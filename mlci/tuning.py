@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ DEFAULTS_FILE = "default_schedules.json"
 record that is slower than it."""
 """MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
 log = logging.getLogger("mlci")
+# XGBoost's notice that MetaSchedule's "model.bin" is read and written as UBJSON: expected, not the user's concern.
+_XGB_FORMAT_NOTICE = r"(?s).*(UBJSON|Unknown file format)"
 CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
 # Frozen importlib frames are not files: inspect.getmodule scans every module for each.
 _FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
@@ -245,7 +248,9 @@ class TuningCache:
         if not self.cost_model_path.exists():
             return model
         try:
-            model.load(str(self.cost_model_path))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_XGB_FORMAT_NOTICE)
+                model.load(str(self.cost_model_path))
         except Exception as exc:  # noqa: BLE001 - a bad file costs a cold start, never the run
             log.warning("tuning cache %s: the saved cost model could not be read (%s: %s); starting a fresh one",
                         self.cost_model_path, type(exc).__name__, str(exc).strip()[:200])
@@ -258,7 +263,9 @@ class TuningCache:
             return  # nothing learned yet
         tmp = self.cost_model_path.with_name(COST_MODEL_FILE + ".tmp")
         try:
-            model.save(str(tmp))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_XGB_FORMAT_NOTICE)
+                model.save(str(tmp))
             tmp.replace(self.cost_model_path)
         except Exception as exc:  # noqa: BLE001 - the records are saved; only the model's head start is lost
             log.warning("tuning cache %s: could not save the cost model (%s)", self.dir, str(exc).strip()[:200])
