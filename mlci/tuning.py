@@ -311,10 +311,11 @@ class TuningCache:
                 slower.add(kernel.key)
         return frozenset(slower)
 
-    def best_seconds(self, kernel: Kernel) -> float | None:
-        """The kernel's best measured time per inference (its best record times its calls)."""
-        seconds = self.record_seconds(kernel)
-        return None if seconds is None else seconds * kernel.weight
+    def best_seconds(self, kernel: Kernel, defaults: dict[str, float] | None = None) -> float | None:
+        """The kernel's best measured time per inference: its best record, or its default schedule
+        where that timed faster (`defaults`, from `default_seconds`), times its calls."""
+        measured = [s for s in (self.record_seconds(kernel), (defaults or {}).get(kernel.key)) if s is not None]
+        return min(measured) * kernel.weight if measured else None
 
     def export_records(self, kernels: list[Kernel], path: Path, top_k: int = 8) -> int:
         """Write the best records of these kernels as JSON (an MLflow artifact); returns the count."""
@@ -471,7 +472,8 @@ def tune(
     ledger = cache.ledger()
     done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]
     if progressive:
-        states = [KernelState(k.cost, d, cache.best_seconds(k)) for k, d in zip(kernels, done_before)]
+        defaults = cache.default_seconds()
+        states = [KernelState(k.cost, d, cache.best_seconds(k, defaults)) for k, d in zip(kernels, done_before)]
         owed = progressive_trials(states, trials, per_round)
         planned = [d + o for d, o in zip(done_before, owed)]
     else:
