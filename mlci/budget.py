@@ -55,6 +55,10 @@ def trials_to_search(allocated: list[int], done: list[int]) -> list[int]:
     return [max(0, a - d) for a, d in zip(allocated, done)]
 
 
+MIN_PRICED_COST = 1e4
+"""Below this estimated work (FLOPs x calls) a kernel moves data rather than computes."""
+
+
 @dataclass(frozen=True)
 class KernelState:
     """What the cache knows about one kernel, for deciding where the next trials go."""
@@ -87,8 +91,9 @@ def progressive_trials(kernels: list[KernelState], total: int, per_round: int) -
     n = len(kernels)
     if n == 0 or total <= 0:
         return [0] * n
-    measured = [(k.seconds, k.cost) for k in kernels if k.seconds is not None and k.cost > 0]
-    # Price an unmeasured kernel's cost at the slowest rate seen (few trials: close to naive), or 1 s/GFLOP.
+    measured = [(k.seconds, k.cost) for k in kernels if k.seconds is not None and k.cost >= MIN_PRICED_COST]
+    # Price an unmeasured kernel's work at the slowest rate measured on real compute (data-movement
+    # kernels estimate ~no work, so their rate means nothing), or 1 s per GFLOP.
     seconds_per_cost = max((s / c for s, c in measured), default=1e-9)
     alloc = [0] * n
     left = total

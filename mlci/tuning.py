@@ -319,6 +319,8 @@ class TuningCache:
 
     def export_records(self, kernels: list[Kernel], path: Path, top_k: int = 8) -> int:
         """Write the best records of these kernels as JSON (an MLflow artifact); returns the count."""
+        from tvm.s_tir.meta_schedule import _ffi_api
+
         entries = []
         for kernel in kernels:
             records = self.valid_records(kernel)[:top_k]
@@ -328,12 +330,29 @@ class TuningCache:
                 {
                     "kernel": kernel.name,
                     "key": kernel.key,
-                    "workload": records[0].workload.as_json(),
-                    "records": [r.as_json() for r in records],
+                    "workload": _plain_json(_ffi_api.WorkloadAsJSON(records[0].workload)),
+                    "records": [_plain_json(_ffi_api.TuningRecordAsJSON(r)) for r in records],
                 }
             )
         path.write_text(json.dumps(entries, default=str))
         return sum(len(e["records"]) for e in entries)
+
+
+def _plain_json(obj: Any) -> Any:
+    """MetaSchedule's JSON form of a record as plain Python. Its own converter rejects what a weight
+    layout rewrite puts in a trace (an IndexMap); such objects are written as their TVMScript text."""
+    import tvm
+    import tvm_ffi
+
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, tvm.tirx.IntImm | tvm.tirx.FloatImm):
+        return obj.value
+    if isinstance(obj, tvm_ffi.Array | list | tuple):
+        return [_plain_json(item) for item in obj]
+    if isinstance(obj, tvm_ffi.Map | dict):
+        return {str(_plain_json(k)): _plain_json(v) for k, v in obj.items()}
+    return str(obj)
 
 
 @dataclass
@@ -369,34 +388,41 @@ class TuningOutcome:
 ProgressFn = Callable[[int, int, str], None]
 
 
-def measure_default(kernel: Kernel, tvm_target: Any, default_schedule: Callable[[Any], bool], builder: Any,
-                    runner: Any) -> float | None:
-    """Seconds per call of the kernel's default schedule, timed by the runner that times the
-    tuning candidates (so the two compare); None when it does not apply, build or run."""
+def measure_defaults(kernels: list[Kernel], tvm_target: Any, default_schedule: Callable[[Any], bool], builder: Any,
+                     runner: Any) -> dict[str, float]:
+    """Seconds per call of each kernel's default schedule (by key), timed by the runner that times
+    the tuning candidates, so the two compare; built in one batch across the builder's workers.
+    A kernel it does not apply to, or that fails to build or run, is left out."""
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    workload = kernel.task.dispatched[0]
+    scheduled = []
+    for kernel in kernels:
+        workload = kernel.task.dispatched[0]
+        try:
+            sch = s_tir.Schedule(workload)
+            if default_schedule(sch):
+                scheduled.append((kernel, sch.mod, ArgInfo.from_prim_func(workload["main"])))
+        except Exception as exc:  # noqa: BLE001 - without a timing the tuned record is used, as before
+            log.debug("kernel %s: no default schedule to time: %s", kernel.name, exc)
+    if not scheduled:
+        return {}
+    device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
+    timings: dict[str, float] = {}
     try:
-        sch = s_tir.Schedule(workload)
-        if not default_schedule(sch):
-            return None
-        (built,) = builder.build([BuilderInput(sch.mod, tvm_target)])
-        if built.error_msg is not None:
-            return None
-        args = ArgInfo.from_prim_func(workload["main"])
-        device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
-        (future,) = runner.run([RunnerInput(built.artifact_path, device, args)])
-        result = future.result()
-    except Exception as exc:  # noqa: BLE001 - without a timing the tuned record is used, as before
-        log.debug("kernel %s: timing its default schedule failed: %s", kernel.name, exc)
-        return None
-    if result.error_msg is not None or not result.run_secs:
-        return None
-    secs = [float(x) for x in result.run_secs]
-    return sum(secs) / len(secs)
+        built = builder.build([BuilderInput(mod, tvm_target) for _, mod, _ in scheduled])
+        ready = [(kernel, args, b) for (kernel, _, args), b in zip(scheduled, built) if b.error_msg is None]
+        futures = runner.run([RunnerInput(b.artifact_path, device, args) for _, args, b in ready])
+        for (kernel, _, _), future in zip(ready, futures):
+            result = future.result()
+            if result.error_msg is None and result.run_secs:
+                secs = [float(x) for x in result.run_secs]
+                timings[kernel.key] = sum(secs) / len(secs)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("timing default schedules failed: %s", exc)
+    return timings
 
 
 def search_strategy() -> Any:
@@ -507,16 +533,16 @@ def tune(
     callbacks.append(_progress_callback(counts))
     searched_total = 0
     default_timings = cache.default_seconds()
+    if default_schedule is not None:
+        untimed = [k for k, o in zip(kernels, owed) if o > 0 and k.key not in default_timings]
+        if untimed:
+            default_timings.update(measure_defaults(untimed, tvm_target, default_schedule, builder, runner))
+            cache.save_default_seconds(default_timings)
     try:
         for index, kernel in enumerate(kernels):
             need = owed[index]
             if need == 0:
                 continue
-            if default_schedule is not None and kernel.key not in default_timings:
-                seconds_default = measure_default(kernel, tvm_target, default_schedule, builder, runner)
-                if seconds_default is not None:
-                    default_timings[kernel.key] = seconds_default
-                    cache.save_default_seconds(default_timings)
             if time.monotonic() >= deadline:
                 outcome.deadline_hit = True
                 break
