@@ -48,16 +48,16 @@ from rich.console import Console
 from rich.table import Table
 
 from mlci import tuning
-from mlci.config import Config, ModelConfig, load_config
+from mlci.config import Config, load_config
 from mlci.models import ModelError
 from mlci.pipeline import Imported, ModelSettings, Pipeline, run_prepare
 from mlci.stats import speedup, summarize
 from mlci.targets import environment_fingerprint, select_target
 
 if __package__:  # python -m bench.progressive
-    from bench.tvm_vs_ort import TUNE_SECONDS, Timing, _ms, _say, _x, err, write_json
+    from bench.tvm_vs_ort import TUNE_SECONDS, Timing, _ms, _say, _x, err, selected_models, write_json
 else:  # python bench/progressive.py: bench/ is on sys.path
-    from tvm_vs_ort import TUNE_SECONDS, Timing, _ms, _say, _x, err, write_json
+    from tvm_vs_ort import TUNE_SECONDS, Timing, _ms, _say, _x, err, selected_models, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "mlci.toml"
@@ -335,11 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
-    unknown = sorted(set(args.models) - {m.name for m in config.models})
-    if unknown:
-        err.print(f"no such model(s) in {config.path}: {', '.join(unknown)}", markup=False)
+    selected = selected_models(config, args.models)
+    if selected is None:
         return 2
-    selected: list[ModelConfig] = [m for m in config.models if not args.models or m.name in args.models]
     run_prepare(config)  # e.g. generate the example models
     target = select_target(config, args.target)
 

@@ -956,14 +956,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def selected_models(config: Config, names: list[str]) -> list[ModelConfig] | None:
+    """The config's models named on the command line (all of them when none is); None, after
+    saying which, when a name is not in the config."""
+    unknown = sorted(set(names) - {m.name for m in config.models})
+    if unknown:
+        err.print(f"no such model(s) in {config.path}: {', '.join(unknown)}", markup=False)
+        return None
+    return [m for m in config.models if not names or m.name in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
-    unknown = sorted(set(args.models) - {m.name for m in config.models})
-    if unknown:
-        err.print(f"no such model(s) in {config.path}: {', '.join(unknown)}", markup=False)
+    selected = selected_models(config, args.models)
+    if selected is None:
         return 2
-    selected = [m for m in config.models if not args.models or m.name in args.models]
     run_prepare(config)  # e.g. generate the example models
     target = select_target(config, args.target)
     ladder = scaled_ladder(args.ladder, args.budget_scale)
