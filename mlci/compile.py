@@ -205,7 +205,7 @@ def apply_schedules(fused: Any, tvm_target: Any, database: Any, default_schedule
             report.tuned.append(name)
             continue
         scheduled = func
-        if defaults is not None and workload_key(func) in keep_default:
+        if defaults is not None and keep_default and workload_key(func) in keep_default:
             report.kept_default.append(name)
         else:
             try:

@@ -35,10 +35,10 @@ MS_LOGGER = "tvm.s_tir.meta_schedule"
 WARMUP_SAMPLES = 100
 """Candidates a fresh cost model sees before it ranks the search's (MetaSchedule's default)."""
 COST_MODEL_FILE = "cost_model.tar"
+"""MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
 DEFAULTS_FILE = "default_schedules.json"
 """Measured time of each kernel's rule-based default schedule, so a build never takes a tuned
 record that is slower than it."""
-"""MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
 log = logging.getLogger("mlci")
 # XGBoost's notice that MetaSchedule's "model.bin" is read and written as UBJSON: expected, not the user's concern.
 _XGB_FORMAT_NOTICE = r"(?s).*(UBJSON|Unknown file format)"
@@ -194,6 +194,23 @@ def cache_directory(cache_root: Path, target_name: str, fingerprint: Fingerprint
     return cache_root / f"{target_name}-{cache_key(fingerprint)}"
 
 
+def _read_json_map(path: Path, convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """A JSON object of the cache, its values through `convert`; empty when missing or damaged."""
+    try:
+        return {k: convert(v) for k, v in json.loads(path.read_text()).items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace the file at once: a crash leaves the old one, never half of the new."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+    tmp.replace(path)
+
+
 class TuningCache:
     """A directory holding one target's MetaSchedule database and the trials ledger.
 
@@ -224,17 +241,11 @@ class TuningCache:
         return self._database
 
     def ledger(self) -> dict[str, int]:
-        try:
-            return {k: int(v) for k, v in json.loads(self._ledger_path.read_text()).items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, AttributeError):
-            return {}  # a damaged ledger costs re-searching, never a crash
+        """Kernel key -> trials it has had (a damaged ledger costs re-searching, never a crash)."""
+        return _read_json_map(self._ledger_path, int)
 
     def save_ledger(self, ledger: dict[str, int]) -> None:
-        tmp = self._ledger_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ledger, indent=0, sort_keys=True))
-        tmp.replace(self._ledger_path)
+        _write_json_atomic(self._ledger_path, ledger)
 
     @property
     def cost_model_path(self) -> Path:
@@ -246,7 +257,10 @@ class TuningCache:
         damaged one does too, with a warning."""
         from tvm.s_tir import meta_schedule as ms
 
-        model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+        def fresh() -> Any:
+            return ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+
+        model = fresh()
         if not self.cost_model_path.exists():
             return model
         try:
@@ -256,7 +270,7 @@ class TuningCache:
         except Exception as exc:  # noqa: BLE001 - a bad file costs a cold start, never the run
             log.warning("tuning cache %s: the saved cost model could not be read (%s: %s); starting a fresh one",
                         self.cost_model_path, type(exc).__name__, str(exc).strip()[:200])
-            model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+            model = fresh()
         return model
 
     def save_cost_model(self, model: Any) -> None:
@@ -272,31 +286,25 @@ class TuningCache:
         except Exception as exc:  # noqa: BLE001 - the records are saved; only the model's head start is lost
             log.warning("tuning cache %s: could not save the cost model (%s)", self.dir, str(exc).strip()[:200])
 
-    def valid_records(self, kernel: Kernel) -> list[Any]:
+    def valid_records(self, kernel: Kernel, top_k: int = 1 << 30) -> list[Any]:
+        """The kernel's records that built and ran, fastest first (at most `top_k`)."""
         db = self.database
         workload = kernel.task.dispatched[0]
         if not db.has_workload(workload):
             return []
-        return list(db.get_top_k(db.commit_workload(workload), 1 << 30))
+        return list(db.get_top_k(db.commit_workload(workload), top_k))
 
     def default_seconds(self) -> dict[str, float]:
-        """Kernel key -> measured seconds per call of its rule-based default schedule."""
-        try:
-            return {k: float(v) for k, v in json.loads((self.dir / DEFAULTS_FILE).read_text()).items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, AttributeError, TypeError):
-            return {}  # a damaged file costs re-measuring, never a crash
+        """Kernel key -> measured seconds per call of its rule-based default schedule (a damaged
+        file costs re-measuring, never a crash)."""
+        return _read_json_map(self.dir / DEFAULTS_FILE, float)
 
     def save_default_seconds(self, timings: dict[str, float]) -> None:
-        path = self.dir / DEFAULTS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(timings, indent=0, sort_keys=True))
-        tmp.replace(path)
+        _write_json_atomic(self.dir / DEFAULTS_FILE, timings)
 
     def record_seconds(self, kernel: Kernel) -> float | None:
         """Seconds per call of the kernel's best tuned record, or None when it has none."""
-        records = self.valid_records(kernel)
+        records = self.valid_records(kernel, top_k=1)
         if not records or not records[0].run_secs:
             return None
         secs = [float(x) for x in records[0].run_secs]
