@@ -88,6 +88,17 @@ def prepacks_weights(tvm_target: Any) -> bool:
     return tvm_target.kind.name == "llvm"
 
 
+CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+"""Convolutions on CPU run channels-last, weights with output channels innermost: the vector
+axis is then the channel axis (16, 64, 256... wide) rather than the image width (55, 27, 13 in
+SqueezeNet, rarely a multiple of the vector width). Measured on SqueezeNet, 2 cores, 256 trials
+from an empty cache: 6.6 ms channels-last against 8.5 ms channels-first."""
+
+
+def converts_conv_layout(tvm_target: Any) -> bool:
+    return tvm_target.kind.name == "llvm"
+
+
 def _fusion_passes(tvm_target: Any) -> list[Any]:
     """The same preparation at tuning and at build, so every tuned workload matches its kernel."""
     from tvm import relax
@@ -97,6 +108,8 @@ def _fusion_passes(tvm_target: Any) -> list[Any]:
         dispatch = list(pipeline.library_dispatch_passes(tvm_target))
     except (ValueError, AttributeError):
         dispatch = []
+    if converts_conv_layout(tvm_target):
+        dispatch.insert(0, relax.transform.ConvertLayout(CPU_CONV_LAYOUT))
     passes = [
         *dispatch,
         relax.transform.LegalizeOps(),

@@ -45,6 +45,15 @@ def _largest_divisor(extent: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(extent, limit)) + 1) if extent % d == 0)
 
 
+def _vector_width(extent: int, lanes: int) -> int:
+    """The widest power of two up to `lanes` dividing `extent` (1000 -> 8, where the largest divisor,
+    10, would split into a full and a partial register), or any divisor when only 1 or 2 is."""
+    width = 1
+    while width * 2 <= lanes and extent % (width * 2) == 0:
+        width *= 2
+    return width if width >= 4 else _largest_divisor(extent, lanes)
+
+
 def _extent(sch: Any, loop: Any) -> int | None:
     extent = sch.get(loop).extent
     return int(extent.value) if hasattr(extent, "value") else None
@@ -140,13 +149,15 @@ def _tile_reduction(sch: Any, block: Any, lanes: int, threads: int) -> Any | Non
     # Accumulate the tile in a local buffer (registers), written back once per tile.
     _try("cache_write", sch.cache_write, block, 0, "local")
     last = spatial[-1]
-    vec = _largest_divisor(_extent(sch, last) or 1, lanes)
+    last_extent = _extent(sch, last) or 1
+    vec = _vector_width(last_extent, lanes)
     others = spatial[:-1]
     # The register tile goes on the longest other output axis (output channels for a convolution,
     # rows for a matmul): each vector loaded from the input is then reused that many times.
     tile_axis = max(others, key=lambda lp: _extent(sch, lp) or 0, default=None)
     outer: list[Any] = []
     inner: list[Any] = []
+    rows = 1
     for loop in others:
         if tile_axis is not None and loop.same_as(tile_axis):
             rows = _largest_divisor(_extent(sch, loop) or 1, REGISTER_TILE)
@@ -155,16 +166,22 @@ def _tile_reduction(sch: Any, block: Any, lanes: int, threads: int) -> Any | Non
             inner.append(loop_inner)
         else:
             outer.append(loop)
-    last_outer, last_inner = sch.split(last, factors=[None, vec])
-    inner.append(last_inner)
-    sch.reorder(*outer, last_outer, *reduce, *inner)
-    fused = sch.fuse(*outer, last_outer) if outer else last_outer
+    # Where the other axis gives few rows (13x13 images, a batch of 1), the tile widens to several
+    # vectors along the innermost axis instead, so there are still enough independent sums.
+    vectors = _largest_divisor(last_extent // vec, max(1, REGISTER_TILE // rows))
+    last_outer, last_vectors, last_inner = sch.split(last, factors=[None, vectors, vec])
+    inner += [last_vectors, last_inner]
+    # The innermost axis's outer loop goes first: one tile of weights (output channels) then stays
+    # in cache while the whole image is swept, instead of all the weights streaming past each pixel.
+    sch.reorder(last_outer, *outer, *reduce, *inner)
+    fused = sch.fuse(last_outer, *outer) if outer else last_outer
     if threads > 1:
         _applies("parallel", sch.parallel, fused)
     # Vectorize while the block is still a reduction with its init (TVM refuses it after the split).
     _applies("vectorize", sch.vectorize, last_inner)
-    if len(inner) > 1:
-        _applies("unroll", sch.unroll, inner[0])
+    for loop in inner[:-1]:
+        if (_extent(sch, loop) or 0) > 1:
+            _applies("unroll", sch.unroll, loop)
     init = _try("decompose_reduction", sch.decompose_reduction, block, reduce[0])
     if init is not None:
         _applies("vectorize init", sch.vectorize, sch.get_loops(init)[-1])
