@@ -27,6 +27,11 @@ REGISTER_TILE = 8
 """Rows of the output kept in registers at once (times a vector-wide tile of columns)."""
 
 
+SERIAL_VECTOR_LOOP_ROWS = 64
+"""Rows (iterations of the outer loops) an element-wise block needs before its loop over vectors is
+left out of the parallel loop."""
+
+
 def vector_lanes(tvm_target: Any) -> int:
     """float32 lanes of the target's widest vector registers (what to tile the innermost axis by)."""
     features = " ".join(str(x) for x in (tvm_target.attrs.get("mattr") or []))
@@ -124,8 +129,13 @@ def _parallel_vectorize(sch: Any, block: Any, lanes: int, threads: int) -> None:
     if types[-1] == 0 and len(spatial_prefix) == len(loops):
         extent = _extent(sch, inner)
         if extent and extent > lanes and extent % lanes == 0:
-            _, inner = sch.split(inner, factors=[None, lanes])
-            spatial_prefix = spatial_prefix[:-1] + [_]
+            vectors, inner = sch.split(inner, factors=[None, lanes])
+            rest = 1
+            for loop in spatial_prefix[:-1]:
+                rest *= _extent(sch, loop) or 1
+            # Given enough other rows to share out, the loop over vectors stays serial inside the
+            # parallel one, where lowering can split it at a condition (a concatenation's seam).
+            spatial_prefix = spatial_prefix[:-1] + ([] if rest >= SERIAL_VECTOR_LOOP_ROWS else [vectors])
         if extent and extent > 1:
             _applies("vectorize", sch.vectorize, inner)
             spatial_prefix = [lp for lp in spatial_prefix if not lp.same_as(inner)]

@@ -28,7 +28,7 @@ from typing import Any
 from filelock import FileLock
 
 from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
-from mlci.compile import workload_key
+from mlci.compile import LOWERING_CONFIG, workload_key
 from mlci.results import Fingerprint, TuningInfo
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -63,19 +63,25 @@ def fast_build(mod: Any, target: Any, _params: Any) -> Any:
     """MetaSchedule's default_build minus the `tensor_intrin` import that outlives the
     builder's timeout here; schedules arrive already tensorized, so nothing needs it."""
     from tvm.driver import build as tvm_build
+    from tvm.ir.transform import PassContext
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    with PassContext(opt_level=3, config=LOWERING_CONFIG):
+        return tvm_build(mod, target=target)
 
 
 @functools.cache
-def pooled_builder(max_workers: int, timeout_sec: float = 60.0) -> Any:
+def pooled_builder(max_workers: int, timeout_sec: float = 30.0) -> Any:
     """A MetaSchedule builder whose worker processes live as long as this process.
 
     The stock LocalBuilder starts a new pool every round (each worker importing TVM,
     about 2 s a round here), which dominates when a model has many small kernels;
     one pool shared by every model of a run pays that once.
+
+    Candidates build in well under a second each here; one that takes half a minute is a
+    pathological unrolling, not a schedule worth waiting for (a round of them used to cost
+    minutes at the stock 60 s).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
