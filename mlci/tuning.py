@@ -28,7 +28,7 @@ from typing import Any
 from filelock import FileLock
 
 from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
-from mlci.compile import LOWERING_CONFIG, workload_key
+from mlci.compile import lowering_config, workload_key
 from mlci.results import Fingerprint, TuningInfo
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -67,7 +67,7 @@ def fast_build(mod: Any, target: Any, _params: Any) -> Any:
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    with PassContext(opt_level=3, config=LOWERING_CONFIG):
+    with PassContext(opt_level=3, config=lowering_config(target)):
         return tvm_build(mod, target=target)
 
 
