@@ -6,10 +6,12 @@ kernel, but a new model (or one with more kernels than a commit's budget) would 
 measured, checked and compared on naive code. These rules are what a person would write first:
 
 - element-wise producers and consumers are inlined where that adds no branch to an inner loop;
-- a kernel's main reduction (convolution, matmul, pooling) is tiled: the innermost output axis is
-  split into a vector-wide tile and the longest other one into a small register tile, both placed
-  under the reduction loops so partial sums stay in registers; the outer output loops are fused
-  and run in parallel; the initialisation is split out and vectorized;
+- a kernel's main reduction (convolution, matmul, pooling) is tiled: the innermost output axis
+  (channels, on CPU's channels-last convolutions) is split into a vector-wide tile and the longest
+  other one into a small register tile, widened by more vectors when that axis gives few rows,
+  all placed under the reduction loops so partial sums stay in registers; the outer output loops
+  are fused and run in parallel, the weight tile's loop first so it stays in cache; the
+  initialisation is split out and vectorized;
 - its element-wise epilogue (bias, activation) is computed inside the same parallel loop;
 - every other block runs its outer data-parallel loops in parallel and its innermost vectorized.
 
