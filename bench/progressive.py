@@ -66,9 +66,10 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "out" / "progressive.json"
 DEFAULT_COMMITS = 20
 DEFAULT_TRIALS = 64
 GOAL_TVM_OVER_ORT = 1.5
+"""TVM's median latency may be at most this many times ONNX Runtime's measured in the same commit,
+at the end of the curve (the median ratio of the last ENDING commits)."""
 ENDING = 3
 """Commits whose paired TVM/ORT ratios (median) say where the curve ends."""
-"""TVM's median latency at the last commit may be at most this many times ONNX Runtime's."""
 
 
 # --- results ----------------------------------------------------------------
