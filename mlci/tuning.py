@@ -204,9 +204,7 @@ def _read_json_map(path: Path, convert: Callable[[Any], Any]) -> dict[str, Any]:
     """A JSON object of the cache, its values through `convert`; empty when missing or damaged."""
     try:
         return {k: convert(v) for k, v in json.loads(path.read_text()).items()}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, AttributeError, TypeError):
+    except (FileNotFoundError, ValueError, AttributeError, TypeError):
         return {}
 
 
