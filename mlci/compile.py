@@ -309,6 +309,23 @@ class BuildReport:
         return [k for k in self.kernels if k not in scheduled]
 
 
+@dataclass(frozen=True)
+class BuildChoice:
+    """A quick paired timing of the tuned build and the build with default schedules only."""
+
+    tuned_ms: float
+    default_ms: float
+
+    @property
+    def kept(self) -> str:
+        """The tuned build unless the default one is faster by more than the timing's noise."""
+        return "default" if self.default_ms < self.tuned_ms * (1 - NEVER_WORSE_MARGIN) else "tuned"
+
+
+NEVER_WORSE_MARGIN = 0.03
+"""How much faster the default-schedule build must time before it replaces the tuned one."""
+
+
 def workload_key(func: Any) -> str:
     """The structural hash MetaSchedule files a kernel's records under (a tuning task's key)."""
     import tvm
@@ -417,3 +434,10 @@ def export_library(executable: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     executable.export_library(str(path))
     return path
+
+
+def load_library(path: Path) -> Any:
+    """An exported library, ready for a VirtualMachine."""
+    import tvm
+
+    return tvm.runtime.load_module(str(path))

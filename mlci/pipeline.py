@@ -17,7 +17,9 @@ whole model and never raises for a model's own failure: it returns an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import shutil
 import subprocess
 import time
 import traceback
@@ -28,8 +30,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mlci import build_cache, measure, schedules, tuning
 from mlci import compile as tvm_compile
-from mlci import measure, schedules, tuning
+from mlci.compile import BuildChoice
 from mlci.config import (
     Config,
     ConfigError,
@@ -124,23 +127,6 @@ class Imported:
     seconds: float
 
 
-@dataclass(frozen=True)
-class BuildChoice:
-    """A quick paired timing of the tuned build and the build with default schedules only."""
-
-    tuned_ms: float
-    default_ms: float
-
-    @property
-    def kept(self) -> str:
-        """The tuned build unless the default one is faster by more than the timing's noise."""
-        return "default" if self.default_ms < self.tuned_ms * (1 - NEVER_WORSE_MARGIN) else "tuned"
-
-
-NEVER_WORSE_MARGIN = 0.03
-"""How much faster the default-schedule build must time before it replaces the tuned one."""
-
-
 @dataclass
 class Compiled:
     """What load -> import -> tune -> build produced; on a failure, as far as it got."""
@@ -149,7 +135,11 @@ class Compiled:
     imported: Imported | None = None
     tuning: tuning.TuningOutcome | None = None
     executable: Any = None
-    """The Relax executable, tuned schedules applied."""
+    """The Relax executable, tuned schedules applied (loaded from `library` when there is one)."""
+    library: Path | None = None
+    """The exported library the executable runs from; None when it runs from memory (no device here)."""
+    build_cached: bool = False
+    """The build came from the build cache: this model, records and compiler were built before."""
     build_seconds: float | None = None
     build_report: tvm_compile.BuildReport | None = None
     """How each kernel was scheduled."""
@@ -171,6 +161,7 @@ class Compiled:
             build=self.build_choice.kept if self.build_choice else ("tuned" if report else None),
             tuned_build_ms=self.build_choice.tuned_ms if self.build_choice else None,
             default_build_ms=self.build_choice.default_ms if self.build_choice else None,
+            build_cached=self.build_cached,
         )
 
 
@@ -358,7 +349,22 @@ class Pipeline:
                                                    self.cache.slower_than_default(imported.kernels))
         return executable, report, time.monotonic() - start
 
+    def build_key(self, imported: Imported) -> str:
+        """What the build of this model depends on, hashed (see `mlci.build_cache`)."""
+        prepared = imported.prepared
+        return build_cache.build_key(
+            model=hashlib.sha256(prepared.folded.SerializeToString()).hexdigest(),
+            inputs=[(spec.name, list(spec.shape), str(spec.dtype)) for spec in prepared.inputs],
+            target=str(self.tvm_target),
+            threads=self.threads,
+            records={kernel.key: self.cache.best_record_json(kernel) for kernel in imported.kernels},
+            keep_default=sorted(self.cache.slower_than_default(imported.kernels)),
+        )
+
     def tune_and_build(self, imported: Imported, settings: ModelSettings, label: str = "") -> Compiled:
+        """Tune, then build, unless the build cache holds this exact build already (a device to
+        run on is needed either way: the cache keeps only builds checked never worse on one)."""
+        name = imported.prepared.name
         compiled = Compiled(prepared=imported.prepared, imported=imported)
         with _stage(Status.TUNE_FAILED, "tuning", compiled):
             compiled.tuning = self.tune(imported, settings, label)
@@ -369,14 +375,50 @@ class Pipeline:
             )
             error.partial = compiled
             raise error
-        self.progress.stage(imported.prepared.name, f"compiling{label}")
+        key = None
+        if self.device.exist:
+            with _stage(Status.COMPILE_FAILED, "looking up the build cache", compiled):
+                key = self.build_key(imported)
+                cached = self.cache.builds.get(key)
+            if cached is not None:
+                self.progress.stage(name, f"loading the cached build{label}")
+                with _stage(Status.COMPILE_FAILED, "loading the cached build", compiled):
+                    self.load_cached(compiled, cached)
+                return compiled
+        self.progress.stage(name, f"compiling{label}")
         with _stage(Status.COMPILE_FAILED, "compiling", compiled):
             compiled.executable, compiled.build_report, compiled.build_seconds = self.build(imported)
+            if key is not None:
+                self.load_exported(compiled)
         if compiled.build_report.tuned and self.default_schedule is not None and self.device.exist:
-            self.progress.stage(imported.prepared.name, f"checking the tuned build is faster{label}")
+            self.progress.stage(name, f"checking the tuned build is faster{label}")
             with _stage(Status.COMPILE_FAILED, "comparing with default schedules", compiled):
                 self.never_worse(compiled, settings)
+        if key is not None and compiled.library is not None:
+            with _stage(Status.COMPILE_FAILED, "filing the build in the build cache", compiled):
+                compiled.library = self.cache.builds.put(
+                    key, name, compiled.library, compiled.build_report, compiled.build_choice,
+                    compiled.build_seconds or 0.0)
         return compiled
+
+    def load_exported(self, compiled: Compiled) -> None:
+        """Export the executable to a library and run that: the code that ships, compiled to machine
+        code once (running the executable itself would compile it again, in memory)."""
+        start = time.monotonic()
+        stale = compiled.library
+        compiled.library = tvm_compile.export_library(compiled.executable, self.cache.builds.staging_path())
+        compiled.executable = tvm_compile.load_library(compiled.library)
+        if stale is not None:
+            stale.unlink(missing_ok=True)  # a build replaced by a faster one
+        compiled.build_seconds = (compiled.build_seconds or 0.0) + time.monotonic() - start
+
+    def load_cached(self, compiled: Compiled, cached: build_cache.CachedBuild) -> None:
+        start = time.monotonic()
+        compiled.executable = tvm_compile.load_library(cached.library)
+        compiled.library = cached.library
+        compiled.build_report, compiled.build_choice = cached.report, cached.choice
+        compiled.build_cached = True
+        compiled.build_seconds = time.monotonic() - start
 
     def never_worse(self, compiled: Compiled, settings: ModelSettings) -> None:
         """Keep the build with default schedules only when it times faster than the tuned one
@@ -400,6 +442,8 @@ class Pipeline:
             log.warning("%s: the build with default schedules ran faster than the tuned one (%.3f vs %.3f ms); "
                         "keeping it", imported.prepared.name, choice.default_ms, choice.tuned_ms)
             compiled.executable, compiled.build_report = default_exe, default_report
+            if compiled.library is not None:
+                self.load_exported(compiled)
         compiled.build_seconds = (compiled.build_seconds or 0.0) + time.monotonic() - start
 
     def compile(self, model: ModelConfig, settings: ModelSettings, label: str = "",
@@ -419,7 +463,11 @@ class Pipeline:
         out_dir.mkdir(parents=True, exist_ok=True)
         records = out_dir / "tuning_records.json"
         self.cache.export_records(compiled.imported.kernels, records)
-        library = tvm_compile.export_library(compiled.executable, out_dir / f"{compiled.imported.prepared.name}.so")
+        library = out_dir / f"{compiled.imported.prepared.name}.so"
+        if compiled.library is not None:
+            shutil.copyfile(compiled.library, library)
+        else:
+            tvm_compile.export_library(compiled.executable, library)
         return records, library
 
     # check and measure

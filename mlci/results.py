@@ -157,6 +157,9 @@ class CompileInfo:
     """The quick check's median for the tuned build (ms per call), when both builds were timed."""
     default_build_ms: float | None = None
     """The same check's median for the build with default schedules only."""
+    build_cached: bool = False
+    """The library came from the build cache: the same model, tuning records and compiler were built
+    before (`seconds` is then the load, and the two medians above are that build's)."""
 
 
 @dataclass

@@ -54,6 +54,9 @@ def model_tags(results: Results, model: ModelResult, job_key: str) -> dict[str, 
         tags["mlci.repository"] = git.repository
     if model.error:
         tags["mlci.error"] = model.error[:5000]
+    if model.compile:
+        tags["mlci.build"] = model.compile.build or ""
+        tags["mlci.build_cached"] = "true" if model.compile.build_cached else "false"
     return tags
 
 
@@ -67,7 +70,7 @@ def model_metrics(model: ModelResult) -> dict[str, float]:
     if model.peer:
         metrics["onnxruntime_median_ms"] = model.peer.onnxruntime_median_ms
         metrics["speedup_vs_onnxruntime"] = model.peer.speedup
-    if model.compile:
+    if model.compile and not model.compile.build_cached:  # loading a cached build is not compiling
         metrics["compile_s"] = model.compile.seconds
     if model.tuning:
         t = model.tuning

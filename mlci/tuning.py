@@ -28,6 +28,7 @@ from typing import Any
 from filelock import FileLock
 
 from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
+from mlci.build_cache import BuildCache
 from mlci.compile import lowering_config, workload_key
 from mlci.results import Fingerprint, TuningInfo
 
@@ -36,6 +37,8 @@ WARMUP_SAMPLES = 100
 """Candidates a fresh cost model sees before it ranks the search's (MetaSchedule's default)."""
 COST_MODEL_FILE = "cost_model.tar"
 """MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
+BUILDS_DIR = "builds"
+"""Compiled libraries, keyed by what they were built from (`mlci.build_cache`)."""
 DEFAULTS_FILE = "default_schedules.json"
 """Measured time of each kernel's rule-based default schedule, so a build never takes a tuned
 record that is slower than it."""
@@ -229,9 +232,12 @@ class TuningCache:
         self._database = None
 
     def state(self) -> tuple[tuple[str, int, int], ...]:
-        """Names, sizes and mtimes of the cache's files: did this run add anything worth saving?"""
-        files = [p for p in self.dir.iterdir() if p.is_file() and p.name != ".lock"]
-        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]))
+        """Paths, sizes and mtimes of the cache's files: did this run add anything worth saving?
+        Hidden files and directories (the lock, builds being written) are scratch."""
+        files = [p for p in self.dir.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(self.dir).parts)]
+        return tuple(sorted((str(p.relative_to(self.dir)), st.st_size, st.st_mtime_ns)
+                            for p in files for st in [p.stat()]))
 
     def lock(self, timeout: float = -1) -> FileLock:
         return FileLock(str(self.dir / ".lock"), timeout=timeout)
@@ -298,6 +304,18 @@ class TuningCache:
             return []
         return list(db.get_top_k(db.commit_workload(workload), top_k))
 
+    @property
+    def builds(self) -> BuildCache:
+        """Libraries built from these records (see `mlci.build_cache`)."""
+        return BuildCache(self.dir / BUILDS_DIR)
+
+    def best_record_json(self, kernel: Kernel) -> Any:
+        """The record a build applies to the kernel (its fastest), as plain JSON; None without one."""
+        from tvm.s_tir.meta_schedule import _ffi_api
+
+        records = self.valid_records(kernel, top_k=1)
+        return _plain_json(_ffi_api.TuningRecordAsJSON(records[0])) if records else None
+
     def default_seconds(self) -> dict[str, float]:
         """Kernel key -> measured seconds per call of its rule-based default schedule (a damaged
         file costs re-measuring, never a crash)."""
@@ -354,11 +372,15 @@ class TuningCache:
 
 def _plain_json(obj: Any) -> Any:
     """MetaSchedule's JSON form of a record as plain Python. Its own converter rejects what a weight
-    layout rewrite puts in a trace (an IndexMap); such objects are written as their TVMScript text."""
+    layout rewrite puts in a trace (an IndexMap); such objects are written as their TVMScript text.
+    A flag is True in a record made in this process and 1 in one read back from the database: it is
+    written 1 either way, so the same record has one form."""
     import tvm
     import tvm_ffi
 
-    if obj is None or isinstance(obj, bool | int | float | str):
+    if isinstance(obj, bool):
+        return int(obj)
+    if obj is None or isinstance(obj, int | float | str):
         return obj
     if isinstance(obj, tvm.tirx.IntImm | tvm.tirx.FloatImm):
         return obj.value

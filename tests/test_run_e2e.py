@@ -142,6 +142,7 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     assert tags["mlci.fingerprint"] == results["target"]["fingerprint"]["hash"]
     assert tags["mlflow.runName"] == "tiny@cpu"
     assert tags["mlci.job_key"]
+    assert tags["mlci.build"] == "tuned" and tags["mlci.build_cached"] == "false"  # the first run builds
     metrics = tiny.data.metrics
     assert metrics["latency_ms_median"] == pytest.approx(_model(results, "tiny")["latency_ms"]["median"])
     assert metrics["speedup_vs_onnxruntime"] > 0
@@ -159,10 +160,15 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     assert "encoder/lstm_1" in runs["lstm"].data.tags["mlci.error"]
 
 
-def test_warm_rerun_searches_nothing(quickstart: Quickstart) -> None:
+def test_warm_rerun_searches_and_compiles_nothing(quickstart: Quickstart) -> None:
+    """An unchanged model re-runs from the caches: no trials, and the library the cold run built and
+    checked never worse, with the same choice."""
     warm = quickstart.mlci("run", "-c", "examples/mlci.toml", "--model", "mlp", "--no-tracking", "-o", "warm.json")
     assert warm.returncode == 0, warm.stderr
     mlp = _model(json.loads((quickstart.cwd / "warm.json").read_text()), "mlp")
     assert mlp["tuning"]["trials_new"] == 0
     assert mlp["tuning"]["trials_cached"] == 64
     assert mlp["status"] == "ok"
+    cold = _model(quickstart.results, "mlp")["compile"]
+    assert not cold["build_cached"] and mlp["compile"]["build_cached"]
+    assert (mlp["compile"]["build"], mlp["compile"]["kernels_tuned"]) == (cold["build"], cold["kernels_tuned"])
