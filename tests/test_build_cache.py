@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
-from mlci import compile as tvm_compile
 from mlci.build_cache import BuildCache, build_key
 from mlci.compile import BuildChoice, BuildReport
 from mlci.config import ModelConfig
@@ -108,31 +106,3 @@ def test_an_unchanged_model_is_built_once_and_new_records_build_it_again(tmp_pat
     reloaded = third.tune_and_build(third.load_and_import(model), settings)
     assert reloaded.build_cached and reloaded.build_choice == rebuilt.build_choice
     assert reloaded.build_report == rebuilt.build_report
-
-
-@pytest.mark.slow
-def test_weight_layout_changes_fold_to_what_relax_folds(tmp_path: Path) -> None:
-    """mlci's batched constant folding gives the module Relax's FoldConstant gives (weights transposed
-    channels-last, biases reshaped), and leaves its input as it was."""
-    import tvm_ffi
-    from tvm import relax
-
-    from mlci.models import prepare_model
-    from mlci.targets import tvm_target_object
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    try:
-        import make_models
-    finally:
-        sys.path.pop(0)
-    path = save(make_models.cnn(), tmp_path / "cnn.onnx")
-    prepared = prepare_model(ModelConfig(name="cnn", path=path, dims={"batch": 1}, key="models[0]"))
-    with tvm_target_object(ResolvedTarget("cpu", detect_host_target())):
-        mod = relax.transform.ConvertLayout(tvm_compile.CPU_CONV_LAYOUT)(tvm_compile.import_relax(prepared))
-        mod = relax.transform.LegalizeOps()(mod)
-        before = mod.clone()
-        folded = tvm_compile.fold_constants(mod)
-        relax_folded = relax.transform.DeadCodeElimination()(relax.transform.FoldConstant()(mod))
-    assert not tvm_ffi.structural_equal(folded, before)  # there was something to fold
-    assert tvm_ffi.structural_equal(folded, relax_folded)
-    assert tvm_ffi.structural_equal(mod, before)
