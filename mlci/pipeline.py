@@ -442,9 +442,9 @@ class Pipeline:
             log.warning("%s: the build with default schedules ran faster than the tuned one (%.3f vs %.3f ms); "
                         "keeping it", imported.prepared.name, choice.default_ms, choice.tuned_ms)
             compiled.executable, compiled.build_report = default_exe, default_report
-            if compiled.library is not None:
-                self.load_exported(compiled)
         compiled.build_seconds = (compiled.build_seconds or 0.0) + time.monotonic() - start
+        if choice.kept == "default" and compiled.library is not None:
+            self.load_exported(compiled)  # the library filed and shipped is the one kept
 
     def compile(self, model: ModelConfig, settings: ModelSettings, label: str = "",
                 same_as: Compiled | None = None) -> Compiled:
