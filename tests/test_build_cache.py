@@ -10,17 +10,10 @@ import pytest
 from mlci.build_cache import BuildCache, build_key
 from mlci.compile import BuildChoice, BuildReport
 from mlci.config import ModelConfig
-from mlci.pipeline import ModelSettings, Pipeline
-from mlci.targets import ResolvedTarget, detect_host_target
-from mlci.tuning import TuningCache
+from mlci.pipeline import ModelSettings
 
 from .conftest import save, tiny_mlp
-from .test_tuning import _commit_naive_records
-
-
-def _pipeline(cache_dir: Path, log_dir: Path) -> Pipeline:
-    # A fresh TuningCache object each time: what a new `mlci run` process sees.
-    return Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(cache_dir), log_dir=log_dir)
+from .test_tuning import _commit_naive_records, _pipeline
 
 
 def _put(cache: BuildCache, tmp_path: Path, key: str, model: str, size: int) -> Path:
