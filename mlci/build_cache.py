@@ -145,14 +145,21 @@ class BuildCache:
         entries.sort(reverse=True)  # newest first
         per_model: dict[str, int] = {}
         total = 0
-        for newest, (_created, model, size, entry) in enumerate(entries):
+        for rank, (_created, model, size, entry) in enumerate(entries):
             per_model[model] = per_model.get(model, 0) + 1
             total += size
-            # The newest is the build just filed: it stays, however large.
-            if newest and (per_model[model] > self.max_per_model or total > self.max_bytes):
+            # Rank 0, the newest, is the build just filed: it stays, however large.
+            if rank > 0 and (per_model[model] > self.max_per_model or total > self.max_bytes):
                 shutil.rmtree(entry, ignore_errors=True)
                 total -= size
         staging = self.dir / _STAGING
         for leftover in staging.iterdir() if staging.is_dir() else []:
-            if time.time() - leftover.stat().st_mtime > 3600:  # not another run's, in progress
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            try:
+                if time.time() - leftover.stat().st_mtime < 3600:
+                    continue  # perhaps another run's, in progress
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            except OSError:
+                continue  # removed by another run meanwhile

@@ -141,7 +141,8 @@ def pad_conv_channels(mod: Any) -> Any:
                 return call
             attrs, weight = call.attrs, call.args[1]
             layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-            shape = weight.ty.shape.values if isinstance(weight.ty.shape, relax.ShapeExpr) else []
+            ty = getattr(weight, "ty", None)
+            shape = ty.shape.values if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr) else []
             if (layouts != ("NHWC", "HWIO", "NHWC") or attrs.groups != 1 or len(shape) != 4
                     or not isinstance(shape[3], tvm.tirx.IntImm) or not _from_constants(weight, self.lookup_binding)):
                 return call
@@ -155,10 +156,18 @@ def pad_conv_channels(mod: Any) -> Any:
                 groups=1, data_layout="NHWC", kernel_layout="HWIO", out_layout="NHWC", out_dtype=attrs.out_dtype))
             return relax.op.strided_slice(conv, axes=[3], begin=[0], end=[channels])
 
+    return _rewrite_relax_functions(mod, Pad)
+
+
+def _rewrite_relax_functions(mod: Any, mutator: Callable[[Any], Any]) -> Any:
+    """A copy of the module with every Relax function rewritten by `mutator(mod)` (a pass leaves
+    its input as it was)."""
+    from tvm import relax
+
     mod = mod.clone()
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            mod[gvar] = Pad(mod).visit_expr(func)
+            mod[gvar] = mutator(mod).visit_expr(func)
     return mod
 
 
@@ -275,7 +284,7 @@ def _evaluate(mod: Any, calls: dict[Any, ConstantCall]) -> dict[Any, Any]:
 
 def _replace_calls(mod: Any, values: dict[Any, Any]) -> Any:
     """A copy of the module with each call in `values` replaced by its value, and what that leaves
-    unused removed (a pass leaves its input as it was)."""
+    unused removed."""
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -283,11 +292,7 @@ def _replace_calls(mod: Any, values: dict[Any, Any]) -> Any:
         def visit_call_(self, call: Any) -> Any:
             return values[call] if call in values else super().visit_call_(call)
 
-    mod = mod.clone()
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mod[gvar] = Replace(mod).visit_expr(func)
-    return relax.transform.DeadCodeElimination()(mod)
+    return relax.transform.DeadCodeElimination()(_rewrite_relax_functions(mod, Replace))
 
 
 def _module_pass(function: Callable[[Any], Any]) -> Any:
