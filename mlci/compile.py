@@ -11,38 +11,18 @@ from typing import Any
 
 import onnx
 
-from mlci.models import ModelError, PreparedModel
+from mlci import converters
+from mlci.models import ModelError, PreparedModel, walk_nodes
 from mlci.results import Status
 
 log = logging.getLogger("mlci")
 
-_DIRECTLY_HANDLED = {"If", "Constant"}
-
-
-def supported_onnx_ops() -> set[str]:
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-    return set(_get_convert_map()) | _DIRECTLY_HANDLED
-
-
-def _walk_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _walk_nodes(sub)
-
-
-def unsupported_nodes(model: onnx.ModelProto, supported: set[str]) -> dict[str, list[str]]:
-    """Op type -> names of the nodes TVM's ONNX importer has no converter for."""
+def unsupported_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Operator -> names of the nodes neither TVM's ONNX importer nor mlci's converters take."""
     found: dict[str, list[str]] = defaultdict(list)
-    for node in _walk_nodes(model.graph):
-        custom_domain = node.domain not in ("", "ai.onnx")
-        if custom_domain or node.op_type not in supported:
-            op = f"{node.domain}.{node.op_type}" if custom_domain else node.op_type
+    for node in walk_nodes(model.graph):
+        if converters.provider(node.domain, node.op_type) is None:
+            op = converters.qualified(node.domain, node.op_type)
             found[op].append(node.name or f"<unnamed {node.op_type}>")
     return dict(found)
 
@@ -58,10 +38,12 @@ def describe_unsupported(found: dict[str, list[str]], limit: int = 5) -> str:
 
 def import_relax(prepared: PreparedModel) -> Any:
     """Relax IRModule with weights bound as constants; raises ModelError(import_failed)."""
-    found = unsupported_nodes(prepared.folded, supported_onnx_ops())
+    found = unsupported_nodes(prepared.folded)
     if found:
         raise ModelError(Status.IMPORT_FAILED, describe_unsupported(found))
     from tvm.relax.frontend.onnx import from_onnx
+
+    converters.install()
 
     shapes = {s.name: list(s.shape) for s in prepared.inputs}
     dtypes = {s.name: str(s.dtype) for s in prepared.inputs}

@@ -62,6 +62,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of a graph, those of its subgraphs (If, Loop, Scan bodies) included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from walk_nodes(sub)
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Inputs a caller must feed: old (IR < 4) models also list every weight as an input."""
     initializers = {init.name for init in model.graph.initializer}

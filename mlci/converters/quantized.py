@@ -1,0 +1,7 @@
+"""Placeholder: filled in by the quantized converters work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONVERTERS: dict[tuple[str, str], Any] = {}
