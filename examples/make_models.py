@@ -3,8 +3,10 @@
 - mlp.onnx: a 3-layer MLP with a dynamic batch dimension (bound in mlci.toml).
 - cnn.onnx: a small CNN whose flatten computes its Reshape target at run time
   (Shape -> Gather -> Concat -> Reshape), as torch exports do.
-- squeezenet.onnx: the SqueezeNet 1.0 architecture as the `onnx` package ships it
-  (onnx/backend/test/data/light/light_squeezenet.onnx: real zoo layers, constant weights).
+- squeezenet.onnx: the SqueezeNet architecture as the `onnx` package ships it
+  (onnx/backend/test/data/light/light_squeezenet.onnx: real zoo layers), with seeded random
+  weights in place of the file's constant ones: with constant weights every input gives the
+  same 1000 scores, and a numerics check on such a model proves nothing.
 
 Weights are seeded, so the files are byte-identical on every run: their content
 hash, and so mlci's tuning cache, stays valid across machines.
@@ -14,7 +16,6 @@ Usage: python make_models.py [OUT_DIR]   (default: ./models beside this script)
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -99,6 +100,33 @@ def zoo_model_path(name: str = "squeezenet") -> Path:
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
 
 
+def squeezenet(seed: int = 2) -> onnx.ModelProto:
+    """The `onnx` package's light SqueezeNet, its weights (built there by ConstantOfShape from
+    stored shapes) replaced by He-initialised initializers, so scores depend on the image."""
+    zoo = onnx.load(str(zoo_model_path()))
+    stored = {t.name: numpy_helper.to_array(t) for t in zoo.graph.initializer}
+    rng = np.random.default_rng(seed)
+    nodes, weights = [], []
+    for node in zoo.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0].endswith("__SHAPE"):
+            shape = [int(d) for d in stored[node.input[0]]]
+            if len(shape) == 4:  # a convolution's weight
+                values = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+            else:  # a bias
+                values = np.zeros(shape)
+            weights.append(numpy_helper.from_array(values.astype(np.float32), node.output[0]))
+        else:
+            nodes.append(node)
+    replaced = {w.name for w in weights}
+    others = [t for t in zoo.graph.initializer if not t.name.endswith("__SHAPE") and t.name not in replaced]
+    image = [i for i in zoo.graph.input if i.name == "data_0"]
+    graph = helper.make_graph(nodes, zoo.graph.name, image, list(zoo.graph.output), weights + others)
+    model = helper.make_model(graph, opset_imports=list(zoo.opset_import), producer_name="mlci-examples")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def write_if_changed(path: Path, data: bytes) -> None:
     if not path.exists() or path.read_bytes() != data:
         path.write_bytes(data)
@@ -108,9 +136,7 @@ def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_if_changed(out_dir / "mlp.onnx", mlp().SerializeToString())
     write_if_changed(out_dir / "cnn.onnx", cnn().SerializeToString())
-    zoo = zoo_model_path()
-    if not (out_dir / "squeezenet.onnx").exists() or (out_dir / "squeezenet.onnx").read_bytes() != zoo.read_bytes():
-        shutil.copyfile(zoo, out_dir / "squeezenet.onnx")
+    write_if_changed(out_dir / "squeezenet.onnx", squeezenet().SerializeToString())
     print(f"example models in {out_dir}")
 
 

@@ -8,6 +8,7 @@ collected and reported together rather than one per run.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import shlex
@@ -92,12 +93,33 @@ class TargetConfig:
     """GitHub Actions runner labels for this target's bench job (None: chosen from the target's kind)."""
 
 
+DISTRIBUTIONS = ("normal", "uniform")
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """How to generate one input's values when no file gives them (`[models.inputs.NAME]`)."""
+
+    value: float | None = None
+    """Every element this value (a sample rate, a fixed length...)."""
+    range: tuple[float, float] | None = None
+    """Values in [low, high): integers low..high-1 for integer inputs (token ids, byte values)."""
+    distribution: str | None = None
+    """"uniform" (the default with a range) or "normal" (standard normal; with a range, centred
+    in it with a sixth of its width as standard deviation, clipped to it)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: Path
     inputs: dict[str, list[int]] = field(default_factory=dict)
+    """Input name -> shape, for the inputs whose shape the config gives."""
     dims: dict[str, int] = field(default_factory=dict)
+    input_rules: dict[str, InputRule] = field(default_factory=dict)
+    """Input name -> how its generated values are drawn (default: by dtype and use)."""
+    inputs_files: list[Path] = field(default_factory=list)
+    """`.npz` files of real inputs, one input set each; numerics checks every set."""
     atol: float | None = None
     rtol: float | None = None
     trials: int | None = None
@@ -172,7 +194,8 @@ _SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
 _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "a string"),
     "path": ((str,), "a path string"),
-    "inputs": ((dict,), "a table of input name -> shape list"),
+    "inputs": ((dict,), "a table of input name -> shape list or input table"),
+    "inputs_file": ((str, list), "an .npz path or a list of them"),
     "dims": ((dict,), "a table of dimension name -> integer"),
     "atol": (_NUM, "a non-negative number"),
     "rtol": (_NUM, "a non-negative number"),
@@ -180,8 +203,11 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "seconds": (_NUM, "a number of seconds"),
     "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
 }
+_INPUT_KEYS = {"shape", "value", "range", "distribution"}
 _TARGET_KEYS = {"tvm", "runs_on"}
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MODEL_NAME = _TARGET_NAME
+"""A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
 _FRACTIONS = {"threshold", "confidence"}
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
@@ -206,6 +232,9 @@ def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> 
         types, type_name = schema[key]
         if not _type_ok(value, types):
             problems.append(f"{where}{key}: expected {type_name}, got {type(value).__name__} {value!r}")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}{key}: expected {type_name}, got {value!r} (only finite numbers make sense here)")
             continue
         if isinstance(value, _NUM) and value < 0:
             problems.append(f"{where}{key}: must not be negative, got {value!r}")
@@ -233,12 +262,26 @@ def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> Model
     if "path" not in raw:
         problems.append(f"{where}path: required key is missing")
     inputs: dict[str, list[int]] = {}
-    for name, shape in values.get("inputs", {}).items():
-        ok = isinstance(shape, list) and all(_type_ok(d, (int,)) and d > 0 for d in shape)
-        if not ok:
+    rules: dict[str, InputRule] = {}
+    for name, spec in values.get("inputs", {}).items():
+        if isinstance(spec, dict):
+            shape, rule = _check_input_table(spec, f"{where}inputs.{name}.", problems)
+            if rule != InputRule():
+                rules[name] = rule
+        else:
+            shape = spec
+        if shape is None:
+            continue
+        if not (isinstance(shape, list) and all(_type_ok(d, (int,)) and d > 0 for d in shape)):
             problems.append(f"{where}inputs.{name}: expected a list of positive integers, got {shape!r}")
         else:
             inputs[name] = list(shape)
+    files = values.get("inputs_file", [])
+    files = [files] if isinstance(files, str) else files
+    if not all(isinstance(f, str) and f for f in files):
+        problems.append(f"{where}inputs_file: expected an .npz path or a list of them, got {files!r}")
+        files = []
+    inputs_files = [p if p.is_absolute() else root / p for p in map(Path, files)]
     dims: dict[str, int] = {}
     for name, value in values.get("dims", {}).items():
         if not _type_ok(value, (int,)) or value <= 0:
@@ -249,11 +292,19 @@ def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> Model
         return None
     path = Path(values["path"])
     path = path if path.is_absolute() else root / path
+    name = values["name"] if "name" in values else path.stem
+    if not _MODEL_NAME.fullmatch(name):
+        # The name becomes directory and file names under .mlci/ (work/NAME, NAME.so).
+        problems.append(f"{where}name: {name!r} is not usable as a model name: use letters, digits, '.', '_' "
+                        "and '-', starting with a letter or digit" + ("" if "name" in values else " (set name = ...)"))
+        return None
     return ModelConfig(
-        name=values.get("name") or path.stem,
+        name=name,
         path=path,
         inputs=inputs,
         dims=dims,
+        input_rules=rules,
+        inputs_files=inputs_files,
         atol=values.get("atol"),
         rtol=values.get("rtol"),
         trials=values.get("trials"),
@@ -261,6 +312,35 @@ def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> Model
         threshold=values.get("threshold"),
         key=f"models[{index}]",
     )
+
+
+def _check_input_table(raw: dict, where: str, problems: list[str]) -> tuple[Any, InputRule]:
+    """`[models.inputs.NAME]`: an optional shape and how to draw the input's values."""
+    for key in raw:
+        if key not in _INPUT_KEYS:
+            problems.append(_unknown(key, where, _INPUT_KEYS))
+
+    def number(v: Any) -> bool:
+        return _type_ok(v, _NUM) and math.isfinite(v)
+
+    value, bounds, distribution = raw.get("value"), raw.get("range"), raw.get("distribution")
+    if value is not None and not number(value):
+        problems.append(f"{where}value: expected a finite number, got {value!r}")
+        value = None
+    if bounds is not None:
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(number(b) for b in bounds)
+                and bounds[0] < bounds[1]):
+            problems.append(f"{where}range: expected [low, high] with low < high, such as [0, 256], got {bounds!r}")
+            bounds = None
+        else:
+            bounds = (bounds[0], bounds[1])
+    if distribution is not None and distribution not in DISTRIBUTIONS:
+        problems.append(f"{where}distribution: expected one of "
+                        + ", ".join(f'"{d}"' for d in DISTRIBUTIONS) + f", got {distribution!r}")
+        distribution = None
+    if value is not None and (bounds is not None or distribution is not None):
+        problems.append(f"{where}value: a fixed value takes no range or distribution")
+    return raw.get("shape"), InputRule(value=value, range=bounds, distribution=distribution)
 
 
 def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | None:

@@ -46,20 +46,41 @@ def use_threads(threads: int) -> int:
 
 
 def make_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs: normal floats, small non-negative integers (safe as indices), random bools."""
+    """Seeded inputs. By default: standard normal floats, random bools, and integers that index a
+    table drawn across its rows (else 0 or 1, safe as any index); a config rule sets a fixed value,
+    a range or a distribution instead."""
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for spec in specs:
-        if np.issubdtype(spec.dtype, np.floating):
-            value = rng.standard_normal(spec.shape).astype(spec.dtype)
-        elif np.issubdtype(spec.dtype, np.integer):
-            value = rng.integers(0, 2, size=spec.shape).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            value = rng.integers(0, 2, size=spec.shape).astype(np.bool_)
-        else:
-            raise ValueError(f"input {spec.name!r}: cannot generate data of type {spec.dtype}")
-        inputs[spec.name] = value
-    return inputs
+    return {spec.name: _generate(spec, rng) for spec in specs}
+
+
+def _generate(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
+    rule = spec.rule
+    integer = np.issubdtype(spec.dtype, np.integer)
+    if spec.dtype == np.bool_:
+        if rule is not None and rule.value is not None:
+            return np.full(spec.shape, bool(rule.value))
+        return rng.integers(0, 2, size=spec.shape).astype(np.bool_)
+    if not (integer or np.issubdtype(spec.dtype, np.floating)):
+        raise ValueError(f"input {spec.name!r}: cannot generate data of type {spec.dtype}")
+    if rule is not None and rule.value is not None:
+        return np.full(spec.shape, rule.value, dtype=spec.dtype)
+    bounds = rule.range if rule is not None and rule.range is not None else spec.index_range
+    if bounds is None:
+        if integer:
+            return rng.integers(0, 2, size=spec.shape).astype(spec.dtype)
+        return rng.standard_normal(spec.shape).astype(spec.dtype)
+    low, high = bounds
+    if integer and np.ceil(low) >= np.ceil(high):
+        raise ValueError(f"input {spec.name!r}: the range [{low}, {high}) holds no integer")
+    if rule is not None and rule.distribution == "normal":
+        values = np.clip(rng.normal((low + high) / 2, (high - low) / 6, size=spec.shape), low, high)
+        if integer:
+            values = np.minimum(np.floor(values), np.ceil(high) - 1)
+    elif integer:
+        values = rng.integers(int(np.ceil(low)), int(np.ceil(high)), size=spec.shape)
+    else:
+        values = rng.uniform(low, high, size=spec.shape)
+    return values.astype(spec.dtype)
 
 
 def _calls_per_sample(
@@ -183,13 +204,14 @@ class OrtModel:
     """Intra-op threads (ONNX Runtime's own default is one per physical core)."""
 
     @classmethod
-    def load(cls, model_bytes: bytes, threads: int) -> OrtModel:
+    def load(cls, model: bytes | str, threads: int) -> OrtModel:
+        """From the model's bytes, or its path (external weights are found beside it)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         return cls(session, [o.name for o in session.get_outputs()], threads)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -249,10 +271,55 @@ class NumericsReport:
     rtol: float
     passed: bool
     message: str = ""
+    input_sets: int = 1
+    vacuous: str | None = None
+    """Why passing proves nothing (see `input_dependence`); None when the outputs depend on the inputs."""
 
     def info(self) -> NumericsInfo:
         """The results file's numerics section."""
-        return NumericsInfo(self.max_abs_err, self.max_rel_err, self.atol, self.rtol, self.passed)
+        return NumericsInfo(self.max_abs_err, self.max_rel_err, self.atol, self.rtol, self.passed,
+                            input_sets=self.input_sets, vacuous=self.vacuous)
+
+
+VACUOUS_HINT = ("give the model real inputs (inputs_file = \"samples/x.npz\") or value rules "
+                "([models.inputs.NAME] range / value), or check that its weights are real")
+
+
+def input_dependence(outputs: list[list[np.ndarray]], names: list[str], atol: float, rtol: float) -> str | None:
+    """None when some reference output changes, beyond the numerics tolerance, between input sets;
+    otherwise why the check proves nothing: a build that ignored its inputs would pass it."""
+    if len(outputs) < 2:
+        return None
+    first = outputs[0]
+    for other in outputs[1:]:
+        for a, b in zip(first, other):
+            if a.shape != b.shape:
+                return None
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            if np.any(np.abs(a64 - b64) > atol + rtol * np.abs(a64)):
+                return None
+    constant = all(o.size == 0 or np.all(o == o.flat[0]) for o in first)
+    what = "every element of every output is the same value" if constant and any(o.size > 1 for o in first) \
+        else f"no output ({', '.join(names)}) changes beyond atol {atol:g} / rtol {rtol:g}"
+    return (f"the check proves nothing: over {len(outputs)} different input sets, {what}, so a build that "
+            f"ignored its inputs would pass too; {VACUOUS_HINT}")
+
+
+def compare_sets(got: list[list[np.ndarray]], expected: list[list[np.ndarray]], names: list[str],
+                 atol: float, rtol: float) -> NumericsReport:
+    """`compare_outputs` on every input set: the worst errors over all of them, the first failing
+    set named; and whether the reference's outputs depend on the inputs at all."""
+    reports = [compare_outputs(g, e, names, atol, rtol) for g, e in zip(got, expected)]
+    failed = next(((i, r) for i, r in enumerate(reports) if not r.passed), None)
+    report = NumericsReport(
+        max(r.max_abs_err for r in reports), max(r.max_rel_err for r in reports), atol, rtol,
+        passed=failed is None, input_sets=len(reports),
+        vacuous=input_dependence(expected, names, atol, rtol),
+    )
+    if failed is not None:
+        index, bad = failed
+        report.message = bad.message + (f" (input set {index + 1} of {len(reports)})" if len(reports) > 1 else "")
+    return report
 
 
 def compare_outputs(
@@ -276,7 +343,8 @@ def compare_outputs(
         both_nan = np.isnan(g64) & np.isnan(e64)
         abs_err = np.where(both_nan, 0.0, np.abs(g64 - e64))
         abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)
-        rel_err = abs_err / np.maximum(np.abs(e64), np.finfo(np.float64).tiny)
+        with np.errstate(over="ignore"):  # a difference against 0 is an infinite relative error
+            rel_err = abs_err / np.maximum(np.abs(e64), np.finfo(np.float64).tiny)
         max_abs = max(max_abs, float(abs_err.max()))
         max_rel = max(max_rel, float(np.where(abs_err == 0, 0.0, rel_err).max()))
         excess = abs_err - (atol + rtol * np.abs(e64))

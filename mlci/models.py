@@ -9,8 +9,10 @@ those subgraphs into constants.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from mlci.config import ModelConfig
+from mlci.config import InputRule, ModelConfig
 from mlci.results import Status
+
+log = logging.getLogger("mlci")
 
 # onnxruntime 1.31 refuses IR versions above this (onnx 1.23 writes 14 by default).
 MAX_ORT_IR_VERSION = 13
@@ -40,6 +44,14 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    rule: InputRule | None = None
+    """How the config asks for this input's generated values."""
+    index_range: tuple[int, int] | None = None
+    """[low, high) of the tables this integer input indexes (it feeds a Gather), when known."""
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
 
 
 @dataclass
@@ -52,6 +64,16 @@ class PreparedModel:
     """The file as given: ONNX Runtime runs this, as the independent reference."""
     folded: onnx.ModelProto
     """Shapes bound, constants folded: what TVM imports."""
+    input_sets: list[dict[str, np.ndarray]] = field(default_factory=list)
+    """Real inputs from the config's `inputs_file`s, checked against `inputs`."""
+    external_data: bool = False
+    """Weights live in files beside the model: ONNX Runtime must load it by path, not bytes."""
+
+    @property
+    def reference(self) -> bytes | str:
+        """What ONNX Runtime loads as the reference: the bytes as read, or the path when the
+        weights live in external files (they are found relative to it)."""
+        return str(self.path) if self.external_data else self.original
 
 
 def file_sha256(path: Path) -> str:
@@ -96,7 +118,17 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
             problems.append(f"input {value.name!r}: only tensor inputs are supported")
             continue
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if dtype.kind not in "biuf":
+            type_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+            problems.append(f"input {value.name!r} is a {type_name} tensor: mlci compiles and checks models "
+                            "with numeric and boolean inputs only")
+            continue
         dims = list(tensor_type.shape.dim)
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                # Several exporters write -1 (or 0) for "any size"; ONNX Runtime reads it that way too.
+                log.info("%s: input %r dimension %d is stored as %d: treated as dynamic",
+                         cfg.path.name, value.name, axis, dim.dim_value)
         if value.name in cfg.inputs:
             shape = cfg.inputs[value.name]
             if len(shape) != len(dims):
@@ -106,12 +138,12 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
                 )
                 continue
             for axis, (dim, size) in enumerate(zip(dims, shape)):
-                if dim.HasField("dim_value") and dim.dim_value != size:
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
                     problems.append(
                         f"{cfg.key}.inputs.{value.name}: dimension {axis} is fixed to "
                         f"{dim.dim_value} in the model, the config gives {size}"
                     )
-            specs.append(InputSpec(value.name, tuple(shape), dtype))
+            specs.append(InputSpec(value.name, tuple(shape), dtype, cfg.input_rules.get(value.name)))
             continue
         shape = []
         for axis, dim in enumerate(dims):
@@ -120,7 +152,8 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
             elif dim.HasField("dim_param") and dim.dim_param in cfg.dims:
                 shape.append(cfg.dims[dim.dim_param])
             else:
-                label = f" ({dim.dim_param!r})" if dim.dim_param else ""
+                label = (f" ({dim.dim_param!r})" if dim.dim_param
+                         else f" (stored as {dim.dim_value})" if dim.HasField("dim_value") else "")
                 hint = (
                     f"set {cfg.key}.dims.{dim.dim_param} or {cfg.key}.inputs.{value.name}"
                     if dim.dim_param
@@ -130,10 +163,40 @@ def bind_input_shapes(model: onnx.ModelProto, cfg: ModelConfig) -> list[InputSpe
                     f"input {value.name!r} dimension {axis}{label} is dynamic and has no binding: {hint}"
                 )
                 shape.append(-1)
-        specs.append(InputSpec(value.name, tuple(shape), dtype))
+        specs.append(InputSpec(value.name, tuple(shape), dtype, cfg.input_rules.get(value.name)))
+    problems += [f"{cfg.key}.inputs.{name}: the model has no input {name!r} (inputs: {', '.join(names)})"
+                 for name in cfg.input_rules if name not in names and name not in cfg.inputs]
     if problems:
         raise ModelError(Status.IMPORT_FAILED, "; ".join(problems))
+    check_input_memory(specs, cfg)
     return specs
+
+
+INPUT_MEMORY_FRACTION = 0.25
+"""Inputs may take at most this share of the machine's memory: each lives several times over (the
+generated array, TVM's copy, ONNX Runtime's, each input set), and outputs and activations need room."""
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_input_memory(specs: list[InputSpec], cfg: ModelConfig, memory: int | None = None) -> None:
+    """Refuse shapes whose inputs cannot fit before anything is allocated, naming the largest input."""
+    memory = memory or _physical_memory()
+    total = sum(s.nbytes for s in specs)
+    if not memory or total <= INPUT_MEMORY_FRACTION * memory:
+        return
+    largest = max(specs, key=lambda s: s.nbytes)
+    raise ModelError(
+        Status.IMPORT_FAILED,
+        f"{cfg.key}: the inputs take {total / 2**30:.1f} GiB (input {largest.name!r}, shape "
+        f"{list(largest.shape)} of {largest.dtype}, alone {largest.nbytes / 2**30:.1f} GiB); this machine has "
+        f"{memory / 2**30:.1f} GiB of memory: check the shapes in {cfg.key}.inputs / {cfg.key}.dims",
+    )
 
 
 def _with_static_inputs(model: onnx.ModelProto, specs: list[InputSpec]) -> onnx.ModelProto:
@@ -173,18 +236,145 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
+def _external_files(model: onnx.ModelProto, directory: Path) -> list[Path]:
+    """The files a model's externally stored tensors live in (sorted, each once)."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    files = {directory / ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    return sorted(files)
+
+
+def _load_checked(cfg: ModelConfig, original: bytes) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model with every tensor in memory, checked; and the external data files it read."""
+    try:
+        model = onnx.load_from_string(original)
+        external = _external_files(model, cfg.path.parent)
+        if external:
+            # Weights saved beside the model (as models over 2 GB must be): the checker and the
+            # loader find them relative to the model's path.
+            missing = [p for p in external if not p.is_file()]
+            if missing:
+                raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: its weights are stored in "
+                                 f"{', '.join(str(p) for p in missing)}, which does not exist")
+            onnx.checker.check_model(str(cfg.path))
+            model = onnx.load(str(cfg.path))
+        else:
+            onnx.checker.check_model(model)
+    except ModelError:
+        raise
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: not a valid ONNX model: {exc}") from None
+    return model, external
+
+
+def _content_sha256(original: bytes, external: list[Path], root: Path) -> str:
+    """The model's identity: its file, and the weight files beside it when it has them."""
+    if not external:
+        return hashlib.sha256(original).hexdigest()
+    digest = hashlib.sha256(original)
+    for path in external:
+        digest.update(b"\0" + str(path.relative_to(root)).encode() + b"\0")
+        digest.update(bytes.fromhex(file_sha256(path)))
+    return digest.hexdigest()
+
+
+INDEX_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+"""Ops an index input may pass through on its way to a Gather without changing its values."""
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Graph input -> [0, n) for integer inputs used as Gather indices into a constant table of n
+    rows (token ids into an embedding): values outside it make ONNX Runtime and TVM fail or
+    disagree, and 0/1 alone never exercise the table."""
+    sizes = {t.name: list(t.dims) for t in model.graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, position))
+    ranges = {}
+    for value in graph_inputs(model):
+        elem = value.type.tensor_type.elem_type
+        if not np.issubdtype(np.dtype(helper.tensor_dtype_to_np_dtype(elem)), np.integer):
+            continue
+        bounds, frontier, seen = [], [value.name], set()
+        while frontier:
+            name = frontier.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for node, position in consumers.get(name, []):
+                if node.op_type in INDEX_PASSTHROUGH and position == 0:
+                    frontier.extend(node.output)
+                elif node.op_type == "Gather" and position == 1 and node.input[0] in sizes:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    dims = sizes[node.input[0]]
+                    if -len(dims) <= axis < len(dims):
+                        bounds.append(dims[axis])
+        if bounds and min(bounds) > 0:
+            ranges[value.name] = (0, min(bounds))
+    return ranges
+
+
+def _fits(array: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether a file's array may stand for an input of `dtype`: the same kind of number (float64
+    for float32 is how numpy saves by default), integers within the type's range."""
+    if array.dtype == dtype:
+        return True
+    integers = "iu"
+    if array.dtype.kind in integers and dtype.kind in integers:
+        info = np.iinfo(dtype)
+        return array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max)
+    return array.dtype.kind == dtype.kind == "f"
+
+
+def load_input_sets(cfg: ModelConfig, specs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+    """The config's `inputs_file`s, each an input set checked name by name against the model's
+    bound inputs. Raises ModelError listing every mismatch, each naming the file and input."""
+    sets, problems = [], []
+    expected = {s.name: s for s in specs}
+    for path in cfg.inputs_files:
+        shown = f"{cfg.key}.inputs_file {path}"
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except FileNotFoundError:
+            problems.append(f"{shown}: file not found")
+            continue
+        except Exception as exc:  # zipfile, pickle refusal and format errors differ by numpy version
+            problems.append(f"{shown}: not a readable .npz file ({type(exc).__name__}: {exc})")
+            continue
+        for name in sorted(set(expected) - set(arrays)):
+            problems.append(f"{shown}: no array named {name!r} for the model's input {name!r} "
+                            f"(the file has: {', '.join(sorted(arrays)) or 'nothing'})")
+        for name in sorted(set(arrays) - set(expected)):
+            problems.append(f"{shown}: array {name!r} is not an input of the model "
+                            f"(inputs: {', '.join(expected)})")
+        chosen = {}
+        for name, spec in expected.items():
+            if name not in arrays:
+                continue
+            array = arrays[name]
+            if tuple(array.shape) != spec.shape:
+                problems.append(f"{shown}: input {name!r} has shape {list(array.shape)}, the model is bound "
+                                f"to {list(spec.shape)} (set {cfg.key}.inputs.{name} or .dims to match)")
+            elif not _fits(array, spec.dtype):
+                problems.append(f"{shown}: input {name!r} is {array.dtype}, the model takes {spec.dtype}")
+            else:
+                chosen[name] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+        sets.append(chosen)
+    if problems:
+        raise ModelError(Status.IMPORT_FAILED, "; ".join(problems))
+    return sets
+
+
 def prepare_model(cfg: ModelConfig) -> PreparedModel:
     """Everything before TVM: load, check, bind, fold, hash. Raises ModelError."""
     try:
         original = cfg.path.read_bytes()
     except OSError as exc:
         raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: cannot read: {exc}") from None
-    sha256 = hashlib.sha256(original).hexdigest()
-    try:
-        model = onnx.load_from_string(original)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # onnx raises several unrelated types here
-        raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: not a valid ONNX model: {exc}") from None
+    model, external = _load_checked(cfg, original)
+    sha256 = _content_sha256(original, external, cfg.path.parent)
     if model.ir_version > MAX_ORT_IR_VERSION:
         raise ModelError(
             Status.IMPORT_FAILED,
@@ -199,6 +389,8 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         raise ModelError(
             Status.IMPORT_FAILED, f"{cfg.path}: ONNX Runtime cannot load the model to fold it: {exc}"
         ) from None
+    ranges = index_ranges(folded)
+    specs = [InputSpec(s.name, s.shape, s.dtype, s.rule, ranges.get(s.name)) for s in specs]
     return PreparedModel(
         name=cfg.name,
         path=cfg.path,
@@ -206,4 +398,6 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         inputs=specs,
         original=original,
         folded=folded,
+        input_sets=load_input_sets(cfg, specs),
+        external_data=bool(external),
     )

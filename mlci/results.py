@@ -192,6 +192,11 @@ class NumericsInfo:
     atol: float
     rtol: float
     passed: bool
+    input_sets: int | None = None
+    """How many input sets both ran (each compared)."""
+    vacuous: str | None = None
+    """Why the check proves nothing, when it does not: no output changed (beyond the tolerance)
+    between different input sets, so a build that ignored its inputs would pass too."""
 
 
 @dataclass

@@ -125,3 +125,90 @@ def test_cli_missing_model_file_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "-c", str(path), "--no-tracking"])
     assert result.exit_code == 2
     assert "models[0].path: model file not found" in result.output
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("tuning", "seconds", "nan"), ("tuning", "seconds", "inf"), ("numerics", "atol", "nan"),
+    ("numerics", "rtol", "inf"), ("measure", "min_sample_ms", "nan"), ("measure", "max_seconds", "inf"),
+])
+def test_numbers_toml_allows_but_that_make_no_sense_are_refused(tmp_path: Path, section, key, value) -> None:
+    # nan seconds searched nothing yet credited trials; nan atol turned the check off.
+    path = write_config(tmp_path, f"""
+        [{section}]
+        {key} = {value}
+        [[models]]
+        path = "m.onnx"
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{section}.{key}:" in str(err.value) and "finite" in str(err.value)
+
+
+def test_a_negative_or_nan_model_threshold_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config('[[models]]\npath = "a.onnx"\nthreshold = -0.1\n[[models]]\npath = "b.onnx"\nthreshold = nan\n',
+                     tmp_path / "mlci.toml")
+    assert "models[0].threshold: must not be negative" in str(err.value)
+    assert "models[1].threshold:" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/b", ".hidden", "", "two words"])
+def test_a_model_name_that_would_leave_mlci_directory_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f'[[models]]\npath = "m.onnx"\nname = "{name}"\n', tmp_path / "mlci.toml")
+    assert "models[0].name:" in str(err.value)
+
+
+def test_input_tables_give_shapes_value_rules_and_files(tmp_path: Path) -> None:
+    cfg = parse_config("""
+        [[models]]
+        path = "asr.onnx"
+        inputs_file = ["samples/a.npz", "samples/b.npz"]
+        inputs.audio = [1, 16000]
+        inputs.sample_rate = { value = 16000 }
+        inputs.tokens = { shape = [1, 64], range = [0, 30522] }
+        inputs.noise = { range = [-1, 1], distribution = "normal" }
+    """.replace("\n        ", "\n"), tmp_path / "mlci.toml")
+    model = cfg.models[0]
+    assert model.inputs == {"audio": [1, 16000], "tokens": [1, 64]}
+    assert model.input_rules["sample_rate"].value == 16000
+    assert model.input_rules["tokens"].range == (0, 30522)
+    assert model.input_rules["noise"].distribution == "normal"
+    assert model.inputs_files == [tmp_path / "samples/a.npz", tmp_path / "samples/b.npz"]
+
+
+def test_input_rule_mistakes_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config("""
+            [[models]]
+            path = "m.onnx"
+            inputs_file = 3
+            inputs.a = { range = [5, 1] }
+            inputs.b = { value = 1, range = [0, 2] }
+            inputs.c = { distribution = "poisson" }
+            inputs.d = { rnage = [0, 1] }
+        """.replace("\n            ", "\n"), tmp_path / "mlci.toml")
+    text = str(err.value)
+    assert "models[0].inputs_file: expected an .npz path or a list of them" in text
+    assert "models[0].inputs.a.range: expected [low, high] with low < high" in text
+    assert "models[0].inputs.b.value: a fixed value takes no range or distribution" in text
+    assert "models[0].inputs.c.distribution: expected one of \"normal\", \"uniform\"" in text
+    assert "models[0].inputs.d.rnage: unknown key (did you mean 'range'?)" in text
+
+
+@pytest.mark.parametrize("what", ["results_dir", "cache_dir", "--output"])
+def test_unusable_output_paths_exit_2_before_any_work(tmp_path: Path, what: str) -> None:
+    save(tiny_mlp(), tmp_path / "m.onnx")
+    (tmp_path / "a-file").write_text("in the way")
+    setting = f'{what} = "a-file/sub"\n' if what != "--output" else ""
+    path = write_config(tmp_path, setting + """
+        prepare = ["touch", "prepare-ran"]
+        [[models]]
+        path = "m.onnx"
+        dims = { batch = 1 }
+    """)
+    extra = ["-o", str(tmp_path / "a-file" / "r.json")] if what == "--output" else []
+    result = CliRunner().invoke(app, ["run", "-c", str(path), "--no-tracking", *extra])
+    assert result.exit_code == 2, result.output
+    assert f"{what} " in result.output and "a-file is not a directory" in result.output
+    assert not (tmp_path / "prepare-ran").exists()  # refused before anything ran

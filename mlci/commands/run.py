@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,46 @@ def progressive_by_default(ctx: GitHubContext, git: GitInfo) -> bool:
             and git.branch is not None and git.branch == git.default_branch)
 
 
+def _unusable_directory(directory: Path, writable: bool) -> str | None:
+    """Why `directory` cannot serve (None when it can): a file in its place or on its path, or,
+    when `writable`, no way to create it or write in it."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not writable:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mlci-probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def check_output_paths(config: Config, options: RunOptions) -> None:
+    """Refuse, before any work, a results file, results or cache directory that cannot be used:
+    finding out after every model is built and measured would throw that work away. A cache
+    directory that exists but is read-only is fine (nothing may need writing)."""
+    problems = []
+    checks = [("results_dir", config.results_dir, True), ("cache_dir", config.cache_dir, False)]
+    if options.output is not None:
+        if options.output.is_dir():
+            problems.append(f"--output {options.output}: is a directory; give a file path such as results.json")
+        checks.append(("--output", options.output.parent, True))
+    for what, directory, writable in checks:
+        why = _unusable_directory(directory.resolve(), writable)
+        if why:
+            problems.append(f"{what} {directory}: {why}")
+    if problems:
+        raise ConfigError(config.path, problems)
+
+
 def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOutcome:
     """The whole command; raises ConfigError for problems that stop everything."""
+    check_output_paths(config, options)
     run_prepare(config)
     selected = [m for m in config.models if not options.models or m.name in options.models]
     unknown = sorted(set(options.models) - {m.name for m in config.models})
