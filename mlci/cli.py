@@ -269,11 +269,19 @@ def init(
 @app.command()
 def doctor(
     no_tune: Annotated[bool, typer.Option("--no-tune", help="Skip the tuning proof (a few trials).")] = False,
+    ops: Annotated[list[Path] | None, typer.Option(
+        "--ops", metavar="MODEL.onnx",
+        help="Instead of the machine checks: list the model's operators and which TVM can import "
+             "(repeatable). Exits 1 when one is unsupported.")] = None,
 ) -> None:
     """Versions, the detected host target, CUDA and GPU, and a quick proof that tuning works."""
     from rich.table import Table
 
     from mlci.commands.doctor import run_checks
+
+    if ops:
+        _doctor_ops(ops)
+        return
 
     with err.status("checking (the tuning proof takes about a minute)..."):
         checks = run_checks(tune=not no_tune)
@@ -285,6 +293,35 @@ def doctor(
         table.add_row(check.name, f"{mark} {escape(check.value)}")
     out.print(table)
     if not all(c.ok for c in checks):
+        raise typer.Exit(EXIT_GATE)
+
+
+def _doctor_ops(paths: list[Path]) -> None:
+    from rich.table import Table
+
+    from mlci.commands.doctor import OperatorsError, model_operators
+
+    unsupported = False
+    for path in paths:
+        try:
+            uses = model_operators(path)
+        except OperatorsError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        table = Table(title=f"operators of {escape(str(path))}", title_justify="left")
+        table.add_column("operator")
+        table.add_column("nodes", justify="right")
+        table.add_column("converted by")
+        for use in uses:
+            by = {"tvm": "TVM", "mlci": "mlci"}.get(use.provider or "", "[red]unsupported[/red]")
+            table.add_row(escape(use.op), str(use.nodes), by)
+        out.print(table)
+        missing = [u.op for u in uses if u.provider is None]
+        unsupported = unsupported or bool(missing)
+        summary = (f"{len(uses) - len(missing)} of {len(uses)} operators supported"
+                   + (f"; unsupported: {', '.join(missing)}" if missing else ""))
+        out.print(escape(summary), highlight=False)
+    if unsupported:
         raise typer.Exit(EXIT_GATE)
 
 

@@ -84,6 +84,26 @@ def threads_check(target: ResolvedTarget) -> Check:
                  got == wanted)
 
 
+class OperatorsError(Exception):
+    """A model file `doctor --ops` cannot read."""
+
+
+def model_operators(path: Path) -> list:
+    """Every operator of an ONNX file (subgraphs included), with how many nodes use it and who
+    converts it for TVM: "tvm" (its importer), "mlci" (mlci's converters) or None (nobody)."""
+    import onnx
+
+    from mlci.converters import operator_uses
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # operators only: weights stay on disk
+    except FileNotFoundError:
+        raise OperatorsError(f"{path}: file not found") from None
+    except Exception as exc:  # protobuf and onnx raise unrelated types for a damaged file
+        raise OperatorsError(f"{path}: not a valid ONNX model: {exc}") from None
+    return operator_uses(model)
+
+
 def run_checks(tune: bool = True) -> list[Check]:
     import tvm
 
