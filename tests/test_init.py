@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from mlci.cli import app
@@ -282,3 +284,202 @@ def test_starter_workflows_pass_the_linters(repo: Path) -> None:
         if proc.returncode != 0:
             failures.append(f"$ {' '.join(command)}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     assert not failures, "\n\n".join(failures)
+
+
+# --- guessed shapes, and ONNX Runtime's verdict on them --------------------------------------------
+
+
+def _out(name: str, rank: int = 2) -> helper.ValueInfoProto:
+    """A float output whose shape the test does not care about."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank)
+
+
+def _model(nodes, inputs, outputs, initializers=(), metadata: dict[str, str] | None = None, doc: str = "",
+           opsets=(("", 17),)) -> helper.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], doc_string=doc)
+    helper.set_model_props(model, metadata or {})
+    return model
+
+
+def _classifier(shape: list, metadata: dict[str, str] | None = None, doc: str = "") -> helper.ModelProto:
+    """Conv, global pooling, a 10-way Gemm: runs at any image size, like an exported CNN."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "conv_w"),
+             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "fc_w")]
+    nodes = [helper.make_node("Conv", ["image", "conv_w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"], name="pool"),
+             helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], name="fc")]
+    return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+                  [_out("logits")], inits, metadata, doc)
+
+
+def _embedding(shape: list) -> helper.ModelProto:
+    """Token ids looked up in an embedding table (the first op of every exported transformer)."""
+    table = numpy_helper.from_array(np.ones((100, 4), np.float32), "table")
+    return _model([helper.make_node("Gather", ["table", "input_ids"], ["embedded"], name="embed")],
+                  [helper.make_tensor_value_info("input_ids", TensorProto.INT64, shape)],
+                  [_out("embedded", 3)], [table])
+
+
+def _flattens_to_32x32() -> helper.ModelProto:
+    """A detector head exported with dynamic H and W that only works at 32 x 32 (a fixed Reshape)."""
+    target = numpy_helper.from_array(np.array([1, 3 * 32 * 32], np.int64), "target")
+    return _model([helper.make_node("Reshape", ["image", "target"], ["flat"], name="head/flatten")],
+                  [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                  [_out("flat")], [target])
+
+
+def _proposed(tmp_path: Path, model: helper.ModelProto, name: str = "m") -> init.ProposedModel:
+    return init.propose_model(tmp_path, save(model, tmp_path / f"{name}.onnx"))
+
+
+def _values(model: init.ProposedModel) -> dict[str, object]:
+    return {b.key: b.value for b in model.bindings}
+
+
+def test_image_height_and_width_are_guessed_224_in_either_layout(tmp_path: Path) -> None:
+    assert _values(_proposed(tmp_path, _classifier(["N", 3, "H", "W"]))) == {"N": 1, "H": 224, "W": 224}
+    assert _values(_proposed(tmp_path, _classifier(["batch", 3, "unk__1", "unk__2"]))) == {
+        "batch": 1, "unk__1": 224, "unk__2": 224}
+    assert _values(_proposed(tmp_path, _classifier([None, 3, None, None]))) == {"image": [1, 3, 224, 224]}
+    nhwc = _proposed(tmp_path, _model([helper.make_node("Relu", ["x"], ["y"])],
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, None, 1])],
+                                      [_out("y", 4)]))
+    assert _values(nhwc) == {"x": [1, 224, 224, 1]}
+    assert "1 (unnamed, image height)" in nhwc.bindings[0].comment
+    # Not an image: 7 channels, so the dims named "a" and "b" get 1.
+    assert _values(_proposed(tmp_path, _model(
+        [helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 7, "a", "b"])],
+        [_out("y", 4)]))) == {"n": 1, "a": 1, "b": 1}
+
+
+def test_the_image_size_comes_from_metadata_doc_strings_or_a_fixed_sibling(tmp_path: Path) -> None:
+    yolo = _proposed(tmp_path, _classifier(["N", 3, "H", "W"], metadata={"imgsz": "[640, 480]", "stride": "32"}))
+    assert _values(yolo) == {"N": 1, "H": 640, "W": 480}
+    assert "image height, from the model's metadata (imgsz)" in yolo.bindings[1].comment
+    keyed = _classifier([None, 3, None, None], metadata={"image_height": "736", "image_width": "1280"})
+    assert _values(_proposed(tmp_path, keyed)) == {"image": [1, 3, 736, 1280]}
+    documented = _classifier(["N", 3, "H", "W"], doc="Text detector, trained on 1x3x960x960 crops.")
+    assert _values(_proposed(tmp_path, documented)) == {"N": 1, "H": 960, "W": 960}
+
+    sibling = _model([helper.make_node("Mul", ["image", "mask"], ["y"])],
+                     [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"]),
+                      helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 320, 256])],
+                     [_out("y", 4)])
+    guessed = _proposed(tmp_path, sibling)
+    assert _values(guessed) == {"H": 320, "W": 256}
+    assert 'from the fixed input "mask"' in guessed.bindings[0].comment
+
+
+def test_sequence_dims_get_128_by_name_or_as_gather_indices(tmp_path: Path) -> None:
+    assert _values(_proposed(tmp_path, _embedding(["batch", "seq"]))) == {"batch": 1, "seq": 128}
+    assert _values(_proposed(tmp_path, _embedding([None, None]))) == {"input_ids": [1, 128]}
+    assert _values(_proposed(tmp_path, _embedding(["d0", "d1"]))) == {"d0": 1, "d1": 128}
+    # The same input as floats into a Relu is no token sequence.
+    floats = _model([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["d0", "d1"])],
+                    [_out("y")])
+    assert _values(_proposed(tmp_path, floats)) == {"d0": 1, "d1": 1}
+
+
+def test_a_dimension_gets_one_size_everywhere_and_sums_add_up(tmp_path: Path) -> None:
+    decoder = _model(
+        [helper.make_node("Concat", ["past", "new"], ["all"], axis=1), helper.make_node("Relu", ["mask"], ["m"])],
+        [helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", "past_sequence_length"]),
+         helper.make_tensor_value_info("new", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None, "past_sequence_length + 1"])],
+        [_out("all"), _out("m")])
+    guessed = _proposed(tmp_path, decoder)
+    assert _values(guessed) == {"batch": 1, "past_sequence_length": 128, "mask": [1, 129]}
+    # "H" is an image height in the first input, so the second input's "H" is 224 too.
+    shared = _model([helper.make_node("Relu", ["image"], ["y"]), helper.make_node("Relu", ["rows"], ["z"])],
+                    [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, "H"]),
+                     helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                    [_out("y", 4), _out("z")])
+    assert _values(_proposed(tmp_path, shared)) == {"H": 224, "W": 224, "rows": [1, 224]}
+
+
+@pytest.fixture
+def zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository of models as exporters write them: one runs at the guessed sizes, one does not,
+    ONNX Runtime cannot load one (an op of a custom domain)."""
+    monkeypatch.delenv("GITHUB_EVENT_PATH", raising=False)
+    save(_classifier(["N", 3, "H", "W"]), tmp_path / "models" / "classifier.onnx")
+    save(_embedding(["batch", "seq"]), tmp_path / "models" / "encoder.onnx")
+    save(_flattens_to_32x32(), tmp_path / "models" / "detector.onnx")
+    save(_model([helper.make_node("Decode", ["x"], ["y"], domain="acme.ops")],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                [_out("y")], opsets=(("", 17), ("acme.ops", 1))),
+         tmp_path / "models" / "custom.onnx")
+    return tmp_path
+
+
+def test_init_runs_each_model_and_names_those_whose_guess_fails(zoo: Path, workflows: list[str]) -> None:
+    result = _init("--root", str(zoo))
+    assert result.exit_code == 0, result.output
+    cfg = load_config(zoo / "mlci.toml")
+    by_name = {m.name: m for m in cfg.models}
+    assert set(by_name) == {"classifier", "encoder", "detector", "custom"}  # failures stay configured
+    assert by_name["classifier"].dims == {"N": 1, "H": 224, "W": 224}
+    assert by_name["encoder"].dims == {"batch": 1, "seq": 128}
+
+    stderr = " ".join(result.stderr.split())
+    assert ('warning: models/detector.onnx: the guessed shapes fail in ONNX Runtime ("image" [1, 3, 224, 224]): '
+            "Reshape node 'head/flatten': The input tensor cannot be reshaped to the requested shape. "
+            "Input shape:{1,3,224,224}, requested shape:{1,3072}; edit them in mlci.toml") in stderr
+    assert ("warning: models/custom.onnx: ONNX Runtime cannot load it: Fatal error: acme.ops:Decode(-1) is not a "
+            "registered function/op; `mlci run` will fail on it too") in stderr
+    assert "classifier" not in stderr and "encoder" not in stderr
+    assert "onnxruntime_src" not in stderr  # C++ source locations are cut
+
+    text = (zoo / "mlci.toml").read_text()
+    detector = text.split('name = "detector"')[1].split("[[models]]")[0].splitlines()
+    assert detector[1] == 'path = "models/detector.onnx"'
+    assert detector[2].startswith("# mlci init: ONNX Runtime failed on the guessed shapes")
+    assert "requested shape:{1,3072}" in detector[2] and detector[3].startswith("# mlci init: edit the sizes below")
+    assert detector[4].startswith("dims.N = 1  # guessed")
+    assert "# mlci init: ONNX Runtime cannot load this model" in text.split('name = "custom"')[1]
+    classifier = text.split('name = "classifier"')[1].split("[[models]]")[0]
+    assert "mlci init:" not in classifier
+
+
+def test_the_check_is_bounded_by_size_and_time(zoo: Path, workflows: list[str]) -> None:
+    small = init.execute(zoo, models=[Path("models/classifier.onnx")], check=init.CheckLimits(max_bytes=100))
+    assert (zoo / "models" / "classifier.onnx").stat().st_size > 1024
+    assert small.warnings == [f"models/classifier.onnx: the guessed shapes were not checked: it is "
+                              f"{init._size_text((zoo / 'models' / 'classifier.onnx').stat().st_size)}, "
+                              "over the 100 bytes init runs"]
+    assert "# mlci init: the guessed shapes were not checked" in (zoo / "mlci.toml").read_text()
+
+    spent = init.execute(zoo, force=True, models=[Path("models/detector.onnx")], check=init.CheckLimits(total_seconds=0))
+    assert spent.warnings == ["models/detector.onnx: the guessed shapes were not checked: init's 0 s for running "
+                              "models were spent on the ones before"]
+    unchecked = init.execute(zoo, force=True, models=[Path("models/detector.onnx")], check=None)
+    assert unchecked.warnings == [] and "mlci init:" not in (zoo / "mlci.toml").read_text()
+
+
+def test_a_model_still_running_at_the_time_limit_is_stopped_and_named(tmp_path: Path, workflows: list[str]) -> None:
+    """About 200 GFLOP of MatMuls computed from the input (nothing to fold at load time): seconds of work
+    at least, stopped at the next node once the limit passes."""
+    shape = numpy_helper.from_array(np.array([1024, 1024], np.int64), "shape")
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["m0"])]
+    nodes += [helper.make_node("MatMul", [f"m{i}", "m0"], [f"m{i + 1}"], name=f"matmul{i}") for i in range(100)]
+    slow = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+                  [_out("m100")], [shape])
+    save(slow, tmp_path / "slow.onnx")
+    started = time.monotonic()
+    outcome = init.execute(tmp_path, check=init.CheckLimits(seconds=0.5))
+    assert time.monotonic() - started < 5
+    assert outcome.warnings == ["slow.onnx: the guessed shapes were not checked: ONNX Runtime was still loading "
+                                "or running it after 0.5 s"]
+
+
+def test_ort_errors_are_shortened_to_the_node_and_the_reason() -> None:
+    long = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Add node. Name:'add' "
+            "Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/math/element_wise_ops.h:563 void "
+            "onnxruntime::BroadcastIterator::Init(ptrdiff_t, ptrdiff_t) axis == 1 || axis == largest was false. "
+            "Attempting to broadcast an axis by a dimension other than 1. 32 by 224\n")
+    assert init.short_ort_error(RuntimeError(long)) == (
+        "Add node 'add': Attempting to broadcast an axis by a dimension other than 1. 32 by 224")
+    assert init.short_ort_error(RuntimeError("x" * 1000)) == "x" * (init.ERROR_CHARS - 3) + "..."
