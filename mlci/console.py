@@ -1,12 +1,20 @@
 """What a person sees in the terminal: `mlci run`'s progress and results table, `mlci compare`'s decision table.
 
 On a terminal: rich progress bars (stage, trials done/total). In CI logs
-(not a TTY): one plain line per stage, which reads well in a log viewer.
+(not a TTY): one plain line per stage, which reads well in a log viewer, and
+while a stage lasts a line at least every 30 s (MLCI_PROGRESS_INTERVAL), so a
+long tuning round never leaves the log silent.
 Numbers are formatted by `mlci.formatting`, as in the PR comment.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -22,10 +30,59 @@ if TYPE_CHECKING:
     from mlci.gate import Decision
 
 
+PROGRESS_INTERVAL_ENV = "MLCI_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 30.0
+"""Seconds between progress lines in a CI log: a log silent for minutes reads as a hung job."""
+
+
+def progress_interval(environ: Mapping[str, str] | None = None) -> tuple[float, str | None]:
+    """The interval from MLCI_PROGRESS_INTERVAL (default 30 s; `environ` defaults to os.environ), and a
+    warning when its value is no positive number (the default is used then: a progress setting is not
+    worth failing a run for)."""
+    raw = (os.environ if environ is None else environ).get(PROGRESS_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROGRESS_INTERVAL, None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        return DEFAULT_PROGRESS_INTERVAL, (
+            f"{PROGRESS_INTERVAL_ENV}={raw!r} is not a positive number of seconds; "
+            f"progress lines come every {DEFAULT_PROGRESS_INTERVAL:g} s"
+        )
+    return value, None
+
+
+def format_elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+@dataclass
+class _Activity:
+    """What one model is doing, for the CI log's progress lines."""
+
+    stage: str
+    started: float
+    trials: tuple[int, int, str] | None = None
+    """(done, owed, kernel) while tuning."""
+
+
 class RunReporter:
-    def __init__(self, console: Console):
+    """`mlci run`'s progress. On a terminal: rich progress bars. In a CI log: a line per stage change,
+    and while a stage lasts a line at least every `interval` seconds (trials done of those owed, the
+    kernel, the time elapsed), from a heartbeat thread, since MetaSchedule may report nothing for
+    minutes during a long round; trial reports in between are printed at most every `interval` s."""
+
+    def __init__(self, console: Console, interval: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.console = console
         self.live = console.is_terminal
+        warning = None
+        if interval is None:
+            interval, warning = progress_interval()
+        self.interval = interval
+        self.clock = clock
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.fields[model]}[/bold]"),
@@ -38,39 +95,93 @@ class RunReporter:
         )
         self._tasks: dict[str, int] = {}
         self._last_line: dict[str, str] = {}
+        self._activity: dict[str, _Activity] = {}
+        self._quiet_since = clock()
+        """When the log last got a line (or was last found with nothing under way)."""
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        if warning:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
     def __enter__(self) -> RunReporter:
         self.progress.__enter__()
+        if not self.live:
+            self._stop.clear()
+            self._heartbeat = threading.Thread(target=self._beat, name="mlci-progress-heartbeat", daemon=True)
+            self._heartbeat.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
         self.progress.__exit__(*exc)
 
-    def _log(self, model: str, text: str) -> None:
-        if not self.live and self._last_line.get(model) != text:
-            self._last_line[model] = text
-            self.console.print(f"{escape(model)}: {escape(text)}", highlight=False)
+    def _beat(self) -> None:
+        """Wake when the log would next have been silent for `interval` seconds, and say what is going on."""
+        while not self._stop.wait(self._seconds_to_next_line()):
+            self.tick()
+
+    def _seconds_to_next_line(self) -> float:
+        with self._lock:
+            return max(0.01, self._quiet_since + self.interval - self.clock())
+
+    def tick(self) -> None:
+        """Print a line for every model still in a stage when nothing was printed for `interval` seconds."""
+        with self._lock:
+            if self.clock() - self._quiet_since < self.interval:
+                return
+            if not self._activity:
+                self._quiet_since = self.clock()  # nothing under way: look again an interval later
+            for model in list(self._activity):
+                self._log(model, self._describe(model), repeat=True)
+
+    def _describe(self, model: str) -> str:
+        activity = self._activity[model]
+        elapsed = format_elapsed(self.clock() - activity.started)
+        if activity.trials is None:
+            return f"{activity.stage} ({elapsed})"
+        done, total, kernel = activity.trials
+        on = f", kernel {kernel}" if kernel else ""
+        return f"{activity.stage}: {done}/{total} trials{on} ({elapsed})"
+
+    def _log(self, model: str, text: str, repeat: bool = False) -> None:
+        """One plain line in a CI log; the same line twice in a row only as a heartbeat."""
+        with self._lock:
+            if not self.live and (repeat or self._last_line.get(model) != text):
+                self._last_line[model] = text
+                self._quiet_since = self.clock()
+                self.console.print(f"{escape(model)}: {escape(text)}", highlight=False)
 
     def stage(self, model: str, text: str) -> None:
-        if model not in self._tasks:
-            self._tasks[model] = self.progress.add_task(text, model=escape(model), total=None)
-        self.progress.update(self._tasks[model], description=escape(text), total=None, completed=0)
-        self._log(model, text)
+        with self._lock:
+            if model not in self._tasks:
+                self._tasks[model] = self.progress.add_task(text, model=escape(model), total=None)
+            self.progress.update(self._tasks[model], description=escape(text), total=None, completed=0)
+            self._activity[model] = _Activity(stage=text, started=self.clock())
+            self._log(model, text)
 
     def trials(self, model: str, done: int, total: int, kernel: str) -> None:
-        if model not in self._tasks:
-            self.stage(model, "tuning")
-        label = f"tuning {kernel}" if kernel else "tuning"
-        self.progress.update(self._tasks[model], description=escape(label), total=total, completed=done)
-        if not self.live and (done == total or done == 0):
-            self._log(model, f"tuning: {done}/{total} trials")
+        with self._lock:
+            if model not in self._tasks or model not in self._activity:
+                self.stage(model, "tuning")
+            label = f"tuning {kernel}" if kernel else "tuning"
+            self.progress.update(self._tasks[model], description=escape(label), total=total, completed=done)
+            activity = self._activity[model]
+            activity.trials = (done, total, kernel)
+            if done == 0 or done == total or self.clock() - self._quiet_since >= self.interval:
+                self._log(model, self._describe(model))
 
     def finish(self, model: str, status: str) -> None:
-        if model in self._tasks:
-            task = self._tasks[model]
-            colour = "green" if status == "ok" else "red"
-            self.progress.update(task, description=f"[{colour}]{status}[/{colour}]", total=1, completed=1)
-        self._log(model, status)
+        with self._lock:
+            self._activity.pop(model, None)
+            if model in self._tasks:
+                task = self._tasks[model]
+                colour = "green" if status == "ok" else "red"
+                self.progress.update(task, description=f"[{colour}]{status}[/{colour}]", total=1, completed=1)
+            self._log(model, status)
 
 
 def results_table(results: Results) -> Table:
