@@ -212,6 +212,12 @@ _FRACTIONS = {"threshold", "confidence"}
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
 
+def model_name_from(stem: str) -> str:
+    """A valid model name (see `_MODEL_NAME`) made from a file name: what `mlci init` proposes."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._-")
+    return name or "model"
+
+
 def _unknown(key: str, where: str, known: set[str] | dict) -> str:
     hint = difflib.get_close_matches(key, list(known), n=1)
     suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""

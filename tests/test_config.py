@@ -212,3 +212,11 @@ def test_unusable_output_paths_exit_2_before_any_work(tmp_path: Path, what: str)
     assert result.exit_code == 2, result.output
     assert f"{what} " in result.output and "a-file is not a directory" in result.output
     assert not (tmp_path / "prepare-ran").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("stem", [".hidden", "my model", "résumé", "-x", "v1.2_final"])
+def test_init_proposes_model_names_the_config_accepts(tmp_path: Path, stem: str) -> None:
+    from mlci.config import model_name_from
+
+    name = model_name_from(stem)
+    assert parse_config(f'[[models]]\npath = "m.onnx"\nname = "{name}"\n', tmp_path / "mlci.toml").models[0].name == name

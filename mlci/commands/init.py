@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from mlci.config import DEFAULT_CONFIG_NAME, parse_config
+from mlci.config import DEFAULT_CONFIG_NAME, model_name_from, parse_config
 from mlci.templating import make_environment
 
 if TYPE_CHECKING:
@@ -522,7 +522,7 @@ def propose_model(root: Path, path: Path) -> ProposedModel:
         for name, uses in dim_uses.items()
     ]
     stem = Path(path).name.removesuffix(".onnx") or Path(path).stem
-    name = re.sub(r"[^\w.-]+", "_", stem).strip("_") or "model"
+    name = model_name_from(stem)
     return ProposedModel(name=name, path=_relative(root, path), bindings=dim_bindings + bindings, warnings=warnings,
                          size_bytes=model_bytes(full_path, model))
 
