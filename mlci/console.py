@@ -199,12 +199,14 @@ def results_table(results: Results) -> Table:
     table.add_column("kernels tuned", justify="right")
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
-        status_style = "green" if m.ok else "red"
+        vacuous = bool(m.numerics and m.numerics.vacuous)
+        status_style = "red" if not m.ok else "yellow" if vacuous else "green"
+        status = f"{m.status}, numerics vacuous" if vacuous else m.status
         trials = (
             f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
         )
         head_ms = m.latency_ms.median if m.latency_ms else None
-        cells = [escape(m.name), f"[{status_style}]{m.status}[/{status_style}]"]
+        cells = [escape(m.name), f"[{status_style}]{status}[/{status_style}]"]
         if ab:
             base_ms = m.base.latency_ms.median if m.base and m.base.latency_ms else None
             cells.append(format_ms(base_ms) if m.base is None or m.base.status == "ok" else m.base.status)
@@ -218,7 +220,8 @@ def results_table(results: Results) -> Table:
 
 
 def failure_lines(results: Results) -> list[str]:
-    """One line per failed or cut-short model, printed under the table where long messages fit."""
+    """One line per failed, cut-short or vacuously checked model, printed under the table where long
+    messages fit."""
     lines = []
     for m in results.models:
         if not m.ok:
@@ -228,6 +231,8 @@ def failure_lines(results: Results) -> list[str]:
                 f"[yellow]{escape(m.name)}[/yellow]: tuning stopped at its time cap after "
                 f"{m.tuning.seconds:.0f} s; the next run continues where it stopped"
             )
+        if m.numerics and m.numerics.vacuous:
+            lines.append(f"[yellow]{escape(m.name)}[/yellow]: numerics vacuous: {escape(m.numerics.vacuous)}")
     return lines
 
 

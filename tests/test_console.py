@@ -123,3 +123,24 @@ def test_the_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 def test_elapsed_times_read_in_seconds_then_minutes() -> None:
     assert [format_elapsed(s) for s in (0, 59.9, 60, 125, 3725)] == ["0 s", "59 s", "1m 00s", "2m 05s", "62m 05s"]
+
+
+def test_a_vacuous_numerics_check_is_marked_in_the_run_table_and_explained_under_it() -> None:
+    from mlci.console import failure_lines, results_table
+    from mlci.results import Fingerprint, GitInfo, ModelResult, NumericsInfo, Results, TargetInfo
+
+    def numerics(vacuous: str | None) -> NumericsInfo:
+        return NumericsInfo(0.0, 0.0, 1e-4, 1e-3, True, input_sets=2, vacuous=vacuous)
+
+    results = Results(git=GitInfo(), target=TargetInfo("cpu", {"kind": "llvm"}, Fingerprint(hash="f")), models=[
+        ModelResult("zoo", "zoo.onnx", numerics=numerics("the check proves nothing: over 2 different input sets")),
+        ModelResult("real", "real.onnx", numerics=numerics(None)),
+    ])
+    console = Console(width=200, record=True)
+    console.print(results_table(results))
+    for line in failure_lines(results):
+        console.print(line)
+    text = console.export_text()
+    assert "ok, numerics vacuous" in text.splitlines()[[i for i, ln in enumerate(text.splitlines()) if "zoo" in ln][0]]
+    assert "zoo: numerics vacuous: the check proves nothing" in text
+    assert "real: numerics" not in text and "real " in text
