@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import urllib.parse
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from mlci.stats import faster_backend
@@ -34,8 +36,24 @@ VALUE_CHARS = 120
 
 _WS = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_INVISIBLE = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+"""Unicode's format characters (category Cf): bidi overrides and isolates, zero-width and other invisible
+characters. In a name or an error text they can make a comment read otherwise than it is written (a
+right-to-left override reverses what follows), so they are shown as ``<U+202E>`` instead."""
+_AUTOLINK = re.compile(r"(?i)(?<![a-z0-9])(?:https?:(?=//)|www(?=\.))")
+"""Where GitHub's autolinking starts (``http://``, ``https://``, ``www.``): a zero-width joiner goes after the match."""
 _ZWJ = "\u200d"
 _BACKSLASHED = set("\\`*[]|~$")
+
+
+def reveal_invisible(text: str) -> str:
+    """C0 controls removed and format characters (bidi controls, zero-width characters) written as ``<U+XXXX>``:
+    what a reader sees is then what the text says. Every escape of user text goes through here."""
+    return _INVISIBLE.sub(lambda m: f"<U+{ord(m.group()):04X}>", _CONTROL.sub("", text))
 
 
 # --- user text in Markdown ----------------------------------------------------------
@@ -44,17 +62,23 @@ _BACKSLASHED = set("\\`*[]|~$")
 def escape_markdown(text: Any) -> str:
     """Make user text render as itself, inline (a table cell, a list item, a heading).
 
-    Collapses whitespace (newlines would end a table row), backslash-escapes
+    Shows invisible format characters (bidi controls) as ``<U+XXXX>`` (`reveal_invisible`),
+    collapses whitespace (newlines would end a table row), backslash-escapes
     Markdown punctuation (pipes, emphasis, code, links, strikethrough, math),
     writes ``& < >`` as entities (no HTML, no autolinks in angle brackets), and
     puts a zero-width joiner after ``@`` and ``#`` so that nobody is pinged and
-    no issue is cross-referenced. Not for the inside of HTML tags or code blocks.
+    no issue is cross-referenced, and inside ``https://`` and ``www.`` so that a
+    URL in user text stays text, never a link. Not for the inside of HTML tags or code blocks.
     """
     if text is None:
         return "—"
-    text = _WS.sub(" ", _CONTROL.sub("", str(text))).strip()
+    text = _WS.sub(" ", reveal_invisible(str(text))).strip()
+    joins = {m.end() - 1 for m in _AUTOLINK.finditer(text)}
     out: list[str] = []
     for i, ch in enumerate(text):
+        if i in joins:
+            out.append(ch + _ZWJ)
+            continue
         if ch in _BACKSLASHED:
             out.append("\\" + ch)
         elif ch == "_":
@@ -91,7 +115,7 @@ def fenced(text: Any, info: str = "text") -> str:
     """A fenced code block that `text` cannot break out of: the fence is longer than
     any run of backticks in it. Long texts keep their head and tail."""
     body = str(text or "").replace("\r\n", "\n").replace("\r", "\n")
-    body = _CONTROL.sub("", body).rstrip()
+    body = reveal_invisible(body).rstrip()
     if len(body) > ERROR_CHARS:
         head, tail = ERROR_CHARS // 4, ERROR_CHARS - ERROR_CHARS // 4
         omitted = len(body) - head - tail
@@ -117,6 +141,33 @@ def safe_url(url: str | None) -> str | None:
                      ("\\", "%5C"), ("`", "%60")):
         url = url.replace(ch, code)
     return url
+
+
+def url_origin(url: str | None) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL, lower-cased, default ports dropped; None for anything else."""
+    if not url or not re.match(r"(?i)^https?://", url):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if not host or "@" in parts.netloc or "\\" in parts.netloc:  # user@host and host\@other read differently elsewhere
+        return None
+    scheme = parts.scheme.lower()
+    default = {"http": 80, "https": 443}[scheme]
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def trusted_url(url: str | None, origins: Collection[str | None]) -> str | None:
+    """`safe_url` of `url` when it points at one of `origins` (`url_origin` form), else None.
+
+    URLs in a results file come from an untrusted run: the report links only to hosts the
+    workflow itself names (its GitHub server and MLflow tracking server)."""
+    allowed = {o for o in origins if o}
+    return safe_url(url) if url_origin(url) in allowed else None
 
 
 # --- numbers ------------------------------------------------------------------------

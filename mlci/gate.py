@@ -14,6 +14,8 @@ Where the baseline comes from, in order:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -207,6 +209,63 @@ def decide(
     configs = sorted({r.config for r in results if r.config})
     return Decision(cells, policy, family, per_cell, targets, git, tuple(problems or ()),
                     config=", ".join(configs) or None)
+
+
+def latency_problems(results: Results) -> Iterator[str]:
+    """Every latency in `results` that is not a positive, finite number of milliseconds, by model and key.
+
+    A results file comes from an untrusted run. A zero, negative, NaN or infinite latency cannot be
+    compared (log-ratios of zero are infinite), so the file is refused rather than shown as ``+nan%``.
+    `mlci compare` treats such a file like an unreadable one.
+    """
+    for i, model in enumerate(results.models):
+        for key, value in _latencies(model):
+            if not _is_latency(value):
+                yield f"models[{i}] ({model.name!r}).{key} is {value!r}"
+
+
+_MAX_LATENCY_PROBLEMS = 5
+
+
+def latency_problem(results: Results) -> str | None:
+    """`latency_problems` as one line (the first few and a count), or None when every latency is plausible."""
+    shown, more = [], 0
+    for problem in latency_problems(results):
+        if len(shown) < _MAX_LATENCY_PROBLEMS:
+            shown.append(problem)
+        else:
+            more += 1
+    if not shown:
+        return None
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
+
+
+def _is_latency(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _latencies(model: ModelResult) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every latency of one model that the gate or the report reads; missing ones (None) skipped."""
+    sides = [("latency_ms", model.latency_ms),
+             ("base.latency_ms", model.base.latency_ms if model.base else None),
+             ("history.latency_ms", model.history.latency_ms if model.history else None)]
+    for prefix, lat in sides:
+        if lat is None:
+            continue
+        for j, sample in enumerate(lat.samples):
+            yield f"{prefix}.samples[{j}]", sample
+        for name in ("median", "mean", "min", "p90"):
+            value = getattr(lat, name)
+            if value is not None:
+                yield f"{prefix}.{name}", value
+    if model.peer is not None and model.peer.onnxruntime_median_ms is not None:
+        yield "peer.onnxruntime_median_ms", model.peer.onnxruntime_median_ms
+        for j, sample in enumerate(model.peer.onnxruntime_samples or []):
+            yield f"peer.onnxruntime_samples[{j}]", sample
+    for j, point in enumerate(model.history.trend if model.history else []):
+        if point.median is not None:
+            yield f"history.trend[{j}].median", point.median
 
 
 def _with_blocking(cell: Cell, fail_on: FailOn) -> Cell:

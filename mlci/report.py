@@ -47,6 +47,8 @@ from mlci.formatting import (
     safe_url,
     short_sha,
     status_word,
+    trusted_url,
+    url_origin,
 )
 from mlci.gate import VERDICT_ORDER, Cell, Decision, TargetSummary
 from mlci.templating import make_environment
@@ -98,6 +100,12 @@ class ReportContext:
     run_url: str | None = None
     """Link to the CI run."""
     pr: int | None = None
+    mlflow_url: str | None = None
+    """The MLflow tracking server this workflow names (not one a results file names): run links may go there."""
+
+    def link_origins(self) -> set[str]:
+        """Where a URL from a results file may link: the GitHub server and the MLflow server of this run."""
+        return {o for o in (url_origin(self.server_url), url_origin(self.mlflow_url)) if o}
 
 
 _REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -116,10 +124,14 @@ def _commit_link(context: ReportContext) -> Callable[[str | None], str]:
     return link
 
 
-def _link(text: str, url: str | None) -> str:
-    """Markdown link when the URL is safe; `text` must already be Markdown."""
-    safe = safe_url(url)
-    return f"[{text}]({safe})" if safe else text
+def _linker(context: ReportContext) -> Callable[[str, str | None], str]:
+    def link(text: str, url: str | None) -> str:
+        """A Markdown link when the URL goes to this run's GitHub or MLflow server, else `text` alone
+        (`text` must already be Markdown)."""
+        safe = trusted_url(url, context.link_origins())
+        return f"[{text}]({safe})" if safe else text
+
+    return link
 
 
 @cache
@@ -140,7 +152,7 @@ def environment() -> jinja2.Environment:
             value=format_value,
             fence=fenced,
         ),
-        template_globals=dict(link=_link, REASONED=REASONED),
+        template_globals=dict(REASONED=REASONED),
     )
 
 
@@ -215,6 +227,8 @@ class ReportView:
     base_ref: str | None
     commit: Callable[[str | None], str]
     """A sha as Markdown: a link to the commit when the repository is known."""
+    link: Callable[[str, str | None], str]
+    """``link(markdown, url)``: a link only to this run's GitHub or MLflow server, else the text alone."""
     run_url: str | None
     """The CI run's URL, safe for a Markdown link."""
     rows: list[Cell]
@@ -291,6 +305,7 @@ def build_view(
         base=base_sha,
         base_ref=_base_ref(decision),
         commit=_commit_link(context),
+        link=_linker(context),
         run_url=safe_url(context.run_url),
         rows=rows,
         hidden=hidden,

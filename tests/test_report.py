@@ -61,7 +61,8 @@ from mlci.templating import template_source
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 HEAD = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 BASE = "9d1c0e3f2a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d"
-CONTEXT = ReportContext(repository="acme/vision", run_url="https://github.com/acme/vision/actions/runs/123", pr=42)
+CONTEXT = ReportContext(repository="acme/vision", run_url="https://github.com/acme/vision/actions/runs/123", pr=42,
+                        mlflow_url="http://127.0.0.1:5000")
 MARKER = comment_marker(None)
 JITTER = (0.0, 0.004, -0.003, 0.002, -0.001, 0.003, -0.004, 0.001, -0.002, 0.0015)
 
@@ -445,14 +446,15 @@ def test_hostile_names_and_errors_render_inert():
     assert "&lt;img src=x onerror=alert(1)&gt;" in text
     outside_code = text.split("<summary>Errors (1)</summary>")[0]
     assert "@octocat" not in outside_code and "@\u200doctocat" in outside_code  # code blocks ping nobody
-    assert "[x](" not in text and "\\[x\\](http://e)" in text
+    assert "[x](" not in text and "\\[x\\](http:\u200d//e)" in text  # nor an autolink
     assert "**b**" not in text and "\\*\\*b\\*\\*" in text
     # the pipe cannot break the table: every row has exactly 7 unescaped-pipe-separated cells
     rows = table_rows(text)
     assert len(rows) == 2
     for row in rows:
         assert len(cells_of(row)) == 7
-    assert cells_of(rows[1])[0] == "evil\\|name &lt;img src=x onerror=alert(1)&gt; @\u200doctocat \\[x\\](http://e) \\*\\*b\\*\\*"
+    assert cells_of(rows[1])[0] == ("evil\\|name &lt;img src=x onerror=alert(1)&gt; @\u200doctocat "
+                                    "\\[x\\](http:\u200d//e) \\*\\*b\\*\\*")
     assert cells_of(rows[0])[1] == "gpu\\|&lt;b&gt;cuda&lt;/b&gt;"
     assert "(release/\\*v2\\* &lt;i&gt;@\u200dteam&lt;/i&gt;)" in text
     # the error's reason line is one line; the full text sits in a fence longer than its longest backtick run
@@ -534,15 +536,19 @@ def big_decision() -> Decision:
     return decide(runs)
 
 
+BIG_CONTEXT = dataclasses.replace(CONTEXT, mlflow_url="https://mlflow.example.com")
+"""big_decision's runs were logged to another MLflow server."""
+
+
 def test_big_matrix_truncates_and_keeps_every_blocking_cell():
     decision = big_decision()
     assert len(decision.cells) == 200
     blocking = decision.blocking
     assert len(blocking) == 33
-    full = render_summary(decision, CONTEXT)
+    full = render_summary(decision, BIG_CONTEXT)
     assert len(full) > MAX_COMMENT_CHARS  # the summary keeps everything
     assert "rows not shown" not in full and "Not shown, to fit" not in full
-    text = render_comment(decision, CONTEXT)
+    text = render_comment(decision, BIG_CONTEXT)
     assert len(text) <= MAX_COMMENT_CHARS
     assert text.startswith(MARKER + "\n### mlci FAIL: 25 failures on ")
     shown = {tuple(cells_of(row)[:2]) for row in table_rows(text)}
@@ -553,7 +559,7 @@ def test_big_matrix_truncates_and_keeps_every_blocking_cell():
     assert f"… {hidden} more rows not shown ({hidden} unchanged): see the job summary of the [CI run](" in text
     assert "Not shown, to fit GitHub's size limit: environment, tuning, numerics, history, trends, errors" in text
     # the snapshot: the same degradation at a smaller limit, so that the file stays reviewable
-    small = render_comment(decision, CONTEXT, max_chars=28_000)
+    small = render_comment(decision, BIG_CONTEXT, max_chars=28_000)
     assert len(small) <= 28_000
     rows = table_rows(small)
     assert sum(1 for row in rows if cells_of(row)[-1].startswith("[**")) == 33 and len(rows) < 50

@@ -8,6 +8,7 @@ gate's alone.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class CompareOptions:
     """Targets whose bench job must have left a results file (the workflow's plan); a missing one fails the gate."""
     report_only: bool = False
     """Report the verdict everywhere but exit 0 (the fork-safe comment stage: the PR's own run already failed)."""
+    mlflow_uri: str | None = None
+    """The MLflow tracking server the runs were logged to; None: MLFLOW_TRACKING_URI. Run links in the
+    report go only there (or to GitHub): the URLs in a results file are the untrusted run's word."""
 
 
 @dataclass
@@ -58,7 +62,7 @@ def find_results(paths: list[Path]) -> list[Path]:
 
 
 def load_results(paths: list[Path]) -> tuple[list[Results], list[str]]:
-    """Every readable results file, and one message per unreadable one naming it."""
+    """Every readable results file, and one message per unreadable or refused one naming it."""
     missing = [p for p in paths if not p.exists()]
     files = find_results(paths)
     if not files:
@@ -67,9 +71,16 @@ def load_results(paths: list[Path]) -> tuple[list[Results], list[str]]:
     loaded, problems = [], [f"{p}: no such file or directory" for p in missing]
     for path in files:
         try:
-            loaded.append(read_results(path))
+            results = read_results(path)
         except ResultsError as exc:
             problems.append(str(exc))
+            continue
+        implausible = gate.latency_problem(results)
+        if implausible:  # zero or negative latencies would be compared as +nan%: refused like an unreadable file
+            problems.append(f"{path}: refusing results whose latencies are not all positive, finite "
+                            f"numbers of milliseconds: {implausible}")
+            continue
+        loaded.append(results)
     if not loaded:
         raise CompareUsageError("no readable results file:\n  " + "\n  ".join(problems))
     return loaded, problems
@@ -135,6 +146,7 @@ def execute(options: CompareOptions, print_line: Any = print) -> CompareOutcome:
         server_url=ctx.server_url,
         run_url=ctx.run_url,
         pr=decision.git.pr,
+        mlflow_url=options.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
     )
     out = options.report_dir
     out.mkdir(parents=True, exist_ok=True)
