@@ -4,16 +4,23 @@ commit status, step outputs.
 Joins the two GitHub adapters: the Actions side (`mlci.actions`: the run's context, the summary and
 output files, workflow commands) and the REST API (`mlci.github`). Every GitHub failure becomes a
 note instead of an exception: a read-only token (fork pull requests) or an outage must never lose the
-results, which land in the job summary first. The token never appears in anything written or printed.
+results, which land in the job summary first; all GitHub calls of one delivery together take at most
+MLCI_GITHUB_DEADLINE seconds (a minute by default), so a hung API cannot hold the job. The token never
+appears in anything written or printed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from mlci.actions import Annotation, GitHubContext, append_summary, format_annotation, write_outputs
-from mlci.github import GitHubClient, GitHubError, scrub_secrets
+from mlci.github import DEADLINE_S, GitHubClient, GitHubError, scrub_secrets
+
+DEADLINE_ENV = "MLCI_GITHUB_DEADLINE"
+"""Seconds all GitHub calls of one delivery may take together (default DEADLINE_S)."""
 
 FORK_HINT = (
     "the token is read-only, as on pull requests from forks; the report is in the job summary. "
@@ -29,6 +36,21 @@ class Delivery:
     status_set: bool = False
     summary_written: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+def github_deadline(environ: Mapping[str, str] = os.environ) -> tuple[float, str | None]:
+    """The deadline for all GitHub calls of a delivery: MLCI_GITHUB_DEADLINE seconds, else DEADLINE_S;
+    and a note when the variable is set but not a positive number (the default is used then)."""
+    raw = environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEADLINE_S, None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        return DEADLINE_S, f"{DEADLINE_ENV}={raw!r} is not a positive number of seconds; using {DEADLINE_S:g} s"
+    return seconds, None
 
 
 def _describe(error: GitHubError, what: str, hinted: bool = False) -> str:
@@ -102,7 +124,13 @@ def deliver(
             note(f"nothing posted to GitHub: {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set; {where}")
         else:
             assert ctx.repository is not None
-            api = client or GitHubClient(ctx.api_url, ctx.token or "")
+            if client is None:
+                deadline, problem = github_deadline()
+                if problem:
+                    note(problem)
+                api = GitHubClient(ctx.api_url, ctx.token or "", deadline=deadline)
+            else:
+                api = client
             if post_comment:
                 try:
                     done.pr = api.find_pull_request(ctx, claimed=claimed_pr)

@@ -1,9 +1,10 @@
 """GitHub's REST API: a small client for the sticky PR comment, the commit status and finding the pull request.
 
 Standard library only (urllib), so the action installs nothing extra. Retries what GitHub asks to be
-retried and raises GitHubError with GitHub's own message otherwise; the token never appears in anything
-this module produces, and is sent to the API host only. Reads no environment: the caller passes the
-API URL, the token and what it knows about the run.
+retried and raises GitHubError with GitHub's own message otherwise; a client's calls together never
+take longer than its deadline. The token never appears in anything this module produces, and is sent
+to the API host only. Reads no environment: the caller passes the API URL, the token and what it
+knows about the run.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlci import __version__
@@ -23,6 +27,10 @@ from mlci.formatting import COMMENT_LIMIT
 
 API_VERSION = "2022-11-28"
 USER_AGENT = f"mlci/{__version__}"
+DEADLINE_S = 60.0
+"""Seconds one client spends on GitHub at most, retries and waits included: a hung API costs a minute, not ten."""
+ACTIONS_BOT = "github-actions[bot]"
+"""Who a workflow's GITHUB_TOKEN posts as."""
 STATUS_DESCRIPTION_LIMIT = 140
 STATUS_STATES = ("error", "failure", "pending", "success")
 
@@ -84,7 +92,110 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+class _Watchdog:
+    """Shuts down the sockets of one call when its time is up.
+
+    A socket timeout bounds each read, not the call: a server that sends a byte every few
+    seconds never trips it. The watchdog keeps a duplicate of each socket the call opens
+    (`track`, from the connection classes below) and shuts the connection down at the deadline,
+    which ends any read in progress, during the TLS handshake too.
+    """
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        _Watchdog._current.dog = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _Watchdog._current.dog = None
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    @classmethod
+    def track(cls, sock: socket.socket) -> None:
+        dog = getattr(cls._current, "dog", None)
+        if dog is None:
+            return
+        with dog._lock:
+            twin = sock.dup()  # ours to shut down and close, whatever the connection does with its own
+            dog._sockets.append(twin)
+            if dog.fired:
+                _shutdown(twin)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _watched_connection(*args: Any, **kwargs: Any) -> socket.socket:
+    sock = socket.create_connection(*args, **kwargs)
+    _Watchdog.track(sock)
+    return sock
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _watched_connection
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _watched_connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):  # type: ignore[no-untyped-def]
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):  # type: ignore[no-untyped-def]
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects, _HTTPHandler, _HTTPSHandler)
+
+
+@dataclass(frozen=True)
+class Author:
+    """Who wrote a comment: mlci updates only comments written by the identity it posts as."""
+
+    login: str
+    type: str | None = None
+    id: int | None = None
+
+    def wrote(self, comment: Mapping[str, Any]) -> bool:
+        user = comment.get("user")
+        if not isinstance(user, dict) or not isinstance(user.get("login"), str):
+            return False
+        if user["login"].casefold() != self.login.casefold():
+            return False
+        if self.type is not None and user.get("type") != self.type:
+            return False
+        return self.id is None or user.get("id") == self.id
 
 
 class GitHubClient:
@@ -98,16 +209,22 @@ class GitHubClient:
         retries: int = 4,
         backoff: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
-        timeout: float = 30.0,
+        timeout: float = 20.0,
         max_wait: float = 60.0,
+        deadline: float | None = DEADLINE_S,
+        author: str | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._token = token
         self.retries = retries
         self.backoff = backoff
         self.sleep = sleep
-        self.timeout = timeout
+        self.timeout = timeout  # one read
         self.max_wait = max_wait  # a rate limit that resets later than this is reported, not waited out
+        self.deadline = deadline  # every call of this client together, from the first; None: no limit
+        self._started: float | None = None
+        # Who the token posts as, when GET /user cannot tell (a GitHub App's token posts as APP-SLUG[bot]).
+        self._author = Author(author) if author else None
         origin = urllib.parse.urlsplit(self.api_url)
         self._origin = (origin.scheme, origin.netloc)
 
@@ -151,33 +268,54 @@ class GitHubClient:
             return min(self.max_wait, 60.0), True
         return self.backoff * (2**attempt), False
 
+    def _remaining(self) -> float:
+        """Seconds left of the deadline (infinite without one); the clock starts at the first call."""
+        if self.deadline is None:
+            return float("inf")
+        if self._started is None:
+            self._started = time.monotonic()
+        return self.deadline - (time.monotonic() - self._started)
+
+    def _out_of_time(self, why: str | None = None) -> GitHubError:
+        text = f"gave up on {self.api_url} after the {self.deadline:g} s mlci allows GitHub in all"
+        return GitHubError(None, self.scrub(f"{text} ({why})" if why else text))
+
+    def _pause(self, seconds: float, why: str) -> None:
+        """Sleep before a retry, unless that would run past the deadline: then give up now."""
+        if seconds >= self._remaining():
+            raise self._out_of_time(why)
+        self.sleep(seconds)
+
     def request(
         self, method: str, path_or_url: str, body: dict | None = None, *, retries: int | None = None
     ) -> tuple[int, Any, dict[str, str]]:
-        """One API call with retries; returns (status, parsed JSON or None, lower-cased headers)."""
+        """One API call with retries; returns (status, parsed JSON or None, lower-cased headers).
+
+        Bounded by the client's deadline as a whole: each try gets what is left of it, and a
+        server that keeps a connection alive without answering is cut off when it runs out."""
         url = self._url(path_or_url)
         data = json.dumps(body).encode("utf-8") if body is not None else None
         method = method.upper()
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
             last = attempt == retries
+            remaining = self._remaining()
+            if remaining <= 0:
+                raise self._out_of_time()
             try:
                 req = urllib.request.Request(url, data=data, method=method, headers=self._headers(data is not None))
-                with _OPENER.open(req, timeout=self.timeout) as resp:
-                    status, raw, headers = resp.status, resp.read(), {k.lower(): v for k, v in resp.headers.items()}
-            except urllib.error.HTTPError as exc:
-                status, headers = exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}
-                try:
-                    raw = exc.read()
-                except (OSError, http.client.HTTPException):
-                    raw = b""
-                finally:
-                    exc.close()
+                with _Watchdog(remaining) as dog:
+                    try:
+                        status, raw, headers = _exchange(req, min(self.timeout, remaining))
+                    finally:
+                        if dog.fired:  # whatever the cut-off read returned or raised
+                            raise self._out_of_time(f"no complete answer to {method} {urllib.parse.urlsplit(url).path}")
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeout
                 reason = getattr(exc, "reason", None) or exc
+                problem = self.scrub(f"could not reach {self.api_url}: {reason}")
                 if last:
-                    raise GitHubError(None, self.scrub(f"could not reach {self.api_url}: {reason}")) from None
-                self.sleep(self.backoff * (2**attempt))
+                    raise GitHubError(None, problem) from None
+                self._pause(self.backoff * (2**attempt), problem)
                 continue
             payload = _parse_json(raw)
             if status < 300:
@@ -190,12 +328,13 @@ class GitHubClient:
             if status < 500 and not rate_limited:
                 raise GitHubError(status, self._message(status, payload, raw))
             wait, asked = self._wait(attempt, status, headers)
-            if last or (asked and wait > self.max_wait):
+            limit = min(self.max_wait, self._remaining())
+            if last or (asked and wait > limit):
                 message = self._message(status, payload, raw)
-                if asked and wait > self.max_wait:
-                    message += f"; rate limited for another {wait:.0f} s, more than the {self.max_wait:.0f} s mlci waits"
+                if asked and wait > limit:
+                    message += f"; rate limited for another {wait:.0f} s, more than the {limit:.0f} s mlci waits"
                 raise GitHubError(status, message, rate_limited=rate_limited)
-            self.sleep(wait)
+            self._pause(wait, f"GitHub answered {status}: {self._message(status, payload, raw)}")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def scrub(self, text: str) -> str:
@@ -255,8 +394,11 @@ class GitHubClient:
         return None
 
     def upsert_comment(self, repository: str, pr: int, body: str, marker: str) -> tuple[str, str]:
-        """Update the comment carrying `marker` (the first, if several) or create it: one comment per PR and marker.
+        """Update mlci's comment carrying `marker` (the first, if several) or create it: one comment per PR and marker.
 
+        Only a comment written by the identity this token posts as (`author`) is updated. Anybody can
+        write the marker into a comment of their own; were it taken for mlci's, the next report would
+        land under their name, and they could edit it at will. Such comments are left alone.
         The marker (an HTML comment, invisible on GitHub) is put first in `body` unless it is in there already.
         """
         body = _fit_comment(body if marker in body else f"{marker}\n{body}", marker)
@@ -270,17 +412,46 @@ class GitHubClient:
                 # Not retried blindly: a create that answered 502 may have been made anyway,
                 # so look for it again first (one sticky comment, never two).
                 _, payload, _ = self.request("POST", f"/repos/{repo}/issues/{int(pr)}/comments", {"body": body}, retries=0)
+                self._learn_author(payload)
                 return str(payload["html_url"]), "created"
             except GitHubError as exc:
                 retriable = exc.status is None or exc.status >= 500 or exc.rate_limited
                 if not retriable or attempt == self.retries:
                     raise
-                self.sleep(self.backoff * (2**attempt))
+                self._pause(self.backoff * (2**attempt), str(exc))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def author(self) -> Author:
+        """The identity this token posts as.
+
+        A person's token (PAT, OAuth) reads it from GET /user. An installation token (a workflow's
+        GITHUB_TOKEN) cannot read /user (403 or 404) and posts as github-actions[bot]; a GitHub App's
+        own installation token posts as APP-SLUG[bot], which the caller passes as `author`.
+        """
+        if self._author is None:
+            try:
+                _, user, _ = self.request("GET", "/user")
+            except GitHubError as exc:
+                if exc.status not in (403, 404):
+                    raise
+                self._author = Author(ACTIONS_BOT, "Bot")
+            else:
+                if not (isinstance(user, dict) and isinstance(user.get("login"), str)):
+                    raise GitHubError(None, f"GET {self.api_url}/user answered without a login")
+                uid = user.get("id")
+                self._author = Author(user["login"], user.get("type"), uid if isinstance(uid, int) else None)
+        return self._author
+
+    def _learn_author(self, created: Any) -> None:
+        """A comment just created shows who this token posts as: no GET /user needed for the next update."""
+        user = created.get("user") if isinstance(created, dict) else None
+        if self._author is None and isinstance(user, dict) and isinstance(user.get("login"), str):
+            uid = user.get("id")
+            self._author = Author(user["login"], user.get("type"), uid if isinstance(uid, int) else None)
 
     def _find_comment(self, repo: str, pr: int, marker: str) -> dict | None:
         for comment in self.paginate(f"/repos/{repo}/issues/{int(pr)}/comments?per_page=100"):
-            if isinstance(comment, dict) and marker in (comment.get("body") or ""):
+            if isinstance(comment, dict) and marker in (comment.get("body") or "") and self.author().wrote(comment):
                 return comment
         return None
 
@@ -302,6 +473,22 @@ class GitHubClient:
         if target_url:
             body["target_url"] = target_url
         self.request("POST", f"/repos/{_repo(repository)}/statuses/{urllib.parse.quote(sha, safe='')}", body)
+
+
+def _exchange(req: urllib.request.Request, timeout: float) -> tuple[int, bytes, dict[str, str]]:
+    """Send one request and read the whole answer, error answers included: (status, body, lower-cased headers)."""
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as exc:
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        try:
+            raw = exc.read()
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        finally:
+            exc.close()
+        return exc.code, raw, headers
 
 
 def _parse_json(raw: bytes) -> Any:

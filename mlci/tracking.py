@@ -9,10 +9,14 @@ create never leaves duplicates.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
+import threading
 import traceback
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,8 +24,17 @@ from filelock import FileLock
 
 from mlci.results import Fingerprint, History, Latency, ModelResult, Results, TrendPoint, write_results
 
-# MLflow's defaults (7 retries, 120 s timeout) hang each call for minutes on a down server.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+# MLflow's defaults (7 retries, backoff factor 2, 120 s a read) hang each call for minutes on a down
+# server. These bound one call to about half a minute; the user's own settings win.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+DEADLINE_ENV = "MLCI_MLFLOW_DEADLINE"
+DEADLINE_S = 60.0
+"""Seconds the whole tracking phase (history lookups and logging) may take by default. A read timeout
+alone does not bound it: a server that sends a byte every few seconds never trips one."""
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -296,6 +309,49 @@ class _Progress(Protocol):
     def finish(self, model: str, status: str) -> None: ...
 
 
+def tracking_deadline(environ: Mapping[str, str] = os.environ) -> float:
+    """MLCI_MLFLOW_DEADLINE seconds (0: no deadline, infinity), else DEADLINE_S; ValueError naming the
+    variable when it is not a number of seconds."""
+    raw = environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEADLINE_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{DEADLINE_ENV}={raw!r} is not a number of seconds (0 for no deadline)")
+    return seconds or math.inf
+
+
+class _Handover:
+    """What a tracking worker may still change in the caller's results: nothing once the caller gave up on it.
+
+    The worker logs from its own copy of the results; each finished step is copied into the
+    caller's results (and the results file) under a lock, only while the caller still waits.
+    """
+
+    def __init__(self, progress: _Progress) -> None:
+        self._lock = threading.Lock()
+        self._progress = progress
+        self.abandoned = False
+
+    def apply(self, change: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.abandoned:
+                change()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+
+    def stage(self, model: str, text: str) -> None:
+        self.apply(lambda: self._progress.stage(model, text))
+
+    def finish(self, model: str, status: str) -> None:
+        self.apply(lambda: self._progress.finish(model, status))
+
+
 def log_results(
     results: Results,
     path: Path,
@@ -306,32 +362,79 @@ def log_results(
     artifacts_dir: Path,
     params: dict[str, Any],
     progress: _Progress,
+    deadline: float | None = None,
 ) -> str | None:
     """Look up each model's history baseline, then log one run per model with its artifacts
     (``artifacts_dir/MODEL``: tuning records and library). History first, so a run never finds
     itself. `results` gains the baselines and run ids, and is rewritten to `path` before any run
-    is logged. Tracking is best effort: a failure comes back as a message, never an exception."""
+    is logged. Tracking is best effort: a failure comes back as a message, never an exception.
+
+    The whole of it runs in a worker thread that is given up after `deadline` seconds (None:
+    MLCI_MLFLOW_DEADLINE, else DEADLINE_S; infinity: as long as it takes); what it finished by
+    then is kept, and the one message returned says what was not."""
+    if deadline is None:
+        try:
+            deadline = tracking_deadline()
+        except ValueError as exc:
+            return f"MLflow logging to {uri} skipped: {exc}"
+    handover = _Handover(progress)
+    outcome: list[str | None] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(_log_results(results, path, uri=uri, experiment=experiment,
+                                                   artifact_root=artifact_root, artifacts_dir=artifacts_dir,
+                                                   params=params, handover=handover)),
+        name="mlci-mlflow", daemon=True,  # daemon: a server that never answers must not keep mlci alive
+    )
+    worker.start()
+    worker.join(deadline if math.isfinite(deadline) else None)
+    if worker.is_alive():
+        handover.abandon()
+        logged = sum(1 for m in results.models if m.mlflow_run_id)
+        return (f"MLflow logging to {uri} gave up after {deadline:g} s ({DEADLINE_ENV}): the server did not "
+                f"answer in time; {logged} of {len(results.models)} runs logged")
+    return outcome[0] if outcome else f"MLflow logging to {uri} failed: the worker ended without a result"
+
+
+def _log_results(
+    results: Results,
+    path: Path,
+    *,
+    uri: str,
+    experiment: str,
+    artifact_root: Path,
+    artifacts_dir: Path,
+    params: dict[str, Any],
+    handover: _Handover,
+) -> str | None:
+    """`log_results`' work, on a copy of `results`: each finished step goes back through `handover`."""
+    work = copy.deepcopy(results)
     try:
         tracker = Tracker(uri, experiment, artifact_root=artifact_root)
-        git = results.git
-        for model in results.models:
-            progress.stage(model.name, "reading MLflow history")
+        git = work.git
+        for model in work.models:
+            handover.stage(model.name, "reading MLflow history")
             model.history = tracker.history(
-                model.name, results.target.name, results.target.fingerprint,
+                model.name, work.target.name, work.target.fingerprint,
                 base_commit=git.base_commit, default_branch=git.default_branch, exclude_commit=git.commit,
             )
-        write_results(results, path)
+
+        def keep_history() -> None:
+            for mine, theirs in zip(results.models, work.models, strict=True):
+                mine.history = theirs.history
+            write_results(results, path)
+
+        handover.apply(keep_history)
         invocation = git.run_id or uuid.uuid4().hex[:12]
-        for model in results.models:
-            progress.stage(model.name, "logging to MLflow")
+        for index, model in enumerate(work.models):
+            handover.stage(model.name, "logging to MLflow")
             out_dir = artifacts_dir / model.name
-            single = Results(git=git, target=results.target, models=[model], config=results.config,
-                             created_at=results.created_at)
+            single = Results(git=git, target=work.target, models=[model], config=work.config,
+                             created_at=work.created_at)
             results_json = write_results(single, out_dir / "results.json")
             model.mlflow_run_id = tracker.log_model(
-                results,
+                work,
                 model,
-                job_key=f"{invocation}/{git.commit or 'nocommit'}/{results.target.name}/{model.name}",
+                job_key=f"{invocation}/{git.commit or 'nocommit'}/{work.target.name}/{model.name}",
                 params=params,
                 artifacts=[
                     (results_json, None),
@@ -340,8 +443,15 @@ def log_results(
                 ],
             )
             model.mlflow_url = tracker.run_url(model.mlflow_run_id)
-            progress.finish(model.name, model.status)
+
+            def keep_run(mine: ModelResult = results.models[index], theirs: ModelResult = model) -> None:
+                mine.mlflow_run_id, mine.mlflow_url = theirs.mlflow_run_id, theirs.mlflow_url
+
+            handover.apply(keep_run)
+            handover.finish(model.name, model.status)
     except Exception as exc:  # the results file already holds everything
+        if handover.abandoned:  # the caller has warned already; say nothing more
+            return None
         logging.getLogger("mlci").error("MLflow logging failed:\n%s", traceback.format_exc())
         return f"MLflow logging to {uri} failed: {type(exc).__name__}: {exc}"
     return None

@@ -41,11 +41,31 @@ API_VERSION = "2022-11-28"
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 
 
+GET_AUTHENTICATED_USER = {
+    "summary": "Get the authenticated user",
+    "operationId": "users/get-authenticated",
+    "externalDocs": {"description": "API method documentation",
+                     "url": "https://docs.github.com/rest/users/users#get-the-authenticated-user"},
+    "parameters": [],
+    "responses": {
+        # GitHub answers a private-user or public-user object; both carry every field of simple-user,
+        # the part of it mlci reads (login, id, type).
+        "200": {"description": "Response", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/simple-user"}}}},
+        "304": {"$ref": "#/components/responses/not_modified"},
+        "401": {"description": "Requires authentication",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/basic-error"}}}},
+        "403": {"$ref": "#/components/responses/forbidden"},
+    },
+}
+"""GET /user, which the trimmed description leaves out: mlci asks it who a person's token posts as."""
+
+
 @functools.cache
 def load_spec(path: Path = SPEC_PATH) -> tuple[dict, OpenAPI]:
-    """GitHub's description plus a 127.0.0.1:{port} server entry, parsed and checked once per test session."""
+    """GitHub's description plus GET /user and a 127.0.0.1:{port} server entry, parsed and checked once per test session."""
     spec = json.loads(path.read_text(encoding="utf-8"))
     spec["servers"] = [*spec.get("servers", []), {"url": "http://127.0.0.1:{port}", "variables": {"port": {"default": "80"}}}]
+    spec["paths"].setdefault("/user", {"get": GET_AUTHENTICATED_USER})
     return spec, OpenAPI.from_dict(spec)
 
 
@@ -124,8 +144,12 @@ class FakeGitHub:
         repository: str = "octo-org/widgets",
         web_url: str = "https://github.com",
         spec_path: Path = SPEC_PATH,
+        token_user: str | None = None,
     ) -> None:
         self.token = token
+        # Who the token is: None, an installation token (a workflow's GITHUB_TOKEN: posts as
+        # github-actions[bot], GET /user answers 403); a login, that person's token (a PAT).
+        self.token_user = token_user
         self.repository = repository
         self.owner, self.repo = repository.split("/")
         self.web_url = web_url
@@ -227,10 +251,16 @@ class FakeGitHub:
                           "confused": 0, "heart": 0, "hooray": 0, "eyes": 0, "rocket": 0},
         }
 
+    def _token_identity(self) -> dict:
+        """The user the token's writes are made as."""
+        return self._user() if self.token_user is None else self._user(self.token_user, 1_000_042, "User")
+
     def add_comment(self, number: int, body: str, login: str = "someone", kind: str = "User") -> dict:
-        """Seed a comment (by a person by default) on a PR."""
+        """Seed a comment on a PR, by someone else than the token by default (``login="github-actions[bot]",
+        kind="Bot"``: one an earlier run with a workflow token posted; the token's own login: one it posted)."""
         with self._lock:
-            comment = self._comment(number, body, self._user(login, 583231, kind))
+            user = self._token_identity() if login == self.token_user else self._user(login, 583231, kind)
+            comment = self._comment(number, body, user)
             self.comments.setdefault(number, []).append(comment)
             return comment
 
@@ -354,6 +384,10 @@ class FakeGitHub:
         return None
 
     def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> _Reply:
+        if path == "/user" and method == "GET":
+            if self.token_user is None:  # what GitHub answers an installation token
+                return _error(403, "Resource not accessible by integration", f"{DOCS}/users/users#get-the-authenticated-user")
+            return _Reply(200, self._token_identity())
         prefix = f"/repos/{self.owner}/{self.repo}/"
         if not path.startswith(prefix):
             return _error(404, "Not Found")
@@ -363,7 +397,7 @@ class FakeGitHub:
             if method == "GET":
                 return self._list(path, query, self.comments.get(number, []))
             if method == "POST":
-                comment = self._comment(number, body["body"])
+                comment = self._comment(number, body["body"], self._token_identity())
                 self.comments.setdefault(number, []).append(comment)
                 return _Reply(201, comment, {"Location": comment["url"]})
         if m := re.fullmatch(r"issues/comments/(\d+)", rest):
@@ -394,7 +428,7 @@ class FakeGitHub:
                 "url": f"{self.url}/repos/{self.repository}/statuses/{sha}", "avatar_url": "https://avatars.githubusercontent.com/in/15368?v=4",
                 "id": sid, "node_id": f"SC_kwDOABCD{sid}", "state": body["state"], "description": body.get("description"),
                 "target_url": body.get("target_url"), "context": body.get("context", "default"),
-                "created_at": now, "updated_at": now, "creator": self._user(),
+                "created_at": now, "updated_at": now, "creator": self._token_identity(),
             }
             self.statuses.setdefault(sha, []).append(status)
             return _Reply(201, status, {"Location": status["url"]})

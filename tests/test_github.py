@@ -123,14 +123,16 @@ def test_marker_is_prepended_and_other_comments_are_left_alone(gh: FakeGitHub, c
 def test_marker_comment_on_page_two_is_found_through_the_link_header(gh: FakeGitHub, client: GitHubClient):
     for i in range(130):
         gh.add_comment(42, f"comment {i}")
-    target = gh.add_comment(42, f"{MARKER}\nold")
+    target = gh.add_comment(42, f"{MARKER}\nold", login="github-actions[bot]", kind="Bot")
     gh.add_comment(42, "after")
 
     url, action = client.upsert_comment(REPO, 42, f"{MARKER}\nnew", MARKER)
     assert action == "updated" and url == target["html_url"]
     assert len(gh.comments[42]) == 132
     assert sum(MARKER in c["body"] for c in gh.comments[42]) == 1
-    assert [(r.method, r.query.get("page")) for r in gh.requests] == [("GET", None), ("GET", "2"), ("PATCH", None)]
+    # who wrote the marker comment is checked against who the token is (GET /user: 403, the workflow's bot)
+    assert [(r.method, r.path.rsplit("/", 1)[-1], r.query.get("page")) for r in gh.requests] == [
+        ("GET", "comments", None), ("GET", "comments", "2"), ("GET", "user", None), ("PATCH", str(target["id"]), None)]
     # the second page was fetched with the URL from the first answer's Link header, verbatim
     first_link = parse_link_header(gh.requests[0].response_headers["Link"])
     assert first_link["next"] == gh.url + gh.requests[1].target
@@ -173,7 +175,9 @@ def test_create_whose_reply_was_lost_is_not_duplicated(gh: FakeGitHub, client: G
     url, action = client.upsert_comment(REPO, 43, "report v1", MARKER)
     assert len(gh.comments[43]) == 1, "a retried create made a second sticky comment"
     assert action == "updated" and url == gh.comments[43][0]["html_url"]
-    assert [(r.method, r.status) for r in gh.requests] == [("GET", 200), ("POST", 502), ("GET", 200), ("PATCH", 200)]
+    assert [(r.method, r.path.rsplit("/", 1)[-1], r.status) for r in gh.requests] == [
+        ("GET", "comments", 200), ("POST", "comments", 502), ("GET", "comments", 200), ("GET", "user", 403),
+        ("PATCH", str(gh.comments[43][0]["id"]), 200)]
 
 
 def test_502_forever_gives_up_with_githubs_status(gh: FakeGitHub, client: GitHubClient, sleeps: Sleeps):
@@ -377,7 +381,7 @@ def test_two_configs_keep_two_sticky_comments(gh: FakeGitHub, tmp_path: Path, sl
     """Two mlci configs in one repository report on the same PR: each updates its own comment, never the other's."""
     ctx = make_ctx(gh, tmp_path, pr_event(42))
     context = ReportContext(repository=REPO, pr=42)
-    legacy = gh.add_comment(42, f"{MARKER}\nreport of the top-level mlci.toml")
+    legacy = gh.add_comment(42, f"{MARKER}\nreport of the top-level mlci.toml", login="github-actions[bot]", kind="Bot")
     vision, speech = (with_config(decide([]), path) for path in ("services/vision/mlci.toml", "services/speech/mlci.toml"))
 
     def post(decision: Decision) -> str | None:
