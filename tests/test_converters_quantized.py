@@ -135,6 +135,7 @@ def build_zoo() -> Zoo:
     xu2 = z.input("xu2", ints("uint8", (1, 4, 7, 7)))
     xs2 = z.input("xs2", ints("int8", (1, 4, 1, 1)))
     x1d = z.input("x1d", ints("uint8", (1, 4, 9)))
+    x3d = z.input("x3d", ints("uint8", (1, 2, 3, 4, 4)))
     au = z.input("au", ints("uint8", (2, 3, 8)))
     as_ = z.input("as", ints("int8", (3, 8)))
     af = z.input("af", RNG.standard_normal((3, 8)).astype(np.float32))
@@ -154,6 +155,7 @@ def build_zoo() -> Zoo:
     z.node("ConvInteger", [xu, w("uint8", (4, 1, 3, 3), "ci5_w"), "u3", z.const("u128", 128, "uint8")],
            "ci_valid_depthwise", auto_pad="VALID", group=4)
     z.node("ConvInteger", [x1d, w("int8", (3, 4, 3), "ci6_w"), "u3"], "ci_1d", pads=[1, 2], strides=[2])
+    z.node("ConvInteger", [x3d, w("int8", (3, 2, 2, 2, 2), "ci3d_w"), "u3"], "ci_3d", pads=[1, 0, 1, 0, 1, 1])
     # ONNX defines these; ONNX Runtime takes neither (int8 x, one weight zero point per channel).
     w7, zp7 = ints("int8", (5, 4, 3, 3)), ints("int8", (5,), -8, 8)
     z.node("ConvInteger", [xs, z.const("ci7_w", w7, "int8"), z.const("s9", -9, "int8"), z.const("ci7_zp", zp7, "int8")],
