@@ -9,11 +9,13 @@ never-worse choice is kept with the library, so the same inputs also keep the sa
 
 Entries live in the tuning cache directory (one target and fingerprint), so they travel with it
 between CI runs. The oldest are removed past `MAX_PER_MODEL` entries of a model or `MAX_BYTES`
-in all.
+in all. A directory this process cannot write is still read; builds made then are exported to a
+temporary directory and not filed.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,10 +77,16 @@ class CachedBuild:
 class BuildCache:
     """A directory of builds, one sub-directory per key: the library and what is known about it."""
 
-    def __init__(self, directory: Path, max_per_model: int = MAX_PER_MODEL, max_bytes: int = MAX_BYTES):
+    def __init__(self, directory: Path, max_per_model: int = MAX_PER_MODEL, max_bytes: int = MAX_BYTES,
+                 read_only: str | None = None):
         self.dir = Path(directory)
         self.max_per_model = max_per_model
         self.max_bytes = max_bytes
+        self.read_only = read_only
+        """Why builds cannot be filed here (None: they can, as far as tried). Given by an owner that
+        already told the user so; otherwise found, and said, when a build is first exported."""
+        self._told = read_only is not None
+        self._staging: Path | None = None
 
     def get(self, key: str) -> CachedBuild | None:
         """The build filed under `key`; None when there is none or it cannot be read (then it is
@@ -104,14 +113,37 @@ class BuildCache:
 
     def staging_path(self) -> Path:
         """A new path to export a library to before it is filed (or dropped)."""
-        staging = self.dir / _STAGING
-        staging.mkdir(parents=True, exist_ok=True)
-        return staging / f"{uuid.uuid4().hex}.so"
+        return self._staging_dir() / f"{uuid.uuid4().hex}.so"
+
+    def _staging_dir(self) -> Path:
+        """The staging directory, tried once; a private temporary one when this one cannot be written."""
+        if self._staging is None and self.read_only is None:
+            staging = self.dir / _STAGING
+            try:
+                staging.mkdir(parents=True, exist_ok=True)
+                probe = staging / f"{uuid.uuid4().hex}.probe"
+                probe.touch()
+                probe.unlink()
+                self._staging = staging
+            except OSError as exc:
+                self.read_only = f"{exc.strerror or type(exc).__name__}: {exc.filename or staging}"
+        if self._staging is None:
+            if not self._told:
+                log.warning("build cache %s cannot be written (%s): builds made this run are used, not kept",
+                            self.dir, self.read_only)
+                self._told = True
+            self._staging = Path(tempfile.mkdtemp(prefix="mlci-builds-"))
+            atexit.register(shutil.rmtree, self._staging, True)
+        return self._staging
 
     def put(self, key: str, model: str, library: Path, report: BuildReport, choice: BuildChoice | None,
             seconds: float) -> Path:
         """File `library` (moved in) under `key`; returns where it now is. The entry appears whole
-        or not at all, so a crash or a concurrent run never leaves half of one."""
+        or not at all, so a crash or a concurrent run never leaves half of one. A cache that cannot
+        be written files nothing: the library stays where it was exported."""
+        self._staging_dir()  # finds out whether this directory can be written
+        if self.read_only is not None:
+            return library
         entry = self.dir / key
         tmp = self.dir / _STAGING / f"{key}-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
@@ -134,6 +166,8 @@ class BuildCache:
     def prune(self) -> None:
         """Remove the oldest entries past the per-model and total limits (never the newest), and
         staging files an interrupted run left."""
+        if self.read_only is not None:
+            return
         entries = []
         for entry in self.dir.iterdir() if self.dir.is_dir() else []:
             try:

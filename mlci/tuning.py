@@ -11,13 +11,17 @@ cached schedules, as MetaSchedule's evolutionary search seeds from the database)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import logging
+import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -203,33 +207,194 @@ def cache_directory(cache_root: Path, target_name: str, fingerprint: Fingerprint
     return cache_root / f"{target_name}-{cache_key(fingerprint)}"
 
 
-def _read_json_map(path: Path, convert: Callable[[Any], Any]) -> dict[str, Any]:
-    """A JSON object of the cache, its values through `convert`; empty when missing or damaged."""
-    try:
-        return {k: convert(v) for k, v in json.loads(path.read_text()).items()}
-    except (FileNotFoundError, ValueError, AttributeError, TypeError):
-        return {}
+LEDGER_FILE = "ledger.json"
+WORKLOADS_FILE = "database_workload.json"
+RECORDS_FILE = "database_tuning_record.json"
+"""MetaSchedule's JSON database: one workload (a kernel's TIR) a line, and one tuning record a line
+that names its workload by line number."""
+KEEP_DAMAGED = 2
+"""Damaged copies of each cache file kept (moved aside, named FILE.damaged-TIME) for a post-mortem."""
+
+
+def _why(exc: BaseException) -> str:
+    """What was wrong with a line, in words."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg}, column {exc.colno})"
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text and isinstance(exc, ValueError) else f"{type(exc).__name__}: {(text or [''])[0][:200]}"
+
+
+def _lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def _summary(problems: list[tuple[int, str]], lines: int) -> str:
+    number, why = problems[0]
+    if len(problems) == 1:
+        return f"line {number} is {why}"
+    return f"{len(problems)} of {lines} lines are bad; the first, line {number}, is {why}"
+
+
+def _plain(value: Any) -> Any:
+    """TVM's JSON form of a value as Python lists, strings and numbers."""
+    if isinstance(value, str | int | float) or value is None:
+        return value
+    if hasattr(value, "value"):
+        return value.value
+    return [_plain(v) for v in value]
+
+
+@dataclass
+class _Workload:
+    """One line of the workloads file, read back: its kernel key and what its arguments are."""
+
+    key: str
+    """The kernel key (`mlci.compile.workload_key`): the structural hash MetaSchedule stored with it."""
+    args: list[tuple[str, list[int] | None]]
+    """dtype and shape of each argument; shape None for a layout-free one (a weight a tuned
+    schedule may store in another layout, so a record lists it in that shape)."""
+    workload: Any = field(repr=False)
+
+
+def _read_workload(line: bytes) -> _Workload:
+    """Raises ValueError (or TVM's error) when the line is not a workload TVM can read."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    obj = json.loads(line)
+    if not (isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)
+            and obj[0].isdigit()):
+        raise ValueError("not a [hash, module] pair")
+    workload = ms.database.Workload.from_json(obj)
+    main = workload.mod["main"]
+    layout_free = {int(i) for i in (main.attrs or {}).get("layout_free_buffers", [])}
+    args = [(str(a[1]), None if i in layout_free else [int(d) for d in a[2]])
+            for i, a in enumerate(_plain(info.as_json()) for info in ArgInfo.from_prim_func(main))]
+    return _Workload(key=f"{int(obj[0]) & 0xFFFFFFFFFFFFFFFF:016x}", args=args, workload=workload)
+
+
+def _read_record(line: bytes, workloads: list[_Workload]) -> tuple[int, Any]:
+    """The workload index and record of a record line; raises ValueError when the line is not a
+    record of the workload it names."""
+    obj = json.loads(line)
+    if not (isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int
+            and isinstance(obj[1], list) and len(obj[1]) == 4):
+        raise ValueError("not a [workload, record] pair")
+    index, record = obj
+    trace, run_secs, target, args = record
+    if not 0 <= index < len(workloads):
+        raise ValueError(f"a record of workload {index}, but the workloads file has {len(workloads)} lines")
+    if not (isinstance(trace, list) and len(trace) == 2 and all(isinstance(t, list) for t in trace)):
+        raise ValueError("a record whose schedule trace is malformed")
+    if run_secs is not None and not (isinstance(run_secs, list) and all(
+            isinstance(t, int | float) and not isinstance(t, bool) for t in run_secs)):
+        raise ValueError("a record whose run times are not numbers")
+    if target is not None and not (isinstance(target, dict) and isinstance(target.get("kind"), str)):
+        raise ValueError("a record whose target is malformed")
+    if args is not None:
+        expected = workloads[index].args
+        try:
+            found = [(str(a[1]), [int(d) for d in a[2]]) for a in args]
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ValueError("a record whose argument list is malformed") from exc
+        if len(found) != len(expected) or any(
+                f[0] != e[0] or (e[1] is not None and f[1] != e[1]) for f, e in zip(found, expected)):
+            raise ValueError(f"a record whose arguments are not those of workload {index} "
+                             "(it was filed under another kernel)")
+    return index, record
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count of trials")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{value!r} is not a time in seconds")
+    return float(value)
+
+
+def _json_map(path: Path, convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """Raises FileNotFoundError, or ValueError when the file is not a JSON object of such values."""
+    data = json.loads(path.read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return {str(k): convert(v) for k, v in data.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace the file at once: a crash leaves the old one, never half of the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace the file at once: a crash leaves the old one, never half of the new."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
-    tmp.replace(path)
+    _write_atomic(path, json.dumps(data, indent=0, sort_keys=True).encode())
+
+
+def _cannot_write(directory: Path) -> str | None:
+    """Why this process cannot write the cache directory, its lock or its database (None when it
+    can). Tried, not inferred from permission bits: root ignores those, a read-only mount does not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+        probe.touch()
+        probe.unlink()
+        os.close(os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o666))
+        for name in (WORKLOADS_FILE, RECORDS_FILE):
+            if (directory / name).exists():
+                with open(directory / name, "ab"):  # opening to append changes nothing
+                    pass
+    except OSError as exc:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or directory}"
+    return None
 
 
 class TuningCache:
     """A directory holding one target's MetaSchedule database and the trials ledger.
 
-    Hold `lock()` while tuning: JSON records point at workloads by line number,
-    so two writers would corrupt each other.
+    It checks itself when its database is first read: a damaged file is moved aside and the
+    cache rebuilt from what is still valid, so a damaged cache costs re-searching, never a failed
+    run. Writers hold `lock()` and read the database again when another process wrote since
+    (records point at workloads by line number: a stale copy appends at the wrong line). A cache
+    this process cannot write is read as it is; anything tuned goes to a private temporary copy.
     """
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._ledger_path = self.dir / "ledger.json"
+        self.read_only = _cannot_write(self.dir)
+        """Why this process cannot write the cache (None when it can)."""
+        self._files = self.dir
+        """Where the database, ledger, timings and cost model are read and written: the cache, or
+        a private copy of it when the cache cannot be written."""
+        if self.read_only is not None:
+            self._files = self._private_copy()
+            log.info("tuning cache %s cannot be written (%s): reading it as it is; nothing is written to it "
+                     "this run", self.dir, self.read_only)
+        self._filelock = FileLock(str(self.dir / ".lock"))
+        self._held = 0
+        self._seen: Any = None
         self._database = None
+        self._warned_unsaved = False
+        self._damage_told = False
+        self.builds = BuildCache(self.dir / BUILDS_DIR, read_only=self.read_only)
+        """Libraries built from these records (see `mlci.build_cache`)."""
+
+    def _private_copy(self) -> Path:
+        scratch = Path(tempfile.mkdtemp(prefix="mlci-tuning-cache-"))
+        atexit.register(shutil.rmtree, scratch, True)
+        for name in (WORKLOADS_FILE, RECORDS_FILE, LEDGER_FILE, DEFAULTS_FILE, COST_MODEL_FILE):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.dir / name, scratch / name)
+        return scratch
 
     def state(self) -> tuple[tuple[str, int, int], ...]:
         """Paths, sizes and mtimes of the cache's files: did this run add anything worth saving?
@@ -239,27 +404,182 @@ class TuningCache:
         return tuple(sorted((str(p.relative_to(self.dir)), st.st_size, st.st_mtime_ns)
                             for p in files for st in [p.stat()]))
 
-    def lock(self, timeout: float = -1) -> FileLock:
-        return FileLock(str(self.dir / ".lock"), timeout=timeout)
+    @contextlib.contextmanager
+    def lock(self, timeout: float = -1) -> Iterator[None]:
+        """Hold while writing: one writer at a time across processes (reentrant within this one).
+        Taking it first reads the database again if another process wrote it since this one did, so
+        what is appended lands where this process thinks it does. A cache this process cannot write
+        needs none: its private copy has no other writer."""
+        if self.read_only is not None:
+            yield
+            return
+        with self._filelock.acquire(timeout=timeout):
+            outermost = self._held == 0
+            self._held += 1
+            try:
+                if outermost and self._database is not None and self._stamp() != self._seen:
+                    log.debug("tuning cache %s: written by another process; reading it again", self.dir)
+                    self._database = None
+                yield
+            finally:
+                self._held -= 1
+                if outermost:
+                    self._seen = self._stamp()  # what is on disk now is what this process holds
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """Identity, size and mtime of the database files: have they changed since?"""
+        stamps = []
+        for name in (WORKLOADS_FILE, RECORDS_FILE):
+            try:
+                st = (self._files / name).stat()
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
 
     @property
     def database(self) -> Any:
         if self._database is None:
-            from tvm.s_tir import meta_schedule as ms
-
-            self._database = ms.database.JSONDatabase(work_dir=str(self.dir))
+            with self.lock():
+                self._database = self._open_database()
+                self._seen = self._stamp()
         return self._database
 
+    def _warn_damaged(self, name: str, what: str, outcome: str) -> None:
+        self._damage_told = True
+        where = ("moved aside" if self.read_only is None
+                 else "left as it is (the cache is read-only); this run ignores it")
+        log.warning("tuning cache %s: %s is damaged (%s); %s, %s", self.dir, name, what, where, outcome)
+
+    def _move_aside(self, name: str) -> None:
+        """Keep a damaged file for a post-mortem, under a name no reader opens; only the newest
+        KEEP_DAMAGED copies of each file stay."""
+        path = self._files / name
+        if not path.exists():
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = path.with_name(f"{name}.damaged-{stamp}")
+        suffix = 1
+        while aside.exists():
+            aside = path.with_name(f"{name}.damaged-{stamp}-{suffix}")
+            suffix += 1
+        os.replace(path, aside)
+        for old in sorted(path.parent.glob(f"{name}.damaged-*"))[:-KEEP_DAMAGED]:
+            old.unlink(missing_ok=True)
+
+    def _replace_damaged(self, name: str, lines: list[bytes]) -> None:
+        self._move_aside(name)
+        _write_atomic(self._files / name, b"".join(line + b"\n" for line in lines))
+
+    def _open_database(self) -> Any:
+        """Check the database files line by line, set aside what is damaged, then let MetaSchedule
+        read what is left (its reader trusts its input: one blank line crashes the process).
+        Called holding the lock, so no other process is half way through writing them."""
+        from tvm.s_tir import meta_schedule as ms
+
+        self._damage_told = False
+        workloads_path, records_path = self._files / WORKLOADS_FILE, self._files / RECORDS_FILE
+        workload_lines = _lines(workloads_path.read_bytes()) if workloads_path.exists() else []
+        record_lines = _lines(records_path.read_bytes()) if records_path.exists() else []
+        workloads: list[_Workload] = []
+        for number, line in enumerate(workload_lines, 1):
+            try:
+                workloads.append(_read_workload(line))
+            except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a module it cannot read
+                # Records name workloads by line number: past a bad line no number can be trusted.
+                self._warn_damaged(WORKLOADS_FILE, f"line {number} is {_why(exc)}",
+                                   f"with the records that refer to it ({RECORDS_FILE}); the cache starts "
+                                   "empty and its kernels are searched again")
+                self._replace_damaged(WORKLOADS_FILE, [])
+                self._replace_damaged(RECORDS_FILE, [])
+                workloads, record_lines = [], []
+                break
+        kept: list[bytes] = []
+        records: list[tuple[int, Any]] = []
+        problems: list[tuple[int, str]] = []
+        for number, line in enumerate(record_lines, 1):
+            try:
+                records.append(_read_record(line, workloads))
+                kept.append(line)
+            except ValueError as exc:  # json's errors and the checks' are ValueErrors
+                problems.append((number, _why(exc)))
+        if problems:
+            self._warn_damaged(RECORDS_FILE, _summary(problems, len(record_lines)),
+                               f"keeping its {len(kept)} valid records")
+            self._replace_damaged(RECORDS_FILE, kept)
+        for path in (workloads_path, records_path):  # a last line with no newline: the next append would join it
+            if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                with open(path, "ab") as file:
+                    file.write(b"\n")
+        try:
+            database = ms.database.JSONDatabase(work_dir=str(self._files))
+        except Exception:  # noqa: BLE001 - a record whose schedule does not apply to its workload
+            bad = []
+            for number, (index, record) in enumerate(records, 1):
+                try:
+                    ms.database.TuningRecord.from_json(record, workloads[index].workload)
+                except Exception as exc:  # noqa: BLE001
+                    bad.append((number, f"a record whose schedule does not apply to workload {index} "
+                                        f"({_why(exc)})"))
+            dropped = {number for number, _ in bad}
+            kept = [line for number, line in enumerate(kept, 1) if number not in dropped]
+            records = [r for number, r in enumerate(records, 1) if number not in dropped]
+            self._warn_damaged(RECORDS_FILE, _summary(bad, len(dropped) + len(kept)) if bad
+                               else "MetaSchedule cannot read it", f"keeping its {len(kept)} valid records")
+            self._replace_damaged(RECORDS_FILE, kept)
+            database = ms.database.JSONDatabase(work_dir=str(self._files))
+        self._reconcile_ledger({workloads[index].key for index, _ in records})
+        return database
+
+    def _reconcile_ledger(self, recorded: set[str]) -> None:
+        """Drop ledger entries of kernels with no records: the trials they were credited are lost
+        with their records, so those kernels are searched again."""
+        ledger = self._read_map(LEDGER_FILE, _count)
+        lost = sorted(set(ledger) - recorded)
+        if lost:
+            # After a damaged database was reported, that its kernels are searched again is no news.
+            say = log.info if self._damage_told else log.warning
+            say("tuning cache %s: %s credits trials to %d kernels with no records in %s (lost or damaged); they "
+                "are searched again", self.dir, LEDGER_FILE, len(lost), RECORDS_FILE)
+            self.save_ledger({k: v for k, v in ledger.items() if k in recorded})
+
+    def _read_map(self, name: str, convert: Callable[[Any], Any]) -> dict[str, Any]:
+        """A JSON object of the cache, its values through `convert`; empty when missing, and when
+        damaged (moved aside, with a warning)."""
+        try:
+            return _json_map(self._files / name, convert)
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            with self.lock():  # another process may have just replaced it whole: look again
+                try:
+                    return _json_map(self._files / name, convert)
+                except FileNotFoundError:
+                    return {}
+                except ValueError as exc:
+                    self._warn_damaged(name, _why(exc), "starting it empty")
+                    self._move_aside(name)
+                    return {}
+
     def ledger(self) -> dict[str, int]:
-        """Kernel key -> trials it has had (a damaged ledger costs re-searching, never a crash)."""
-        return _read_json_map(self._ledger_path, int)
+        """Kernel key -> trials it has had. Only kernels with records in the database are credited
+        (checked when the database is opened)."""
+        self.database  # noqa: B018 - opening it reconciles the ledger with the records
+        return self._read_map(LEDGER_FILE, _count)
 
     def save_ledger(self, ledger: dict[str, int]) -> None:
-        _write_json_atomic(self._ledger_path, ledger)
+        _write_json_atomic(self._files / LEDGER_FILE, ledger)
+
+    def warn_unsaved(self, trials: int) -> None:
+        """Once per run: what is searched in a cache that cannot be written is lost at exit."""
+        if self.read_only is not None and not self._warned_unsaved:
+            self._warned_unsaved = True
+            log.warning("tuning cache %s cannot be written (%s): searching %d trials in a temporary copy; "
+                        "the results are used by this run and not saved", self.dir, self.read_only, trials)
 
     @property
     def cost_model_path(self) -> Path:
-        return self.dir / COST_MODEL_FILE
+        return self._files / COST_MODEL_FILE
 
     def load_cost_model(self, cores: int, warmup: int) -> Any:
         """MetaSchedule's XGBoost cost model with what earlier runs on this fingerprint measured, so
@@ -304,11 +624,6 @@ class TuningCache:
             return []
         return list(db.get_top_k(db.commit_workload(workload), top_k))
 
-    @property
-    def builds(self) -> BuildCache:
-        """Libraries built from these records (see `mlci.build_cache`)."""
-        return BuildCache(self.dir / BUILDS_DIR)
-
     def best_record_json(self, kernel: Kernel) -> Any:
         """The record a build applies to the kernel (its fastest), as plain JSON; None without one."""
         from tvm.s_tir.meta_schedule import _ffi_api
@@ -319,10 +634,10 @@ class TuningCache:
     def default_seconds(self) -> dict[str, float]:
         """Kernel key -> measured seconds per call of its rule-based default schedule (a damaged
         file costs re-measuring, never a crash)."""
-        return _read_json_map(self.dir / DEFAULTS_FILE, float)
+        return self._read_map(DEFAULTS_FILE, _seconds)
 
     def save_default_seconds(self, timings: dict[str, float]) -> None:
-        _write_json_atomic(self.dir / DEFAULTS_FILE, timings)
+        _write_json_atomic(self._files / DEFAULTS_FILE, timings)
 
     def record_seconds(self, kernel: Kernel) -> float | None:
         """Seconds per call of the kernel's best tuned record, or None when it has none."""
@@ -528,8 +843,20 @@ def tune(
     With `progressive`, `trials` new trials are searched whatever the cache holds, where the
     estimated remaining gain is largest (`budget.progressive_trials`). Each kernel searched also
     has its `default_schedule` timed once, so a build can tell whether tuning beat it."""
+    # Every read of the cache and every write to it under the lock: another process's records land
+    # in the database this run appends to, and its ledger is the one this run adds to.
+    with cache.lock():
+        return _tune_locked(kernels, tvm_target, cache, trials=trials, seconds=seconds, per_round=per_round,
+                            log_dir=log_dir, threads=threads, seed=seed, progressive=progressive,
+                            default_schedule=default_schedule, on_progress=on_progress)
+
+
+def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, trials: int, seconds: float,
+                 per_round: int, log_dir: Path, threads: int, seed: int, progressive: bool,
+                 default_schedule: Callable[[Any], bool] | None, on_progress: ProgressFn | None) -> TuningOutcome:
     start = time.monotonic()
-    deadline = start + seconds
+    # No time (zero, negative, NaN) searches nothing; an infinite budget has no deadline.
+    deadline = start + (seconds if seconds > 0 else 0.0)
     outcome = TuningOutcome(trials_budget=trials, seconds_budget=seconds, tasks=len(kernels), progressive=progressive)
     ledger = cache.ledger()
     done_before = [max(ledger.get(k.key, 0), len(cache.valid_records(k))) for k in kernels]
@@ -547,9 +874,11 @@ def tune(
     total_owed = sum(owed)
     if on_progress:
         on_progress(0, total_owed, "")
-    if total_owed == 0:
+    if total_owed == 0 or deadline <= start:
+        outcome.deadline_hit = total_owed > 0
         outcome.seconds = time.monotonic() - start
         return outcome
+    cache.warn_unsaved(total_owed)
 
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
@@ -584,6 +913,7 @@ def tune(
                 outcome.deadline_hit = True
                 break
             done = 0
+            exhausted = False
             # Search in chunks so the deadline is checked every couple of rounds; each chunk
             # starts from the best schedules so far (evolutionary search seeds from the database).
             chunk_no = 0
@@ -597,6 +927,7 @@ def tune(
                 )
                 _quiet_metaschedule_console()
                 if not contexts:  # already scheduled by the importer: nothing to search
+                    exhausted = True
                     break
                 counts["measured"] = counts["valid"] = 0
                 progress = (lambda measured, _base=searched_total + done, _name=kernel.name:
@@ -622,14 +953,17 @@ def tune(
                 done += measured
                 chunk_no += 1
                 if measured < chunk:  # the search space is exhausted
+                    exhausted = True
                     break
             searched_total += done
-            cut_short = done < need and time.monotonic() >= deadline
-            outcome.deadline_hit = outcome.deadline_hit or cut_short
-            # A kernel whose search space ran out has had its due; one cut by the deadline
-            # is credited only what it got, so a later run picks up the rest.
-            ledger[kernel.key] = done_before[index] + (done if cut_short else need)
-            cache.save_ledger(ledger)
+            outcome.deadline_hit = outcome.deadline_hit or (done < need and not exhausted)
+            # The ledger credits what was measured, so a later run searches the rest. A kernel whose
+            # search space ran out after candidates were measured has had its due; one with nothing
+            # measured is credited nothing, whatever stopped it.
+            credit = need if exhausted and done > 0 else done
+            if credit:
+                ledger[kernel.key] = done_before[index] + credit
+                cache.save_ledger(ledger)
     finally:
         cache.save_cost_model(cost_model)
     outcome.seconds = time.monotonic() - start
