@@ -8,7 +8,8 @@ exactly, except where a float intermediate may round differently: QLinearAdd (ON
 associates its float sum differently), QLinearSigmoid (its own sigmoid approximation), QDQ
 models (TVM computes on dequantized floats, ONNX Runtime fuses some layers into integer kernels)
 and dynamic models (each layer's quantization parameters come from float arithmetic). There one
-unit of the last place is allowed; the test prints how many elements used it (none so far).
+unit of the last place is allowed, and the test prints how many elements used it (so far only
+the QDQ model's softmax output: 2 of 12).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -247,6 +249,14 @@ def build_zoo() -> Zoo:
            domain=MS, loose=True)
     z.node("QLinearSigmoid", [xs, b_sc, "s7", "sig_s", z.const("sm128", -128, "int8")], "qsigmoid_int8",
            domain=MS, loose=True)
+    # QLinearSoftmax as the quantizer writes it: output scale 1/256, zero point 0 (uint8) or -128.
+    logits = z.input("logits", ints("uint8", (2, 10), 90, 160))
+    z.node("QLinearSoftmax", [logits, z.const("sm_s", 0.08, "float32"), "u120", "sig_s", z.const("u0", 0, "uint8")],
+           "qsoftmax", domain=MS, loose=True, axis=-1, opset=13)
+    z.node("QLinearSoftmax", [xs, z.const("sm_s8", 0.05, "float32"), "s7", "sig_s", "sm128"], "qsoftmax_int8_axis1",
+           domain=MS, loose=True, axis=1, opset=13)
+    z.node("QLinearSoftmax", [xs, "sm_s8", "s7", "sig_s", "sm128"], "qsoftmax_int8_opset12_flattened",
+           domain=MS, loose=True, axis=2, opset=12)
 
     # QuantizeLinear / DequantizeLinear (TVM's converters, the QDQ format): per axis.
     z.node("QuantizeLinear", [af, z.const("ql_s", RNG.uniform(0.005, 0.02, 8), "float32"),
@@ -306,8 +316,8 @@ def test_every_quantized_operator_variant_computes_what_onnx_runtime_computes(pi
 
 
 def small_cnn() -> onnx.ModelProto:
-    """Conv, Relu, a residual Add, MaxPool, Concat, GlobalAveragePool, Gemm, MatMul: the layers
-    whose quantized forms the quantizer writes for a CNN."""
+    """Conv, Relu, a residual Add, MaxPool, Concat, GlobalAveragePool, Gemm, MatMul, Softmax: the
+    layers whose quantized forms the quantizer writes for a CNN classifier."""
     rng = np.random.default_rng(3)
     inits: list[onnx.TensorProto] = []
 
@@ -327,7 +337,8 @@ def small_cnn() -> onnx.ModelProto:
         helper.make_node("GlobalAveragePool", ["cat"], ["gap"]),
         helper.make_node("Flatten", ["gap"], ["flat"]),
         helper.make_node("Gemm", ["flat", weight("wg", 12, 10), weight("bg", 10)], ["fc"]),
-        helper.make_node("MatMul", ["fc", weight("wm", 10, 6)], ["y"]),
+        helper.make_node("MatMul", ["fc", weight("wm", 10, 6)], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["y"], axis=-1),
     ]
     graph = helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10, 10])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
@@ -356,14 +367,15 @@ QUANTIZERS = {
 QDQ form ONNX Runtime recommends on x86."""
 EMITS = {
     "qoperator": {"QuantizeLinear", "QLinearConv", f"{MS}.QLinearAdd", f"{MS}.QLinearConcat",
-                  f"{MS}.QLinearGlobalAveragePool", f"{MS}.QGemm", "QLinearMatMul", "DequantizeLinear"},
+                  f"{MS}.QLinearGlobalAveragePool", f"{MS}.QGemm", "QLinearMatMul", f"{MS}.QLinearSoftmax",
+                  "DequantizeLinear"},
     "qdq-int8-per-channel": {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul"},
     "dynamic": {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"},
 }
 UNITS = {"qoperator": 0, "qdq-int8-per-channel": 1, "dynamic": 1}
 """Units of the last place an integer tensor may differ by: QOperator layers compute in integers
 as ONNX Runtime does; in QDQ form TVM computes every layer on dequantized floats where ONNX
-Runtime fuses some (here Add, Concat, GlobalAveragePool and Gemm) into its integer kernels; in
+Runtime fuses some (here Add, Concat, GlobalAveragePool, Gemm, Softmax) into its integer kernels; in
 the dynamic form each layer's quantization parameters come from float products and sums that may
 round differently."""
 
@@ -436,8 +448,8 @@ def test_the_quantizers_operators_are_converted_by_mlci_and_the_nhwc_qlinearconv
 
 
 def one_node_model(op: str, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray], order: list[str],
-                   domain: str = "") -> onnx.ModelProto:
-    node = helper.make_node(op, order, ["y"], name="bad", domain=domain)
+                   domain: str = "", **attrs: object) -> onnx.ModelProto:
+    node = helper.make_node(op, order, ["y"], name="bad", domain=domain, **attrs)
     graph = helper.make_graph(
         [node], "bad", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                         for n, v in inputs.items()],
@@ -447,64 +459,80 @@ def one_node_model(op: str, inputs: dict[str, np.ndarray], weights: dict[str, np
     return typed_by_ort(model)
 
 
+class Refusal(NamedTuple):
+    op: str
+    inputs: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    order: list[str]
+    domain: str
+    message: str
+    attrs: dict[str, object] = {}
+
+
 f32, u8, s8, i32 = np.float32, np.uint8, np.int8, np.int32
 REFUSED = {
-    "a QLinearMatMul with one scale per row of a": (
+    "a QLinearMatMul with one scale per row of a": Refusal(
         "QLinearMatMul", {"a": np.zeros((3, 8), u8)},
         {"as": np.full(3, 0.1, f32), "az": np.array(0, u8), "b": np.zeros((8, 5), s8), "bs": np.array(0.1, f32),
          "bz": np.array(0, s8), "ys": np.array(0.1, f32), "yz": np.array(0, u8)},
         ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], "",
         "QLinearMatMul node 'bad': a_scale must hold one value (per tensor), got shape [3]"),
-    "a QLinearConv with 5 weight scales for 6 channels": (
+    "a QLinearConv with 5 weight scales for 6 channels": Refusal(
         "QLinearConv", {"x": np.zeros((1, 4, 5, 5), u8)},
         {"xs": np.array(0.1, f32), "xz": np.array(0, u8), "w": np.zeros((6, 4, 3, 3), s8), "ws": np.full(5, 0.1, f32),
          "wz": np.array(0, s8), "ys": np.array(0.1, f32), "yz": np.array(0, u8)},
         ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], "",
         "QLinearConv node 'bad': w_scale must hold one value or one per channel (6), got shape [5]"),
-    "a QLinearConv with a bias of the wrong length": (
+    "a QLinearConv with a bias of the wrong length": Refusal(
         "QLinearConv", {"x": np.zeros((1, 4, 5, 5), u8)},
         {"xs": np.array(0.1, f32), "xz": np.array(0, u8), "w": np.zeros((6, 4, 3, 3), s8), "ws": np.array(0.1, f32),
          "wz": np.array(0, s8), "ys": np.array(0.1, f32), "yz": np.array(0, u8), "B": np.zeros(5, i32)},
         ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "B"], "",
         "QLinearConv node 'bad': B must have shape [6], got [5]"),
-    "a ConvInteger with a 2-D weight zero point": (
+    "a ConvInteger with a 2-D weight zero point": Refusal(
         "ConvInteger", {"x": np.zeros((1, 4, 5, 5), u8)},
         {"w": np.zeros((6, 4, 3, 3), s8), "xz": np.array(0, u8), "wz": np.zeros((2, 3), s8)},
         ["x", "w", "xz", "wz"], "",
         "ConvInteger node 'bad': w_zero_point must hold one value or one per channel (6), got shape [2, 3]"),
-    "a 4-D ConvInteger (three spatial axes and more are fine, four are not)": (
+    "a 4-D ConvInteger (three spatial axes and more are fine, four are not)": Refusal(
         "ConvInteger", {"x": np.zeros((1, 4, 3, 3, 3, 3), u8)}, {"w": np.zeros((2, 4, 1, 1, 1, 1), s8)},
         ["x", "w"], "",
         "ConvInteger node 'bad': x has shape [1, 4, 3, 3, 3, 3] and w [2, 4, 1, 1, 1, 1]; 1-D, 2-D and 3-D"),
-    "a QGemm with 4 weight scales for 5 columns": (
+    "a QGemm with 4 weight scales for 5 columns": Refusal(
         "QGemm", {"a": np.zeros((3, 8), u8)},
         {"as": np.array(0.1, f32), "az": np.array(0, u8), "b": np.zeros((8, 5), s8), "bs": np.full(4, 0.1, f32),
          "bz": np.array(0, s8)},
         ["a", "as", "az", "b", "bs", "bz"], MS,
         "com.microsoft.QGemm node 'bad': b_scale must hold one value or one per column of b (5), got shape [4]"),
-    "a QLinearGlobalAveragePool over a matrix": (
+    "a QLinearGlobalAveragePool over a matrix": Refusal(
         "QLinearGlobalAveragePool", {"x": np.zeros((3, 8), u8)},
         {"xs": np.array(0.1, f32), "xz": np.array(0, u8), "ys": np.array(0.1, f32), "yz": np.array(0, u8)},
         ["x", "xs", "xz", "ys", "yz"], MS,
         "com.microsoft.QLinearGlobalAveragePool node 'bad': X must have a batch, a channel and image axes"),
-    "a DynamicQuantizeMatMul with a bias of the wrong length": (
+    "a DynamicQuantizeMatMul with a bias of the wrong length": Refusal(
         "DynamicQuantizeMatMul", {"a": np.zeros((3, 8), f32)},
         {"b": np.zeros((8, 5), s8), "bs": np.array(0.1, f32), "bz": np.array(0, s8), "bias": np.zeros(4, f32)},
         ["a", "b", "bs", "bz", "bias"], MS,
         "com.microsoft.DynamicQuantizeMatMul node 'bad': bias must have shape [5], got [4]"),
+    "a QLinearSoftmax whose input scale is computed": Refusal(
+        "QLinearSoftmax", {"x": np.zeros((2, 10), u8), "xs": np.array(0.1, f32)},
+        {"xz": np.array(0, u8), "ys": np.array(1 / 256, f32), "yz": np.array(0, u8)},
+        ["x", "xs", "xz", "ys", "yz"], MS,
+        "com.microsoft.QLinearSoftmax node 'bad': X_scale must be a constant", {"axis": -1, "opset": 13}),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_quantized_node_mlci_cannot_convert_is_refused_naming_the_node_and_what_it_was_given(
         case: str, tmp_path: Path) -> None:
-    op, inputs, weights, order, domain, message = REFUSED[case]
-    path = save(one_node_model(op, inputs, weights, order, domain), tmp_path / "bad.onnx")
+    refusal = REFUSED[case]
+    model = one_node_model(refusal.op, refusal.inputs, refusal.weights, refusal.order, refusal.domain, **refusal.attrs)
+    path = save(model, tmp_path / "bad.onnx")
     prepared = prepare_model(ModelConfig(name="bad", path=path, key="models[0]"))
     with pytest.raises(ModelError) as raised:
         import_relax(prepared)
     assert raised.value.status == Status.IMPORT_FAILED
-    assert message in str(raised.value)
+    assert refusal.message in str(raised.value)
 
 
 ONLY_TVM_SEES = {

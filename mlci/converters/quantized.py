@@ -2,7 +2,7 @@
 
 `quantize_static` in QOperator format writes QLinearConv, QLinearMatMul and ONNX Runtime's
 com.microsoft QGemm, QLinearAdd, QLinearMul, QLinearConcat, QLinearGlobalAveragePool,
-QLinearSigmoid; `quantize_dynamic` writes DynamicQuantizeLinear, ConvInteger and MatMulInteger,
+QLinearSigmoid, QLinearSoftmax; `quantize_dynamic` writes DynamicQuantizeLinear, ConvInteger and MatMulInteger,
 which ONNX Runtime's optimiser fuses into DynamicQuantizeMatMul and MatMulIntegerToFloat.
 
 Each operator computes as ONNX Runtime's CPU kernels do, so integer outputs match it exactly:
@@ -530,6 +530,64 @@ class QLinearSigmoid(OnnxOpConverter):
         return quantize(relax.op.sigmoid(x_float), y_scale, _zero_point(where, "Y_zero_point", inputs[4], dtype), dtype)
 
 
+class QLinearSoftmax(OnnxOpConverter):
+    """Y = softmax(X) quantized, computed as ONNX Runtime does (the quantizer writes it for a
+    classifier's final Softmax): each x indexes a 256-entry float32 table of
+    exp((x - max(x) + shift) * X_scale) (shift keeps the row's sum finite; x_zero_point cancels
+    out), the row's entries are summed in float32, and y = round(entry * floor(1 / Y_scale) / sum)
+    + y_zero_point, saturated (ONNX Runtime wraps an int8 result of 128 to -128; mlci saturates).
+    The softmax runs over `axis` (opset >= 13) or over every axis from `axis` on (before 13, by the
+    `opset` attribute). The float sum may associate differently: one unit either way, rarely."""
+
+    @classmethod
+    def _impl_v1(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        where = _where(f"{MICROSOFT}.QLinearSoftmax", attr)
+        x = _input(where, inputs, 0, "X")
+        dtype = _require_dtype(where, "X", x, QUANTIZED)
+        shape = _shape(where, "X", x)
+        if "opset" not in attr:
+            raise QuantizedOpError(f"{where}: the opset attribute (the opset of the Softmax it replaces) is required")
+        opset = int(attr["opset"])
+        axis = int(attr.get("axis", 1 if opset < 13 else -1))
+        axis = axis + len(shape) if axis < 0 else axis
+        if not 0 <= axis < len(shape):
+            raise QuantizedOpError(f"{where}: axis {attr.get('axis')} is outside X's {len(shape)} axes")
+        axes = list(range(axis, len(shape))) if opset < 13 else [axis]
+        length = int(np.prod([shape[i] for i in axes]))
+        x_scale = _constant_scalar(where, "X_scale", _input(where, inputs, 1, "X_scale"))
+        y_scale = _constant_scalar(where, "Y_scale", _input(where, inputs, 3, "Y_scale"))
+        table = relax.const(_softmax_table(x_scale, length), "float32")
+        x32 = _int32(x)
+        index = relax.op.add(relax.op.subtract(x32, relax.op.max(x32, axis=axes, keepdims=True)),
+                             relax.const(255, "int32"))
+        entries = bb.emit(relax.op.take(table, bb.normalize(index), axis=0, mode="clip"))  # 0..255 by construction
+        total = relax.op.sum(entries, axis=axes, keepdims=True)
+        y_multiplier = relax.const(np.floor(np.float32(1.0) / np.float32(y_scale)), "float32")
+        low, high = INT_RANGE[dtype]
+        value = relax.op.round(relax.op.divide(relax.op.multiply(entries, y_multiplier), total))
+        shifted = relax.op.add(value, relax.op.astype(_zero_point(where, "y_zero_point", inputs[4], dtype), "float32"))
+        return relax.op.astype(relax.op.clip(shifted, low, high), dtype)
+
+
+def _constant_scalar(where: str, what: str, param: Any) -> np.float32:
+    if not isinstance(param, tvm.ir.GenericConst):
+        raise QuantizedOpError(f"{where}: {what} must be a constant (mlci builds its lookup table at compile time)")
+    value = param.value.numpy()
+    if value.dtype != np.float32 or value.size != 1:
+        raise QuantizedOpError(f"{where}: {what} must be one float32, got {value.dtype} of shape {list(value.shape)}")
+    return np.float32(value.reshape(()))
+
+
+def _softmax_table(x_scale: np.float32, length: int) -> np.ndarray:
+    """ONNX Runtime's QLinearSoftmax table: entry i is exp((i - 255 + shift) * x_scale), in double
+    then float32, shift = max(0, ln(FLT_MAX / length) - 5) / x_scale, so that `length` entries sum
+    below FLT_MAX with room to spare; x - max(x) + 255 indexes it."""
+    headroom = np.float32(np.finfo(np.float32).max) / np.float32(length)
+    shift = max(0.0, float(np.log(np.float64(headroom))) - 5.0) / float(x_scale)
+    steps = np.arange(256, dtype=np.float64)
+    return np.exp((steps - 255.0 + shift) * float(x_scale)).astype(np.float32)
+
+
 CONVERTERS: dict[tuple[str, str], Any] = {
     ("", "ConvInteger"): ConvInteger,
     ("", "QLinearConv"): QLinearConv,
@@ -543,5 +601,6 @@ CONVERTERS: dict[tuple[str, str], Any] = {
     (MICROSOFT, "QLinearConcat"): QLinearConcat,
     (MICROSOFT, "QLinearGlobalAveragePool"): QLinearGlobalAveragePool,
     (MICROSOFT, "QLinearSigmoid"): QLinearSigmoid,
+    (MICROSOFT, "QLinearSoftmax"): QLinearSoftmax,
 }
 """(domain, op_type) -> converter; DynamicQuantizeLinear replaces TVM's own (see its docstring)."""
