@@ -339,10 +339,12 @@ def test_with_a_personal_token_only_that_users_comment_is_mlcis(tmp_path: Path) 
 
 
 def test_an_app_token_names_its_bot_and_needs_no_user_lookup(gh: FakeGitHub) -> None:
-    gh.add_comment(9, f"{MARKER}\nplanted", login="mallory")
+    planted = gh.add_comment(9, f"{MARKER}\nplanted", login="mallory")
     app_comment = gh.add_comment(9, f"{MARKER}\nthe app's report", login="acme-ci[bot]", kind="Bot")
     _, action = GitHubClient(gh.url, TOKEN, author="acme-ci[bot]").upsert_comment(REPO, 9, "new", MARKER)
-    assert action == "updated" and gh.comments[9][1]["id"] == app_comment["id"]
+    assert action == "updated"
+    assert [(c["id"], c["body"]) for c in gh.comments[9]] == [
+        (planted["id"], f"{MARKER}\nplanted"), (app_comment["id"], f"{MARKER}\nnew")]
     assert all(r.path != "/user" for r in gh.requests)
 
 
