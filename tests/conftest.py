@@ -64,18 +64,26 @@ def tiny_mlp(widths=(32, 64, 8), seed: int = 0, batch="batch") -> onnx.ModelProt
 
 
 def lstm_model(hidden: int = 8, inp: int = 4, seq: int = 5) -> onnx.ModelProto:
-    """A real LSTM node (ONNX Runtime runs it; TVM's importer has no converter)."""
+    """An operator nobody converts: an LSTM with attention (ONNX Runtime's contrib AttnLSTM, which
+    ONNX Runtime runs; neither TVM nor mlci converts it), in a node named like a real encoder's."""
     rng = np.random.default_rng(3)
-    w = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, inp)).astype(np.float32), "W")
-    r = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
-    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="encoder/lstm_1", hidden_size=hidden)
+    attention, memory_steps, memory_depth = 4, 3, 4
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    weights = [weight("W", 1, 4 * hidden, inp + attention), weight("R", 1, 4 * hidden, hidden),
+               weight("QW", 1, hidden, attention), weight("MW", 1, memory_depth, attention),
+               weight("V", 1, attention), weight("M", 1, memory_steps, memory_depth)]
+    node = helper.make_node("AttnLSTM", ["x", "W", "R", "", "", "", "", "", "QW", "MW", "V", "M"], ["y"],
+                            name="encoder/lstm_1", domain="com.microsoft", hidden_size=hidden)
     graph = helper.make_graph(
         [node], "lstm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, 1, inp])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [seq, 1, 1, hidden])],
-        [w, r],
+        weights,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def write_config(directory: Path, body: str) -> Path:

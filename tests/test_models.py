@@ -57,13 +57,13 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
         prepare_model(_cfg(path))
 
 
-def test_lstm_is_reported_with_its_node_name(tmp_path: Path, pipeline: Pipeline) -> None:
+def test_an_unsupported_operator_is_reported_with_its_node_name(tmp_path: Path, pipeline: Pipeline) -> None:
     path = save(lstm_model(), tmp_path / "lstm.onnx")
     prepared = pipeline.load(_cfg(path))  # ONNX Runtime can load it ...
-    with pytest.raises(ModelError) as err:  # ... TVM cannot import it
+    with pytest.raises(ModelError) as err:  # ... neither TVM nor mlci converts it
         pipeline.import_model(prepared)
     assert err.value.status == "import_failed"
-    assert "LSTM (node 'encoder/lstm_1')" in str(err.value)
+    assert "com.microsoft.AttnLSTM (node 'encoder/lstm_1')" in str(err.value)
 
 
 def test_runtime_reshape_is_folded_so_tvm_imports_it(tmp_path: Path, pipeline: Pipeline) -> None:
