@@ -328,7 +328,7 @@ class GitHubClient:
             if status < 500 and not rate_limited:
                 raise GitHubError(status, self._message(status, payload, raw))
             wait, asked = self._wait(attempt, status, headers)
-            limit = min(self.max_wait, self._remaining())
+            limit = max(0.0, min(self.max_wait, self._remaining()))
             if last or (asked and wait > limit):
                 message = self._message(status, payload, raw)
                 if asked and wait > limit:
