@@ -160,10 +160,10 @@ def variants_model() -> onnx.ModelProto:
     g.node("lstm.forward.peepholes.const_lens_with_0", "LSTM", lens="3,0,2", initial="const", peepholes=True)
     g.node("lstm.reverse.clip.input_forget.lens0", "LSTM", direction="reverse", lens="lens0", initial="const",
            clip=0.7, input_forget=1)
-    g.node("lstm.bidirectional.activations.Y_h_only", "LSTM", direction="bidirectional", initial="input",
-           outputs=("", "Y_h"), activations=["HardSigmoid", "LeakyRelu", "Elu", "Sigmoid", "Softsign", "Softplus"],
+    g.node("lstm.bidirectional.activations.no_bias.full_const_lens.Y_h_only", "LSTM", direction="bidirectional",
+           bias=False, lens="4,4,4", initial="input", outputs=("", "Y_h"),
+           activations=["HardSigmoid", "LeakyRelu", "Elu", "Sigmoid", "Softsign", "Softplus"],
            activation_alpha=[0.3, 0.05, 0.7], activation_beta=[0.4])
-    g.node("lstm.forward.no_bias.full_const_lens.Y_only", "LSTM", bias=False, lens="4,4,4", outputs=("Y",))
     g.node("lstm.bidirectional.peepholes.lens", "LSTM", direction="bidirectional", lens="lens", initial="input",
            peepholes=True, outputs=("Y", "", "Y_c"))
     # GRU
@@ -180,9 +180,8 @@ def variants_model() -> onnx.ModelProto:
     g.node("rnn.reverse.leakyrelu.clip.const_lens_with_0", "RNN", direction="reverse", lens="3,0,2",
            activations=["LeakyRelu"], activation_alpha=[0.2], clip=0.9)
     # alphas go to the activations that take one: Tanh takes none, Elu the first
-    g.node("rnn.bidirectional.alpha_to_the_activation_taking_it", "RNN", direction="bidirectional",
-           initial="input", activations=["Tanh", "Elu"], activation_alpha=[0.7, 0.3])
-    g.node("rnn.bidirectional.default_tanh.lens0", "RNN", direction="bidirectional", lens="lens0", bias=False)
+    g.node("rnn.bidirectional.alpha_to_the_activation_taking_it.lens0", "RNN", direction="bidirectional",
+           lens="lens0", initial="input", activations=["Tanh", "Elu"], activation_alpha=[0.7, 0.3])
     return g.model(opset=22)
 
 
@@ -207,7 +206,7 @@ def test_lstm_matches_onnx_runtime_in_every_direction_with_every_optional_input(
     checked = variants.check("lstm.")
     # a node whose outputs are omitted (an empty name) has just the others
     assert [n for n in checked if n.startswith("lstm.bidirectional.activations.")] == [
-        "lstm.bidirectional.activations.Y_h_only.Y_h"]
+        "lstm.bidirectional.activations.no_bias.full_const_lens.Y_h_only.Y_h"]
     assert [n for n in checked if n.startswith("lstm.bidirectional.peepholes.")] == [
         "lstm.bidirectional.peepholes.lens.Y", "lstm.bidirectional.peepholes.lens.Y_c"]
 

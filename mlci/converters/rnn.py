@@ -222,6 +222,12 @@ def _add(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr) -> relax.Expr:
     return bb.emit(relax.op.add(a, b))
 
 
+def _multiply(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    if _constant(a) is not None and _constant(b) is not None:
+        return _array(_constant(a) * _constant(b))
+    return bb.emit(relax.op.multiply(a, b))
+
+
 def _transpose(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     value = _constant(x)
     if value is not None:
@@ -352,10 +358,13 @@ def fake_quantize_uint8(bb: relax.BlockBuilder, x: relax.Expr, ranged: relax.Exp
     """x quantized to uint8 and back as ONNX Runtime's dynamic quantization does: the range is
     [min(x, 0), max(x, 0)] (of `ranged` when given: x with the elements left out set to 0), the
     scale range / 255, the zero point and the values rounded half to even."""
+    ranged = x if ranged is None else ranged
+    value, range_value = _constant(x), _constant(ranged)
+    if value is not None and range_value is not None:  # an initial state given as a constant
+        return _array(_fake_quantize_uint8(value, range_value))
     op = relax.op
     dtype = str(x.ty.dtype)
     zero = relax.const(0.0, dtype)
-    ranged = x if ranged is None else ranged
     low = bb.emit(op.minimum(op.min(ranged), zero))
     high = bb.emit(op.maximum(op.max(ranged), zero))
     width = op.subtract(high, low)
@@ -363,6 +372,14 @@ def fake_quantize_uint8(bb: relax.BlockBuilder, x: relax.Expr, ranged: relax.Exp
     zero_point = bb.emit(op.round(op.clip(op.negative(op.divide(low, scale)), 0.0, 255.0)))
     q = op.clip(op.add(op.round(op.divide(x, scale)), zero_point), 0.0, 255.0)
     return bb.emit(op.multiply(op.subtract(q, zero_point), scale))
+
+
+def _fake_quantize_uint8(x: np.ndarray, ranged: np.ndarray) -> np.ndarray:
+    """fake_quantize_uint8 in numpy (whose rounding is half to even too)."""
+    low, high = min(ranged.min(), 0), max(ranged.max(), 0)
+    scale = np.float32(1.0) if low == high else (high - low) / np.float32(255.0)
+    zero_point = np.round(np.clip(-low / scale, 0, 255))
+    return ((np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale).astype(x.dtype)
 
 
 # --- the recurrence -----------------------------------------------------------------------------
@@ -375,7 +392,11 @@ the h to multiply by R^T (h, or h quantized and back)."""
 
 def _recurrent(bb: relax.BlockBuilder, h: relax.Expr, r_t: relax.Expr) -> relax.Expr | None:
     """h R^T; None for a zero state."""
-    return None if _is_zero(h) else bb.emit(relax.op.matmul(h, r_t))
+    if _is_zero(h):
+        return None
+    if _constant(h) is not None and _constant(r_t) is not None:  # the first step from a constant state
+        return _array(_constant(h) @ _constant(r_t))
+    return bb.emit(relax.op.matmul(h, r_t))
 
 
 def _pre(bb: relax.BlockBuilder, xw: relax.Expr, hr: relax.Expr | None, index: int, hidden: int) -> relax.Expr:
@@ -549,7 +570,7 @@ def lstm(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, 
         def gate(index: int, cell: relax.Expr | None = None) -> relax.Expr:
             pre = _pre(bb, xw, hr, index, hidden)
             if cell is not None and peepholes[d] is not None:
-                pre = bb.emit(relax.op.add(pre, relax.op.multiply(_gate(bb, peepholes[d], index, hidden), cell)))
+                pre = _add(bb, pre, _multiply(bb, _gate(bb, peepholes[d], index, hidden), cell))
             return rec.clipped(bb, pre)
 
         i = f(bb, gate(0, c))
@@ -610,7 +631,7 @@ def gru(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, A
         if linear_before_reset:
             rh = None if hr is None else _gate(bb, hr, 2, hidden)
             if recurrent_h_bias[d] is not None:
-                rh = recurrent_h_bias[d] if rh is None else bb.emit(relax.op.add(rh, recurrent_h_bias[d]))
+                rh = recurrent_h_bias[d] if rh is None else _add(bb, rh, recurrent_h_bias[d])
             reset = None if rh is None else relax.op.multiply(r, rh)
         else:
             reset = None if _is_zero(h) else \
