@@ -70,6 +70,11 @@ def model_tags(results: Results, model: ModelResult, job_key: str) -> dict[str, 
     if model.compile:
         tags["mlci.build"] = model.compile.build or ""
         tags["mlci.build_cached"] = "true" if model.compile.build_cached else "false"
+    if model.numerics:
+        # "true" when the check passed but proved nothing (outputs did not depend on the inputs).
+        tags["mlci.numerics_vacuous"] = "true" if model.numerics.vacuous else "false"
+        if model.numerics.vacuous:
+            tags["mlci.numerics_note"] = model.numerics.vacuous[:5000]
     return tags
 
 

@@ -707,3 +707,16 @@ def test_the_comment_shows_how_many_kernels_run_a_tuned_schedule() -> None:
                    if line.startswith(("| resnet50 |", "| mlp |")) and "| 81.5 |" in line}  # the tuning table's
     assert "| 31/40 |" in tuning_rows["resnet50"]
     assert "| 3/3 (default build) |" in tuning_rows["mlp"]
+
+
+def test_the_comment_says_which_numerics_checks_prove_nothing() -> None:
+    vacuous = NumericsInfo(max_abs_err=0.0, max_rel_err=0.0, atol=1e-4, rtol=1e-3, passed=True, input_sets=2,
+                           vacuous="the check proves nothing: over 2 different input sets, ...")
+    decision = decide([results("cpu-x86", [model("zoo", numerics=vacuous), model("resnet50")])])
+    comment = render_comment(decision, CONTEXT)
+    assert "Numerics vs ONNX Runtime (2 cells, 1 vacuous)" in comment
+    rows = {line.split("|")[1].strip(): line for line in comment.splitlines() if "| 0.0001 |" in line}
+    assert rows["zoo"].rstrip().endswith("yes, **vacuous** |") and "vacuous" not in rows["resnet50"]
+    assert "a build that ignored its inputs would pass too" in comment
+    plain = render_comment(decide([results("cpu-x86", [model("resnet50")])]), CONTEXT)
+    assert "vacuous" not in plain.lower()

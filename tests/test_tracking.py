@@ -83,3 +83,15 @@ def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None
     assert not other.fingerprint_match and other.fingerprint_diff == {"tvm": ["0.27", "0.28"]}
     assert tracker.history("m", "gpu", fingerprint, base_commit=None, default_branch="main", exclude_commit=None) is None
     assert tracker.run_url("abc") is None  # sqlite: no web address to link
+
+
+def test_a_vacuous_numerics_check_is_tagged() -> None:
+    from mlci.results import NumericsInfo
+    from mlci.tracking import model_tags
+
+    results, m = _results("zoo")
+    m.numerics = NumericsInfo(0.0, 0.0, 1e-4, 1e-3, True, input_sets=2, vacuous="the check proves nothing: ...")
+    tags = model_tags(results, m, job_key="k")
+    assert tags["mlci.numerics_vacuous"] == "true" and tags["mlci.numerics_note"].startswith("the check proves")
+    m.numerics = dataclasses.replace(m.numerics, vacuous=None)
+    assert model_tags(results, m, job_key="k")["mlci.numerics_vacuous"] == "false"
