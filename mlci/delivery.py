@@ -38,6 +38,11 @@ class Delivery:
     notes: list[str] = field(default_factory=list)
 
 
+COMMENT_AUTHOR_ENV = "MLCI_COMMENT_AUTHOR"
+"""The login mlci's comments are written by, for a GitHub App's installation token (APP-SLUG[bot]):
+such a token cannot ask GitHub who it is, and only comments by this login are updated."""
+
+
 def github_deadline(environ: Mapping[str, str] = os.environ) -> tuple[float, str | None]:
     """The deadline for all GitHub calls of a delivery: MLCI_GITHUB_DEADLINE seconds, else DEADLINE_S;
     and a note when the variable is set but not a positive number (the default is used then)."""
@@ -128,7 +133,8 @@ def deliver(
                 deadline, problem = github_deadline()
                 if problem:
                     note(problem)
-                api = GitHubClient(ctx.api_url, ctx.token or "", deadline=deadline)
+                api = GitHubClient(ctx.api_url, ctx.token or "", deadline=deadline,
+                                   author=os.environ.get(COMMENT_AUTHOR_ENV, "").strip() or None)
             else:
                 api = client
             if post_comment:

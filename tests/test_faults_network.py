@@ -360,3 +360,21 @@ def test_deliver_posts_its_own_comment_beside_a_planted_one(gh: FakeGitHub, tmp_
                    state="success", description="ok", print_line=lambda _line: None)
     assert done.comment_action == "created" and done.status_set
     assert [c["body"] for c in gh.comments[42]] == [planted["body"], f"{MARKER}\nreal report"]
+
+
+def test_deliver_with_an_app_token_updates_the_comment_of_the_bot_named_in_the_environment(
+        gh: FakeGitHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = gh.add_comment(42, f"{MARKER}\nplanted", login="mallory")
+    ours = gh.add_comment(42, f"{MARKER}\nlast report", login="acme-ci[bot]", kind="Bot")
+    monkeypatch.setenv("MLCI_COMMENT_AUTHOR", "acme-ci[bot]")
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({"number": 42, "pull_request": {"number": 42, "head": {"sha": SHA}}}))
+    ctx = GitHubContext.from_env({
+        "GITHUB_ACTIONS": "true", "GITHUB_API_URL": gh.url, "GITHUB_REPOSITORY": REPO, "GITHUB_TOKEN": TOKEN,
+        "GITHUB_SHA": SHA, "GITHUB_EVENT_NAME": "pull_request", "GITHUB_EVENT_PATH": str(event),
+    })
+    done = deliver(ctx, comment=f"{MARKER}\nnew report", marker=MARKER, summary="s", outputs={}, annotations=[],
+                   state="success", description="ok", print_line=lambda _line: None)
+    assert done.comment_action == "updated"
+    assert [(c["id"], c["body"]) for c in gh.comments[42]] == [
+        (planted["id"], planted["body"]), (ours["id"], f"{MARKER}\nnew report")]
