@@ -262,7 +262,7 @@ class _Workload:
 
 
 def _read_workload(line: bytes) -> _Workload:
-    """Raises ValueError (or TVM's error) when the line is not a workload TVM can read."""
+    """Raises ValueError when the line is not a workload TVM can read."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
@@ -270,11 +270,14 @@ def _read_workload(line: bytes) -> _Workload:
     if not (isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)
             and obj[0].isdigit()):
         raise ValueError("not a [hash, module] pair")
-    workload = ms.database.Workload.from_json(obj)
-    main = workload.mod["main"]
-    layout_free = {int(i) for i in (main.attrs or {}).get("layout_free_buffers", [])}
-    args = [(str(a[1]), None if i in layout_free else [int(d) for d in a[2]])
-            for i, a in enumerate(_plain(info.as_json()) for info in ArgInfo.from_prim_func(main))]
+    try:
+        workload = ms.database.Workload.from_json(obj)
+        main = workload.mod["main"]
+        layout_free = {int(i) for i in (main.attrs or {}).get("layout_free_buffers", [])}
+        args = [(str(a[1]), None if i in layout_free else [int(d) for d in a[2]])
+                for i, a in enumerate(_plain(info.as_json()) for info in ArgInfo.from_prim_func(main))]
+    except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a module it cannot read
+        raise ValueError(f"a workload TVM cannot read ({_why(exc)})") from exc
     return _Workload(key=f"{int(obj[0]) & 0xFFFFFFFFFFFFFFFF:016x}", args=args, workload=workload)
 
 
@@ -479,20 +482,21 @@ class TuningCache:
 
         self._damage_told = False
         workloads_path, records_path = self._files / WORKLOADS_FILE, self._files / RECORDS_FILE
-        workload_lines = _lines(workloads_path.read_bytes()) if workloads_path.exists() else []
-        record_lines = _lines(records_path.read_bytes()) if records_path.exists() else []
+        workload_data = workloads_path.read_bytes() if workloads_path.exists() else b""
+        record_data = records_path.read_bytes() if records_path.exists() else b""
+        workload_lines, record_lines = _lines(workload_data), _lines(record_data)
         workloads: list[_Workload] = []
         for number, line in enumerate(workload_lines, 1):
             try:
                 workloads.append(_read_workload(line))
-            except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a module it cannot read
+            except (ValueError, RecursionError) as exc:  # json's errors and the checks' are ValueErrors
                 # Records name workloads by line number: past a bad line no number can be trusted.
                 self._warn_damaged(WORKLOADS_FILE, f"line {number} is {_why(exc)}",
                                    f"with the records that refer to it ({RECORDS_FILE}); the cache starts "
                                    "empty and its kernels are searched again")
                 self._replace_damaged(WORKLOADS_FILE, [])
                 self._replace_damaged(RECORDS_FILE, [])
-                workloads, record_lines = [], []
+                workloads, workload_data, record_data, record_lines = [], b"", b"", []
                 break
         kept: list[bytes] = []
         records: list[tuple[int, Any]] = []
@@ -501,35 +505,51 @@ class TuningCache:
             try:
                 records.append(_read_record(line, workloads))
                 kept.append(line)
-            except ValueError as exc:  # json's errors and the checks' are ValueErrors
+            except (ValueError, RecursionError) as exc:  # json's errors and the checks' are ValueErrors
                 problems.append((number, _why(exc)))
         if problems:
             self._warn_damaged(RECORDS_FILE, _summary(problems, len(record_lines)),
                                f"keeping its {len(kept)} valid records")
             self._replace_damaged(RECORDS_FILE, kept)
-        for path in (workloads_path, records_path):  # a last line with no newline: the next append would join it
-            if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            record_data = b""
+        for path, data in ((workloads_path, workload_data), (records_path, record_data)):
+            if data and not data.endswith(b"\n"):  # a whole last line with no newline: an append would join it
                 with open(path, "ab") as file:
                     file.write(b"\n")
         try:
             database = ms.database.JSONDatabase(work_dir=str(self._files))
         except Exception:  # noqa: BLE001 - a record whose schedule does not apply to its workload
-            bad = []
-            for number, (index, record) in enumerate(records, 1):
-                try:
-                    ms.database.TuningRecord.from_json(record, workloads[index].workload)
-                except Exception as exc:  # noqa: BLE001
-                    bad.append((number, f"a record whose schedule does not apply to workload {index} "
-                                        f"({_why(exc)})"))
-            dropped = {number for number, _ in bad}
-            kept = [line for number, line in enumerate(kept, 1) if number not in dropped]
-            records = [r for number, r in enumerate(records, 1) if number not in dropped]
-            self._warn_damaged(RECORDS_FILE, _summary(bad, len(dropped) + len(kept)) if bad
-                               else "MetaSchedule cannot read it", f"keeping its {len(kept)} valid records")
-            self._replace_damaged(RECORDS_FILE, kept)
-            database = ms.database.JSONDatabase(work_dir=str(self._files))
+            records = self._drop_records_that_do_not_apply(records, kept, workloads)
+            try:
+                database = ms.database.JSONDatabase(work_dir=str(self._files))
+            except Exception as exc:  # noqa: BLE001 - nothing left to try but an empty database
+                self._warn_damaged(WORKLOADS_FILE, f"MetaSchedule cannot read it: {_why(exc)}",
+                                   f"with its records ({RECORDS_FILE}); the cache starts empty")
+                self._replace_damaged(WORKLOADS_FILE, [])
+                self._replace_damaged(RECORDS_FILE, [])
+                records = []
+                database = ms.database.JSONDatabase(work_dir=str(self._files))
         self._reconcile_ledger({workloads[index].key for index, _ in records})
         return database
+
+    def _drop_records_that_do_not_apply(self, records: list[tuple[int, Any]], lines: list[bytes],
+                                        workloads: list[_Workload]) -> list[tuple[int, Any]]:
+        """Replay each record's schedule on its workload, as MetaSchedule's reader does, and set the
+        file aside without those that fail. Only after that reader failed: replaying is its cost."""
+        from tvm.s_tir import meta_schedule as ms
+
+        bad = []
+        for number, (index, record) in enumerate(records, 1):
+            try:
+                ms.database.TuningRecord.from_json(record, workloads[index].workload)
+            except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a schedule that does not apply
+                bad.append((number, f"a record whose schedule does not apply to workload {index} ({_why(exc)})"))
+        dropped = {number for number, _ in bad}
+        kept = [line for number, line in enumerate(lines, 1) if number not in dropped]
+        self._warn_damaged(RECORDS_FILE, _summary(bad, len(lines)) if bad else "MetaSchedule cannot read it",
+                           f"keeping its {len(kept)} valid records")
+        self._replace_damaged(RECORDS_FILE, kept)
+        return [r for number, r in enumerate(records, 1) if number not in dropped]
 
     def _reconcile_ledger(self, recorded: set[str]) -> None:
         """Drop ledger entries of kernels with no records: the trials they were credited are lost
@@ -539,8 +559,9 @@ class TuningCache:
         if lost:
             # After a damaged database was reported, that its kernels are searched again is no news.
             say = log.info if self._damage_told else log.warning
-            say("tuning cache %s: %s credits trials to %d kernels with no records in %s (lost or damaged); they "
-                "are searched again", self.dir, LEDGER_FILE, len(lost), RECORDS_FILE)
+            kernels = f"{len(lost)} kernel{'s' if len(lost) > 1 else ''}"
+            say("tuning cache %s: %s credits trials to %s with no records in %s (lost or damaged); searching "
+                "again", self.dir, LEDGER_FILE, kernels, RECORDS_FILE)
             self.save_ledger({k: v for k, v in ledger.items() if k in recorded})
 
     def _read_map(self, name: str, convert: Callable[[Any], Any]) -> dict[str, Any]:
@@ -550,13 +571,13 @@ class TuningCache:
             return _json_map(self._files / name, convert)
         except FileNotFoundError:
             return {}
-        except ValueError:
+        except (ValueError, RecursionError):
             with self.lock():  # another process may have just replaced it whole: look again
                 try:
                     return _json_map(self._files / name, convert)
                 except FileNotFoundError:
                     return {}
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     self._warn_damaged(name, _why(exc), "starting it empty")
                     self._move_aside(name)
                     return {}
@@ -614,7 +635,8 @@ class TuningCache:
                 model.save(str(tmp))
             tmp.replace(self.cost_model_path)
         except Exception as exc:  # noqa: BLE001 - the records are saved; only the model's head start is lost
-            log.warning("tuning cache %s: could not save the cost model (%s)", self.dir, str(exc).strip()[:200])
+            log.warning("tuning cache %s: could not save the cost model %s (%s)", self.dir, COST_MODEL_FILE,
+                        str(exc).strip()[:200])
 
     def valid_records(self, kernel: Kernel, top_k: int = 1 << 30) -> list[Any]:
         """The kernel's records that built and ran, fastest first (at most `top_k`)."""

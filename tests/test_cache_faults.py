@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mlci.build_cache import BuildCache
+from mlci.compile import BuildReport
 from mlci.config import ModelConfig
 from mlci.pipeline import ModelSettings
 from mlci.tuning import TuningCache
@@ -28,17 +30,18 @@ pytestmark = pytest.mark.slow
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 LEDGER = "ledger.json"
-WIDTHS = (32, 64, 8)
-TRIALS = 4
+WIDTHS = (32, 8)  # one kernel: each search here costs a few seconds, not twice that
+TRIALS = 2
 
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory: pytest.TempPathFactory):
-    """A cache that has tuned the tiny MLP (TRIALS trials), and the model as imported."""
+    """A cache that has tuned the tiny MLP (TRIALS trials) and filed its build, and the model as imported."""
     root = tmp_path_factory.mktemp("warm")
     imported = _imported(root, WIDTHS, "mlp")
-    outcome = _tune(imported, root / "cache", TRIALS, root / "logs")
-    assert outcome.trials_new == TRIALS
+    compiled = _pipeline(root / "cache", root / "logs").tune_and_build(
+        imported, ModelSettings(trials=TRIALS, trials_per_round=4))
+    assert compiled.tuning.trials_new == TRIALS
     return root / "cache", imported
 
 
@@ -62,19 +65,19 @@ def _truncate_mid_line(path: Path) -> None:
 
 def _garbage_line(path: Path) -> None:
     lines = _lines(path)
-    path.write_bytes(b"".join(lines[:2] + [b"<<<<<<< HEAD\n"] + lines[2:]))
+    path.write_bytes(b"".join(lines[:1] + [b"<<<<<<< HEAD\n"] + lines[1:]))
 
 
 def _binary_bytes(path: Path) -> None:
     path.write_bytes(path.read_bytes() + bytes(range(128, 256)) * 8)
 
 
-@pytest.mark.parametrize("damage", [_truncate_mid_line, _garbage_line, _binary_bytes],
+@pytest.mark.parametrize(("damage", "lost"), [(_truncate_mid_line, 1), (_garbage_line, 0), (_binary_bytes, 0)],
                          ids=["truncated", "garbage", "binary"])
 def test_a_damaged_records_file_is_moved_aside_and_its_valid_records_kept(warm, tmp_path: Path, caplog,
-                                                                          damage) -> None:
+                                                                          damage, lost: int) -> None:
     cache_dir = _copy(warm, tmp_path)
-    intact = [line for line in _lines(cache_dir / RECORDS)]
+    intact = _lines(cache_dir / RECORDS)
     damage(cache_dir / RECORDS)
     pipeline = _pipeline(cache_dir, tmp_path / "logs")
     with caplog.at_level(logging.INFO, logger="mlci"):
@@ -84,10 +87,10 @@ def test_a_damaged_records_file_is_moved_aside_and_its_valid_records_kept(warm, 
     aside = list(cache_dir.glob(f"{RECORDS}.damaged-*"))
     assert len(aside) == 1 and aside[0].read_bytes() != b"".join(intact)
     kept = _lines(cache_dir / RECORDS)
-    assert set(kept) <= set(intact) and len(kept) >= len(intact) - 1 - outcome.trials_new
+    assert kept == intact[:len(intact) - lost]
 
-    # The run searched only what lost all its records, and builds every kernel from the cache.
-    assert all(pipeline.cache.valid_records(k) for k in warm[1].kernels)
+    # The kernel kept records and its trials: nothing is searched, and it builds from the cache.
+    assert outcome.trials_new == 0 and all(pipeline.cache.valid_records(k) for k in warm[1].kernels)
     _, report, _ = pipeline.build(warm[1])
     assert sorted(report.tuned + report.kept_default) == sorted(report.kernels) and not report.fallbacks
     caplog.clear()
@@ -103,12 +106,87 @@ def test_a_damaged_workloads_file_sets_both_files_aside_and_the_cache_tunes_agai
     with caplog.at_level(logging.INFO, logger="mlci"):
         outcome = _tune(warm[1], cache_dir, TRIALS, tmp_path / "logs")
     (warning,) = _warnings(caplog)
-    assert str(cache_dir) in warning and f"{WORKLOADS} is damaged (line 3 is not JSON" in warning
+    assert str(cache_dir) in warning and f"{WORKLOADS} is damaged (line 2 is not JSON" in warning
     assert len(list(cache_dir.glob(f"{WORKLOADS}.damaged-*"))) == len(list(cache_dir.glob(f"{RECORDS}.damaged-*"))) == 1
     assert outcome.trials_new == TRIALS and outcome.trials_cached == 0
     cache = TuningCache(cache_dir)
     assert all(cache.valid_records(k) for k in warm[1].kernels)
     assert sum(cache.ledger().values()) == TRIALS
+
+
+def test_a_build_cache_that_cannot_be_written_exports_to_a_temporary_directory_and_files_nothing(
+        tmp_path: Path, caplog) -> None:
+    cache = BuildCache(tmp_path / "builds")
+    (tmp_path / "builds").mkdir()
+    (tmp_path / "builds" / ".staging").write_text("")  # a file where its staging directory goes
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        staged = cache.staging_path()
+        staged.write_bytes(b"\0" * 10)
+        kept = cache.put("k1", "m", staged, BuildReport(kernels=["k"]), None, 1.0)
+        cache.staging_path()
+    assert kept == staged and kept.read_bytes() == b"\0" * 10 and not kept.is_relative_to(tmp_path)
+    assert cache.get("k1") is None and sorted(p.name for p in (tmp_path / "builds").iterdir()) == [".staging"]
+    (warning,) = _warnings(caplog)
+    assert f"build cache {tmp_path / 'builds'} cannot be written" in warning and "not kept" in warning
+
+
+def _rewrite_records(path: Path, change) -> None:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    change(lines)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_records_that_name_a_missing_or_another_kernels_workload_are_dropped(warm, tmp_path: Path, caplog) -> None:
+    cache_dir = _copy(warm, tmp_path)
+    other = _imported(tmp_path, (16, 4), "other").kernels[0]
+    cache = TuningCache(cache_dir)
+    cache.database.commit_workload(other.task.dispatched[0])  # workload 1: another kernel's
+
+    def misfile(lines: list) -> None:
+        lines[0][0] = 1  # now claims to be a record of the other kernel
+        lines.append([7, lines[1][1]])  # a workload the file does not have
+
+    _rewrite_records(cache_dir / RECORDS, misfile)
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        database = TuningCache(cache_dir).database
+    (warning,) = _warnings(caplog)
+    assert f"{RECORDS} is damaged (2 of 3 lines are bad; the first, line 1, is a record whose arguments are " \
+           "not those of workload 1 (it was filed under another kernel))" in warning
+    assert len(database) == TRIALS - 1  # the record left is the intact one, of its own kernel
+    assert list(database.get_top_k(database.commit_workload(other.task.dispatched[0]), 10)) == []
+
+
+def test_a_record_whose_schedule_does_not_apply_to_its_workload_is_dropped(warm, tmp_path: Path, caplog) -> None:
+    cache_dir = _copy(warm, tmp_path)
+
+    def break_schedule(lines: list) -> None:
+        step = lines[0][1][0][0][0]  # the trace's first step: GetSBlock(name=..., func_name=...)
+        assert step[0] == "GetSBlock"
+        step[2][0] = "no_such_block"
+
+    _rewrite_records(cache_dir / RECORDS, break_schedule)
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        assert len(TuningCache(cache_dir).database) == TRIALS - 1
+    (warning,) = _warnings(caplog)
+    assert f"{RECORDS} is damaged (line 1 is a record whose schedule does not apply to workload 0" in warning
+
+
+def test_a_damaged_ledger_or_timings_file_is_moved_aside_and_at_most_two_copies_are_kept(tmp_path: Path,
+                                                                                       caplog) -> None:
+    cache = TuningCache(tmp_path / "cache")
+    for text in ("{oops", "[1, 2]", '{"kernel": NaN}'):
+        (cache.dir / "default_schedules.json").write_text(text)
+        with caplog.at_level(logging.WARNING, logger="mlci"):
+            assert cache.default_seconds() == {}
+    assert len(list(cache.dir.glob("default_schedules.json.damaged-*"))) == 2
+    assert len(_warnings(caplog)) == 3 and all(str(cache.dir) in w for w in _warnings(caplog))
+    assert "default_schedules.json is damaged (not JSON (Expecting property name" in _warnings(caplog)[0]
+    caplog.clear()
+    (cache.dir / LEDGER).write_text('{"0123456789abcdef": -3}')
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        assert cache.ledger() == {}
+    (warning,) = _warnings(caplog)
+    assert f"{LEDGER} is damaged (-3 is not a count of trials)" in warning
 
 
 def test_a_lost_database_whose_ledger_survived_searches_its_kernels_again(warm, tmp_path: Path, caplog) -> None:
@@ -118,24 +196,24 @@ def test_a_lost_database_whose_ledger_survived_searches_its_kernels_again(warm, 
     with caplog.at_level(logging.WARNING, logger="mlci"):
         outcome = _tune(warm[1], cache_dir, TRIALS, tmp_path / "logs")
     (warning,) = _warnings(caplog)
-    assert str(cache_dir) in warning and f"{LEDGER} credits trials to 2 kernels with no records" in warning
+    assert str(cache_dir) in warning and f"{LEDGER} credits trials to 1 kernel with no records" in warning
     assert outcome.trials_new == TRIALS and outcome.tasks_from_cache == 0
     assert all(TuningCache(cache_dir).valid_records(k) for k in warm[1].kernels)
 
 
-@pytest.mark.parametrize("seconds", [0.0, float("nan")], ids=["zero", "nan"])
-def test_no_time_to_search_credits_no_trials(warm, tmp_path: Path, seconds: float) -> None:
+def test_a_budget_with_no_time_credits_no_trials_and_an_infinite_one_credits_what_it_measured(
+        warm, tmp_path: Path) -> None:
     cache_dir = _copy(warm, tmp_path)
     ledger = TuningCache(cache_dir).ledger()
-    starved = _tune(warm[1], cache_dir, 2 * TRIALS, tmp_path / "logs", seconds=seconds)
-    assert starved.trials_new == 0 and starved.deadline_hit
-    assert TuningCache(cache_dir).ledger() == ledger  # nothing measured, nothing credited
-    if seconds == 0.0:
-        return
-    # No deadline at all: the next run searches exactly what is owed, and is credited what it measured.
+    for seconds in (0.0, -1.0, float("nan")):
+        starved = _tune(warm[1], cache_dir, 2 * TRIALS, tmp_path / "logs", seconds=seconds)
+        assert starved.trials_new == 0 and starved.deadline_hit
+        assert TuningCache(cache_dir).ledger() == ledger  # nothing measured, nothing credited
+    # No deadline at all: the next run searches what is owed and is credited what it measured.
     unbounded = _tune(warm[1], cache_dir, 2 * TRIALS, tmp_path / "logs", seconds=float("inf"))
     assert unbounded.trials_new == TRIALS and not unbounded.deadline_hit
     assert sum(TuningCache(cache_dir).ledger().values()) == 2 * TRIALS
+    assert _tune(warm[1], cache_dir, 2 * TRIALS, tmp_path / "logs").trials_new == 0
 
 
 # `mlci`'s pipeline in a process of its own, tuning (and with "build", building) models into a cache.
@@ -168,11 +246,11 @@ _WORKER = textwrap.dedent("""
     for imported in models:
         if job["build"]:
             compiled = pipeline.tune_and_build(imported, settings)
-            outcome, report = compiled.tuning, compiled.build_report
+            outcome, built, cached = compiled.tuning, compiled.library is not None, compiled.build_cached
         else:
-            outcome, report = pipeline.tune(imported, settings), None
-        print(json.dumps({"name": imported.prepared.name, "trials_new": outcome.trials_new,
-                          "tuned": report and report.tuned, "kernels": report and report.kernels}))
+            outcome, built, cached = pipeline.tune(imported, settings), False, False
+        print(json.dumps({"name": imported.prepared.name, "trials_new": outcome.trials_new, "built": built,
+                          "cached": cached}))
 """)
 
 
@@ -216,7 +294,7 @@ def _misfiled_records(cache_dir: Path) -> list[str]:
 def test_two_processes_tuning_different_models_into_one_cache_both_keep_valid_records(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     models = {"a": save(tiny_mlp(WIDTHS), tmp_path / "a.onnx"),
-              "b": save(tiny_mlp((16, 24, 4), seed=1), tmp_path / "b.onnx")}
+              "b": save(tiny_mlp((16, 4), seed=1), tmp_path / "b.onnx")}
     go = tmp_path / "go"
     procs = [_worker({"cache": cache_dir, "logs": tmp_path / "logs" / name, "models": [(name, path)],
                       "trials": TRIALS, "build": False, "ready": tmp_path / f"{name}.ready", "go": go})
@@ -264,15 +342,16 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 def test_a_read_only_cache_builds_without_writing_and_tunes_a_private_copy(warm, tmp_path: Path) -> None:
-    """A warm model builds from a cache this process cannot write, with one note; a new model is
-    tuned in a temporary copy, said once, and builds too. The cache is left exactly as it was."""
+    """A warm model loads its build from a cache this process cannot write, with one note; a new
+    model is tuned in a temporary copy, said once, and built into a temporary directory. The cache
+    is left exactly as it was."""
     cache_dir = _copy(warm, tmp_path)
     wrap = _read_only(cache_dir)
     if wrap is None:
         pytest.skip("no way to make a directory read-only to a process here")
     before = _snapshot(cache_dir)
     models = [("mlp", save(tiny_mlp(WIDTHS), tmp_path / "mlp.onnx")),
-              ("new", save(tiny_mlp((8, 24, 4), seed=2), tmp_path / "new.onnx"))]
+              ("new", save(tiny_mlp((24, 4), seed=2), tmp_path / "new.onnx"))]
     try:
         results, err = _finish(_worker({"cache": cache_dir, "logs": tmp_path / "logs", "models": models,
                                         "trials": 2, "build": True}, wrap))
@@ -286,5 +365,5 @@ def test_a_read_only_cache_builds_without_writing_and_tunes_a_private_copy(warm,
     assert notes[0].startswith("INFO") and f"tuning cache {cache_dir} cannot be written" in notes[0]
     assert notes[1].startswith("WARNING") and "searching 2 trials in a temporary copy" in notes[1]
     assert "not saved" in notes[1] and "Traceback" not in err
-    assert results["mlp"]["trials_new"] == 0 and results["new"]["trials_new"] == 2
-    assert all(result["kernels"] for result in results.values())  # both built
+    assert results["mlp"]["trials_new"] == 0 and results["mlp"]["cached"]  # its filed build, loaded
+    assert results["new"]["trials_new"] == 2 and results["new"]["built"] and not results["new"]["cached"]
