@@ -99,19 +99,21 @@ def test_a_damaged_records_file_is_moved_aside_and_its_valid_records_kept(warm, 
     assert _warnings(caplog) == []  # repaired for good
 
 
-def test_a_damaged_workloads_file_sets_both_files_aside_and_the_cache_tunes_again(warm, tmp_path: Path,
-                                                                                 caplog) -> None:
+def test_a_damaged_workloads_file_sets_both_files_aside_and_the_cache_starts_empty(warm, tmp_path: Path,
+                                                                                  caplog) -> None:
     cache_dir = _copy(warm, tmp_path)
     _garbage_line(cache_dir / WORKLOADS)  # records name workloads by line: none can be trusted now
+    pipeline = _pipeline(cache_dir, tmp_path / "logs")
     with caplog.at_level(logging.INFO, logger="mlci"):
-        outcome = _tune(warm[1], cache_dir, TRIALS, tmp_path / "logs")
+        compiled = pipeline.tune_and_build(warm[1], ModelSettings(trials=0))
     (warning,) = _warnings(caplog)
     assert str(cache_dir) in warning and f"{WORKLOADS} is damaged (line 2 is not JSON" in warning
     assert len(list(cache_dir.glob(f"{WORKLOADS}.damaged-*"))) == len(list(cache_dir.glob(f"{RECORDS}.damaged-*"))) == 1
-    assert outcome.trials_new == TRIALS and outcome.trials_cached == 0
-    cache = TuningCache(cache_dir)
-    assert all(cache.valid_records(k) for k in warm[1].kernels)
-    assert sum(cache.ledger().values()) == TRIALS
+    # It builds, every kernel on its default schedule, and the next run with a budget searches them again.
+    report = compiled.build_report
+    assert sorted(report.default) == sorted(report.kernels) and not compiled.build_cached
+    assert (cache_dir / WORKLOADS).read_bytes() == (cache_dir / RECORDS).read_bytes() == b""
+    assert TuningCache(cache_dir).ledger() == {}
 
 
 def test_a_build_cache_that_cannot_be_written_exports_to_a_temporary_directory_and_files_nothing(
