@@ -63,7 +63,7 @@ def tiny_mlp(widths=(32, 64, 8), seed: int = 0, batch="batch") -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def lstm_model(hidden: int = 8, inp: int = 4, seq: int = 5) -> onnx.ModelProto:
+def attn_lstm_model(hidden: int = 8, inp: int = 4, seq: int = 5) -> onnx.ModelProto:
     """An operator nobody converts: an LSTM with attention (ONNX Runtime's contrib AttnLSTM, which
     ONNX Runtime runs; neither TVM nor mlci converts it), in a node named like a real encoder's."""
     rng = np.random.default_rng(3)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mlci.cli import app
 
-from .conftest import lstm_model, save
+from .conftest import save
 
 
 def _mixed_model() -> onnx.ModelProto:
@@ -28,6 +28,16 @@ def _mixed_model() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                    helper.make_opsetid("my.domain", 1)])
+
+
+def _lstm() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1, 32, 4)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.standard_normal((1, 32, 8)).astype(np.float32), "R")
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=8)], "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])], [w, r])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _invoke(*args: str):
@@ -47,7 +57,7 @@ def test_ops_lists_each_operator_with_its_converter_and_fails_on_an_unsupported_
 
 
 def test_ops_names_mlci_converters_and_passes_when_all_are_supported(tmp_path: Path) -> None:
-    result = _invoke("--ops", str(save(lstm_model(), tmp_path / "lstm.onnx")))
+    result = _invoke("--ops", str(save(_lstm(), tmp_path / "lstm.onnx")))
     assert result.exit_code == 0, result.output
     assert "LSTM" in result.output and "mlci" in result.output
     assert "1 of 1 operators supported" in result.output

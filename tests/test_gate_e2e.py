@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import git, lstm_model, new_git_repo, save, tiny_mlp, write_config
+from .conftest import attn_lstm_model, git, new_git_repo, save, tiny_mlp, write_config
 from .github_server import FakeGitHub
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     git(root, "commit", "-qam", "docs only")
     git(root, "checkout", "-q", "main")
     git(root, "checkout", "-qb", "broken")
-    save(lstm_model(), root / "models" / "net.onnx")  # TVM has no LSTM converter
+    save(attn_lstm_model(), root / "models" / "net.onnx")  # nobody converts AttnLSTM
     git(root, "commit", "-qam", "switch to an LSTM")
     return root
 

@@ -13,7 +13,7 @@ from mlci.pipeline import Pipeline
 from mlci.targets import ResolvedTarget, detect_host_target
 from mlci.tuning import TuningCache
 
-from .conftest import REPO, lstm_model, save, tiny_mlp
+from .conftest import REPO, attn_lstm_model, save, tiny_mlp
 
 
 def _cfg(path: Path, **kw) -> ModelConfig:
@@ -58,7 +58,7 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
 
 
 def test_an_unsupported_operator_is_reported_with_its_node_name(tmp_path: Path, pipeline: Pipeline) -> None:
-    path = save(lstm_model(), tmp_path / "lstm.onnx")
+    path = save(attn_lstm_model(), tmp_path / "lstm.onnx")
     prepared = pipeline.load(_cfg(path))  # ONNX Runtime can load it ...
     with pytest.raises(ModelError) as err:  # ... neither TVM nor mlci converts it
         pipeline.import_model(prepared)

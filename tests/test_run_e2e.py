@@ -2,7 +2,7 @@
 
 What a tuned model looks like is checked on the quick start's cold run (the suite's one
 cold tuning run). The failure cases run untuned (`trials = 0`): one config holds a tiny
-model that must pass, an LSTM model TVM cannot import and a model checked with zero
+model that must pass, a model with an operator nobody converts (AttnLSTM) and a model checked with zero
 tolerance (TVM and ONNX Runtime sum in different orders): the failures are reported and
 the good model still finishes.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Quickstart, lstm_model, save, tiny_mlp, write_config
+from .conftest import Quickstart, attn_lstm_model, save, tiny_mlp, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def mlci(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
-    save(lstm_model(), root / "models" / "lstm.onnx")
+    save(attn_lstm_model(), root / "models" / "lstm.onnx")
     save(tiny_mlp((256, 512, 16), seed=5), root / "models" / "strict.onnx")
     write_config(root, """
         [tuning]
@@ -113,7 +113,7 @@ def test_tvm_and_onnx_runtime_measure_on_the_targets_threads(results) -> None:
 def test_lstm_is_unsupported_with_node_named(results) -> None:
     lstm = _model(results, "lstm")
     assert lstm["status"] == "import_failed"
-    assert "LSTM (node 'encoder/lstm_1')" in lstm["error"]
+    assert "com.microsoft.AttnLSTM (node 'encoder/lstm_1')" in lstm["error"]
 
 
 def test_numerics_mismatch_is_detected(results) -> None:
