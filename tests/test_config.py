@@ -220,3 +220,23 @@ def test_init_proposes_model_names_the_config_accepts(tmp_path: Path, stem: str)
 
     name = model_name_from(stem)
     assert parse_config(f'[[models]]\npath = "m.onnx"\nname = "{name}"\n', tmp_path / "mlci.toml").models[0].name == name
+
+
+def test_warnings_reach_stderr_as_well_as_the_log_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import logging
+
+    from mlci.commands.run import setup_logging
+
+    cfg = parse_config('[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    setup_logging(cfg)
+    setup_logging(cfg)  # a second run in the same process does not double every line
+    log = logging.getLogger("mlci")
+    log.info("an info line")
+    log.warning("tuning cache x: database_tuning_record.json is damaged")
+    err = capsys.readouterr().err
+    assert err.count("warning: tuning cache x: database_tuning_record.json is damaged") == 1
+    assert "an info line" not in err
+    for handler in log.handlers:
+        handler.flush()
+    logged = (tmp_path / ".mlci" / "logs" / "mlci.log").read_text()
+    assert "an info line" in logged and logged.count("is damaged") == 1

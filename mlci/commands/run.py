@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,36 @@ def latency(samples: list[float]) -> Latency:
     return Latency(samples=[round(s, 6) for s in samples], **summarize(samples).as_dict())
 
 
-def _setup_file_logging(config: Config) -> None:
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes: rich swaps it while progress bars
+    are drawn, and lines written there appear above the bars."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - the base class's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(config: Config) -> None:
+    """mlci's log: everything from INFO on to .mlci/logs/mlci.log, warnings also on stderr (a
+    damaged cache moved aside, a check that proves nothing): a user should not have to open the
+    log file to learn them. Calling it again replaces the handlers it added."""
+    for handler in [h for h in log.handlers if getattr(h, "mlci_run", False)]:
+        log.removeHandler(handler)
+        handler.close()
     log_dir = config.state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / "mlci.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
+    to_file = logging.FileHandler(log_dir / "mlci.log")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_stderr = _Stderr()
+    to_stderr.setLevel(logging.WARNING)
+    to_stderr.setFormatter(logging.Formatter("warning: %(message)s"))
+    for handler in (to_file, to_stderr):
+        handler.mlci_run = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
 
 
@@ -189,7 +214,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
         raise ConfigError(config.path, [f"--model {n}: no such model in models[].name" for n in unknown])
     check_model_files(dataclasses.replace(config, models=selected))  # only the models this run uses
     target = select_target(config, options.target)
-    _setup_file_logging(config)
+    setup_logging(config)
 
     ctx = GitHubContext.from_env()
     git = detect_git(config.root, ctx)
