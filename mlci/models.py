@@ -273,7 +273,7 @@ def _content_sha256(original: bytes, external: list[Path], root: Path) -> str:
         return hashlib.sha256(original).hexdigest()
     digest = hashlib.sha256(original)
     for path in external:
-        digest.update(b"\0" + str(path.relative_to(root)).encode() + b"\0")
+        digest.update(b"\0" + os.path.relpath(path, root).encode() + b"\0")
         digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 

@@ -385,6 +385,8 @@ def _check_consistency(results: Results, check: _Checker) -> None:
             check.problem(f"gate.{key}", f"expected a fraction between 0 and 1, got {_show(value)}")
     for i, m in enumerate(results.models):
         where = f"models[{i}]"
+        if m.threshold is not None and not 0 < m.threshold < 1:
+            check.problem(f"{where}.threshold", f"expected a fraction between 0 and 1, got {_show(m.threshold)}")
         if m.ok and m.latency_ms is not None and not m.latency_ms.samples:
             check.problem(f"{where}.latency_ms.samples", "an ok model needs at least one sample")
         for part, lat in (("", m.latency_ms), (".base", m.base and m.base.latency_ms),

@@ -157,6 +157,7 @@ HOSTILE = [
     (_set("models.0.history.fingerprint_diff.cpu", "x"), "models[0].history.fingerprint_diff.cpu: expected a list"),
     (_set("models.0.history.fingerprint_diff", {"a b": 1}), "models[0].history.fingerprint_diff['a b']: expected a list"),
     (_set("models.0.threshold", "0.05"), "models[0].threshold: expected a number, got '0.05'"),
+    (_set("models.0.threshold", -0.1), "models[0].threshold: expected a fraction between 0 and 1, got -0.1"),
     (_set("models.0.peer", [2.0]), "models[0].peer: expected an object, got a list"),
     (_drop("models.0.tuning.trials_new"), "models[0].tuning.trials_new: missing"),
     (_set("models.0.numerics.passed", "yes"), "models[0].numerics.passed: expected true or false, got 'yes'"),
