@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,26 @@ _MODEL_NAME = _TARGET_NAME
 """A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
 _FRACTIONS = {"threshold", "confidence"}
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
+
+
+def seconds_from_env(name: str, default: float, environ: Mapping[str, str] | None = None, *,
+                     zero_means_unlimited: bool = False) -> tuple[float, str | None]:
+    """A duration setting from the environment variable `name` (`environ` defaults to os.environ):
+    `default` when unset; with `zero_means_unlimited`, 0 is infinity. A value that is no positive
+    number gives `default` and a note saying so: a timing setting is not worth failing a run for."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default, None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if zero_means_unlimited and seconds == 0:
+        return math.inf, None
+    if not (math.isfinite(seconds) and seconds > 0):
+        unlimited = ", or 0 for no limit" if zero_means_unlimited else ""
+        return default, f"{name}={raw!r} is not a positive number of seconds{unlimited}; using {default:g} s"
+    return seconds, None
 
 
 def model_name_from(stem: str) -> str:

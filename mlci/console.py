@@ -9,8 +9,6 @@ Numbers are formatted by `mlci.formatting`, as in the PR comment.
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from mlci.config import seconds_from_env
 from mlci.formatting import format_change, format_faster, format_kernels, format_ms, status_word
 from mlci.results import Results
 
@@ -36,22 +35,9 @@ DEFAULT_PROGRESS_INTERVAL = 30.0
 
 
 def progress_interval(environ: Mapping[str, str] | None = None) -> tuple[float, str | None]:
-    """The interval from MLCI_PROGRESS_INTERVAL (default 30 s; `environ` defaults to os.environ), and a
-    warning when its value is no positive number (the default is used then: a progress setting is not
-    worth failing a run for)."""
-    raw = (os.environ if environ is None else environ).get(PROGRESS_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROGRESS_INTERVAL, None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        return DEFAULT_PROGRESS_INTERVAL, (
-            f"{PROGRESS_INTERVAL_ENV}={raw!r} is not a positive number of seconds; "
-            f"progress lines come every {DEFAULT_PROGRESS_INTERVAL:g} s"
-        )
-    return value, None
+    """The interval from MLCI_PROGRESS_INTERVAL (default 30 s), and a warning when its value is no
+    positive number (the default is used then)."""
+    return seconds_from_env(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL, environ)
 
 
 def format_elapsed(seconds: float) -> str:

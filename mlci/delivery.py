@@ -11,12 +11,12 @@ appears in anything written or printed.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from mlci.actions import Annotation, GitHubContext, append_summary, format_annotation, write_outputs
+from mlci.config import seconds_from_env
 from mlci.github import DEADLINE_S, GitHubClient, GitHubError, scrub_secrets
 
 DEADLINE_ENV = "MLCI_GITHUB_DEADLINE"
@@ -43,19 +43,10 @@ COMMENT_AUTHOR_ENV = "MLCI_COMMENT_AUTHOR"
 such a token cannot ask GitHub who it is, and only comments by this login are updated."""
 
 
-def github_deadline(environ: Mapping[str, str] = os.environ) -> tuple[float, str | None]:
+def github_deadline(environ: Mapping[str, str] | None = None) -> tuple[float, str | None]:
     """The deadline for all GitHub calls of a delivery: MLCI_GITHUB_DEADLINE seconds, else DEADLINE_S;
     and a note when the variable is set but not a positive number (the default is used then)."""
-    raw = environ.get(DEADLINE_ENV, "").strip()
-    if not raw:
-        return DEADLINE_S, None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        return DEADLINE_S, f"{DEADLINE_ENV}={raw!r} is not a positive number of seconds; using {DEADLINE_S:g} s"
-    return seconds, None
+    return seconds_from_env(DEADLINE_ENV, DEADLINE_S, environ)
 
 
 def _describe(error: GitHubError, what: str, hinted: bool = False) -> str:

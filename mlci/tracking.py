@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from filelock import FileLock
 
+from mlci.config import seconds_from_env
 from mlci.results import Fingerprint, History, Latency, ModelResult, Results, TrendPoint, write_results
 
 # MLflow's defaults (7 retries, backoff factor 2, 120 s a read) hang each call for minutes on a down
@@ -314,19 +315,10 @@ class _Progress(Protocol):
     def finish(self, model: str, status: str) -> None: ...
 
 
-def tracking_deadline(environ: Mapping[str, str] = os.environ) -> float:
-    """MLCI_MLFLOW_DEADLINE seconds (0: no deadline, infinity), else DEADLINE_S; ValueError naming the
-    variable when it is not a number of seconds."""
-    raw = environ.get(DEADLINE_ENV, "").strip()
-    if not raw:
-        return DEADLINE_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{DEADLINE_ENV}={raw!r} is not a number of seconds (0 for no deadline)")
-    return seconds or math.inf
+def tracking_deadline(environ: Mapping[str, str] | None = None) -> tuple[float, str | None]:
+    """MLCI_MLFLOW_DEADLINE seconds (0: no deadline, infinity), else DEADLINE_S; and a note when the
+    variable is set but not a number of seconds (the default is used then)."""
+    return seconds_from_env(DEADLINE_ENV, DEADLINE_S, environ, zero_means_unlimited=True)
 
 
 class _Handover:
@@ -378,10 +370,9 @@ def log_results(
     MLCI_MLFLOW_DEADLINE, else DEADLINE_S; infinity: as long as it takes); what it finished by
     then is kept, and the one message returned says what was not."""
     if deadline is None:
-        try:
-            deadline = tracking_deadline()
-        except ValueError as exc:
-            return f"MLflow logging to {uri} skipped: {exc}"
+        deadline, problem = tracking_deadline()
+        if problem:
+            logging.getLogger("mlci").warning("%s", problem)
     handover = _Handover(progress)
     outcome: list[str | None] = []
     worker = threading.Thread(

@@ -111,14 +111,14 @@ def test_the_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
     for bad in ("soon", "0", "-1", "nan", "inf"):
         interval, warning = progress_interval({"MLCI_PROGRESS_INTERVAL": bad})
         assert interval == 30.0 and warning == (
-            f"MLCI_PROGRESS_INTERVAL={bad!r} is not a positive number of seconds; progress lines come every 30 s")
+            f"MLCI_PROGRESS_INTERVAL={bad!r} is not a positive number of seconds; using 30 s")
 
     monkeypatch.setenv("MLCI_PROGRESS_INTERVAL", "5")
     assert RunReporter(_ci_console(log_file)).interval == 5
     monkeypatch.setenv("MLCI_PROGRESS_INTERVAL", "soon")
     assert RunReporter(_ci_console(log_file)).interval == 30
     assert _lines(log_file) == ["warning: MLCI_PROGRESS_INTERVAL='soon' is not a positive number of seconds; "
-                                "progress lines come every 30 s"]
+                                "using 30 s"]
 
 
 def test_elapsed_times_read_in_seconds_then_minutes() -> None:

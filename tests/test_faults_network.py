@@ -261,11 +261,11 @@ def test_an_mlflow_server_that_is_down_fails_in_seconds_with_mlcis_http_defaults
 
 
 def test_mlflow_deadline_defaults_to_a_minute_and_reads_the_environment(tmp_path: Path) -> None:
-    assert tracking_deadline({}) == 60.0
-    assert tracking_deadline({DEADLINE_ENV: "5"}) == 5.0
-    assert tracking_deadline({DEADLINE_ENV: "0"}) == float("inf")
-    with pytest.raises(ValueError, match="MLCI_MLFLOW_DEADLINE='-1' is not a number of seconds"):
-        tracking_deadline({DEADLINE_ENV: "-1"})
+    assert tracking_deadline({}) == (60.0, None)
+    assert tracking_deadline({DEADLINE_ENV: "5"}) == (5.0, None)
+    assert tracking_deadline({DEADLINE_ENV: "0"}) == (float("inf"), None)
+    seconds, problem = tracking_deadline({DEADLINE_ENV: "-1"})
+    assert seconds == 60.0 and "MLCI_MLFLOW_DEADLINE='-1' is not a positive number of seconds, or 0" in problem
 
 
 @pytest.mark.slow
@@ -348,14 +348,19 @@ def test_an_app_token_names_its_bot_and_needs_no_user_lookup(gh: FakeGitHub) -> 
     assert all(r.path != "/user" for r in gh.requests)
 
 
-def test_deliver_posts_its_own_comment_beside_a_planted_one(gh: FakeGitHub, tmp_path: Path) -> None:
-    planted = gh.add_comment(42, f"{MARKER}\nfake report", login="mallory")
+def _pull_request_42(gh: FakeGitHub, tmp_path: Path) -> GitHubContext:
+    """A pull_request job's context on pull request 42 of the fake GitHub."""
     event = tmp_path / "event.json"
     event.write_text(json.dumps({"number": 42, "pull_request": {"number": 42, "head": {"sha": SHA}}}))
-    ctx = GitHubContext.from_env({
+    return GitHubContext.from_env({
         "GITHUB_ACTIONS": "true", "GITHUB_API_URL": gh.url, "GITHUB_REPOSITORY": REPO, "GITHUB_TOKEN": TOKEN,
         "GITHUB_SHA": SHA, "GITHUB_EVENT_NAME": "pull_request", "GITHUB_EVENT_PATH": str(event),
     })
+
+
+def test_deliver_posts_its_own_comment_beside_a_planted_one(gh: FakeGitHub, tmp_path: Path) -> None:
+    planted = gh.add_comment(42, f"{MARKER}\nfake report", login="mallory")
+    ctx = _pull_request_42(gh, tmp_path)
     done = deliver(ctx, comment=f"{MARKER}\nreal report", marker=MARKER, summary="s", outputs={}, annotations=[],
                    state="success", description="ok", print_line=lambda _line: None)
     assert done.comment_action == "created" and done.status_set
@@ -367,12 +372,7 @@ def test_deliver_with_an_app_token_updates_the_comment_of_the_bot_named_in_the_e
     planted = gh.add_comment(42, f"{MARKER}\nplanted", login="mallory")
     ours = gh.add_comment(42, f"{MARKER}\nlast report", login="acme-ci[bot]", kind="Bot")
     monkeypatch.setenv("MLCI_COMMENT_AUTHOR", "acme-ci[bot]")
-    event = tmp_path / "event.json"
-    event.write_text(json.dumps({"number": 42, "pull_request": {"number": 42, "head": {"sha": SHA}}}))
-    ctx = GitHubContext.from_env({
-        "GITHUB_ACTIONS": "true", "GITHUB_API_URL": gh.url, "GITHUB_REPOSITORY": REPO, "GITHUB_TOKEN": TOKEN,
-        "GITHUB_SHA": SHA, "GITHUB_EVENT_NAME": "pull_request", "GITHUB_EVENT_PATH": str(event),
-    })
+    ctx = _pull_request_42(gh, tmp_path)
     done = deliver(ctx, comment=f"{MARKER}\nnew report", marker=MARKER, summary="s", outputs={}, annotations=[],
                    state="success", description="ok", print_line=lambda _line: None)
     assert done.comment_action == "updated"
