@@ -549,6 +549,24 @@ def _input(inputs: list[Any], index: int) -> Any:
 
 # --- LSTM -----------------------------------------------------------------------------------------
 
+class _Recurrent(OnnxOpConverter):
+    """The ONNX recurrent ops' versions: opset 7, 14 (adds `layout`) and 22 (same semantics)."""
+
+    build: Any
+    """(bb, node, inputs, attr, layout) -> the op's outputs."""
+
+    @classmethod
+    def _impl_v7(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
+        return cls.build(bb, _node(cls.__name__, attr), inputs, attr, layout=0)
+
+    @classmethod
+    def _impl_v14(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
+        node = _node(cls.__name__, attr)
+        return cls.build(bb, node, inputs, attr, layout=_layout(node, attr))
+
+    _impl_v22 = _impl_v14
+
+
 def lstm(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, Any], layout: int,
          quantized: bool = False) -> relax.Tuple:
     """ONNX LSTM: gates i, o, f, c in W, R and B; peepholes i, o, f in P."""
@@ -584,19 +602,10 @@ def lstm(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, 
     return relax.Tuple(_layout_out(bb, layout, y, y_h, y_c))
 
 
-class LSTM(OnnxOpConverter):
+class LSTM(_Recurrent):
     """ONNX LSTM (opsets 7, 14 with `layout`, 22)."""
 
-    @classmethod
-    def _impl_v7(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        return lstm(bb, _node("LSTM", attr), inputs, attr, layout=0)
-
-    @classmethod
-    def _impl_v14(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        node = _node("LSTM", attr)
-        return lstm(bb, node, inputs, attr, layout=_layout(node, attr))
-
-    _impl_v22 = _impl_v14
+    build = staticmethod(lstm)
 
 
 # --- GRU ------------------------------------------------------------------------------------------
@@ -647,19 +656,10 @@ def gru(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, A
     return relax.Tuple(_layout_out(bb, layout, y, y_h))
 
 
-class GRU(OnnxOpConverter):
+class GRU(_Recurrent):
     """ONNX GRU (opsets 7, 14 with `layout`, 22), `linear_before_reset` 0 or 1."""
 
-    @classmethod
-    def _impl_v7(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        return gru(bb, _node("GRU", attr), inputs, attr, layout=0)
-
-    @classmethod
-    def _impl_v14(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        node = _node("GRU", attr)
-        return gru(bb, node, inputs, attr, layout=_layout(node, attr))
-
-    _impl_v22 = _impl_v14
+    build = staticmethod(gru)
 
 
 # --- RNN ------------------------------------------------------------------------------------------
@@ -683,19 +683,10 @@ def rnn(bb: relax.BlockBuilder, node: Node, inputs: list[Any], attr: dict[str, A
     return relax.Tuple(_layout_out(bb, layout, y, y_h))
 
 
-class RNN(OnnxOpConverter):
+class RNN(_Recurrent):
     """ONNX RNN (opsets 7, 14 with `layout`, 22)."""
 
-    @classmethod
-    def _impl_v7(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        return rnn(bb, _node("RNN", attr), inputs, attr, layout=0)
-
-    @classmethod
-    def _impl_v14(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        node = _node("RNN", attr)
-        return rnn(bb, node, inputs, attr, layout=_layout(node, attr))
-
-    _impl_v22 = _impl_v14
+    build = staticmethod(rnn)
 
 
 # --- com.microsoft.DynamicQuantizeLSTM --------------------------------------------------------------
