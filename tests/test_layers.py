@@ -115,3 +115,13 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
         "mlci.results (contracts) -> mlci.gate (pure logic)", "mlci.results (contracts) -> mlci.pipeline (adapters)"]
     assert find_cycle({"mlci.gate": {"mlci.results"}, "mlci.results": {"mlci.gate"}}) == [
         "mlci.gate", "mlci.results", "mlci.gate"]
+
+
+def test_every_package_of_mlci_ships() -> None:
+    """A subpackage missing from pyproject's explicit list works in an editable install and is
+    absent from a real one (the action's)."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
