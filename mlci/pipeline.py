@@ -275,7 +275,7 @@ class Pipeline:
         """CPU threads of TVM's runtime here, of the tuning runner and of ONNX Runtime."""
         self.default_schedule = schedules.default_schedule_for(self.tvm_target, self.threads)
         """Schedules kernels with no tuned record (None: the target's own defaults)."""
-        tuning.speed_up_tensor_intrin_import()
+        tuning.load_tensor_intrinsics_for(self.tvm_target)
 
     @property
     def device(self) -> Any:

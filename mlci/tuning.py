@@ -62,6 +62,36 @@ def speed_up_tensor_intrin_import() -> None:
         inspect.modulesbyfile.setdefault(name, None)  # type: ignore[arg-type]
 
 
+GPU_TENSOR_INTRINSICS = ("tvm.s_tir.tensor_intrin.cuda", "tvm.s_tir.tensor_intrin.rocm")
+"""Modules of GPU tensor intrinsics. MetaSchedule's TuneContext imports every tensor intrinsic
+whatever the target, and these parse hundreds of TVMScript functions: 7 s (CUDA) and 1.3 s (ROCm)
+of every CPU tuning process on a 2-core machine, for intrinsics a CPU schedule never uses."""
+
+
+def load_tensor_intrinsics_for(tvm_target: Any) -> None:
+    """Before tuning for `tvm_target`: on a CPU target, empty stand-ins take the GPU intrinsics'
+    place (unless they were loaded already); on any other target, the real ones replace the
+    stand-ins, so a process that tunes a GPU target after a CPU one still has them."""
+    import importlib
+    import sys
+    import types
+
+    speed_up_tensor_intrin_import()
+    cpu = tvm_target.kind.name == "llvm"
+    for name in GPU_TENSOR_INTRINSICS:
+        loaded = sys.modules.get(name)
+        if cpu and loaded is None:
+            stand_in = types.ModuleType(name, "Stand-in: mlci tunes a CPU target in this process.")
+            stand_in.mlci_stand_in = True  # type: ignore[attr-defined]
+            sys.modules[name] = stand_in
+        elif not cpu and getattr(loaded, "mlci_stand_in", False):
+            del sys.modules[name]
+            package, _, leaf = name.rpartition(".")
+            if package in sys.modules and getattr(sys.modules[package], leaf, None) is loaded:
+                delattr(sys.modules[package], leaf)
+            importlib.import_module(name)
+
+
 def builder_worker_init() -> None:
     speed_up_tensor_intrin_import()
 

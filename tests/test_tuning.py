@@ -182,3 +182,27 @@ def test_kernels_with_no_tuned_record_run_a_default_schedule_not_plain_loops(tmp
     default_ms = min(measure.time_callable(checked.tvm_timer(), **timing))
     plain_ms = min(measure.time_callable(plain_model.timer(checked.inputs, checked.input_names), **timing))
     assert default_ms * 3 < plain_ms
+
+
+@pytest.mark.slow
+def test_cpu_tuning_skips_gpu_tensor_intrinsics_and_a_gpu_target_gets_them_back() -> None:
+    """A CPU run does not parse CUDA's tensor intrinsics (7 s of every cold run); a GPU target
+    in the same process still finds them."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, tvm
+from mlci import tuning
+from mlci.targets import detect_host_target, tvm_target_object, ResolvedTarget
+tuning.load_tensor_intrinsics_for(tvm_target_object(ResolvedTarget("cpu", detect_host_target())))
+import tvm.s_tir.tensor_intrin
+from tvm.s_tir import TensorIntrin
+print("cpu", getattr(sys.modules["tvm.s_tir.tensor_intrin.cuda"], "mlci_stand_in", False))
+tuning.load_tensor_intrinsics_for(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+TensorIntrin.get("wmma_sync_16x16x16_f16f16f32")  # raises when CUDA's intrinsics are missing
+print("cuda", getattr(sys.modules["tvm.s_tir.tensor_intrin.cuda"], "mlci_stand_in", False))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cpu", "True", "cuda", "False"]
