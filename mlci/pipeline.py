@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mlci import build_cache, measure, schedules, tuning
+from mlci import build_cache, measure, remote_cache, schedules, tuning
 from mlci import compile as tvm_compile
 from mlci.compile import BuildChoice
 from mlci.config import (
@@ -262,7 +262,8 @@ class Pipeline:
     """The chain on one target, with the tuning cache and device its models share."""
 
     def __init__(self, target: ResolvedTarget, cache: tuning.TuningCache, *, log_dir: Path,
-                 progress: Progress | None = None, root: Path | None = None):
+                 progress: Progress | None = None, root: Path | None = None,
+                 remote: remote_cache.RemoteCache | None = None):
         self.target = target
         self.tvm_target = tvm_target_object(target)
         self.cache = cache
@@ -271,6 +272,8 @@ class Pipeline:
         self.progress = progress or Silent()
         self.root = root
         """Paths in messages are shown relative to this directory."""
+        self.remote = remote
+        """The tuning cache's second level on S3 (None: the local cache only)."""
         self.threads = measure.use_threads(target.threads)
         """CPU threads of TVM's runtime here, of the tuning runner and of ONNX Runtime."""
         self.default_schedule = schedules.default_schedule_for(self.tvm_target, self.threads)
@@ -324,7 +327,11 @@ class Pipeline:
         trials = settings.trials if self.device.exist else 0
         self.progress.stage(name, f"tuning{label}")
         with _stage(Status.TUNE_FAILED, "tuning"), self.cache.lock():
-            return tuning.tune(
+            pulled, before = None, None
+            if self.remote is not None:  # what other runners searched is not searched again
+                pulled = remote_cache.pull(self.cache, imported.kernels, self.remote)
+                before = self.cache.ledger()
+            outcome = tuning.tune(
                 imported.kernels,
                 self.tvm_target,
                 self.cache,
@@ -338,6 +345,10 @@ class Pipeline:
                 default_schedule=self.default_schedule,
                 on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
             )
+            if self.remote is not None and pulled is not None:
+                remote_cache.push(self.cache, imported.kernels, self.remote, before)
+                outcome.kernels_from_remote = len(pulled.kernels_from_remote)
+            return outcome
 
     def build(self, imported: Imported) -> tuple[Any, tvm_compile.BuildReport, float]:
         """The executable with the best cached schedule of every kernel, how each kernel was

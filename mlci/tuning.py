@@ -771,6 +771,8 @@ class TuningOutcome:
     deadline_hit: bool = False
     planned: list[int] = field(default_factory=list)
     progressive: bool = False
+    kernels_from_remote: int = 0
+    """Kernels whose records came from the tuning cache on S3 (`mlci.remote_cache`)."""
 
     def info(self) -> TuningInfo:
         """The results file's tuning section."""

@@ -17,7 +17,7 @@ LAYERS: dict[str, set[str]] = {
     "pure logic": {"mlci.stats", "mlci.gate", "mlci.budget", "mlci.formatting", "mlci.templating", "mlci.report",
                    "mlci.console"},
     "adapters": {"mlci.models", "mlci.converters", "mlci.converters.rnn", "mlci.converters.quantized",
-                 "mlci.compile", "mlci.schedules", "mlci.build_cache", "mlci.tuning", "mlci.targets",
+                 "mlci.compile", "mlci.schedules", "mlci.build_cache", "mlci.tuning", "mlci.remote_cache", "mlci.targets",
                  "mlci.measure", "mlci.pipeline", "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github",
                  "mlci.delivery"},
     "commands": {"mlci.commands", "mlci.commands.run", "mlci.commands.compare", "mlci.commands.init",

@@ -1,0 +1,368 @@
+"""The tuning cache's second level on S3: what one runner tuned reaches every runner.
+
+Each entry is an immutable object, one per kernel, fingerprint and writer:
+``PREFIX/TIER/FINGERPRINT/WORKLOAD_SHA/WRITER.json``. FINGERPRINT is the local cache directory's
+name (target and fingerprint key), WORKLOAD_SHA the sha256 of the kernel's workload as MetaSchedule
+saves it, and WRITER unique to the run. Nothing is ever overwritten, so two runners writing the same
+kernel at once leave one entry each and no index or lock is needed: a reader lists a kernel's entries
+and takes the one with the most trials.
+
+Every entry is untrusted: one that is too large, is not JSON, names another workload, or holds
+records that do not apply to the kernel is skipped with a warning naming its key. S3 failing in any
+way (unreachable, denied, throttled, no bucket) costs one warning and seconds; the run goes on with
+the local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from mlci.tuning import (
+    RECORDS_FILE,
+    WORKLOADS_FILE,
+    Kernel,
+    TuningCache,
+    _lines,
+    _read_record,
+    _read_workload,
+    _why,
+)
+
+log = logging.getLogger("mlci")
+
+SHARED_TIER = "main"
+"""The tier the default branch writes and every run reads."""
+FORMAT_VERSION = 1
+MAX_ENTRY_BYTES = 1 << 20
+"""An entry larger than this is not read (a kernel's few best records take a few KiB)."""
+TOP_RECORDS = 4
+"""Best records of a kernel an entry carries: enough to seed a further search."""
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 5.0
+MAX_ATTEMPTS = 2
+"""Each S3 call is tried at most this often: S3 down must cost seconds, not minutes."""
+CONFLICT_RETRIES = 3
+FAILED_RUN_SECS = 1e9
+"""MetaSchedule records a candidate that failed to build or run with a huge time (1e10 s)."""
+
+
+class RemoteCacheError(ValueError):
+    """A cache URL that cannot name an S3 location."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Bucket and key prefix of ``s3://bucket/prefix``; raises RemoteCacheError naming what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3":
+        raise RemoteCacheError(f"cache url {url!r} is not an s3:// URL (s3://bucket/prefix)")
+    if not parsed.netloc:
+        raise RemoteCacheError(f"cache url {url!r} names no bucket (s3://bucket/prefix)")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def workload_line(kernel: Kernel) -> list[str]:
+    """The kernel's workload as MetaSchedule saves it in its database: [structural hash, module]."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return [str(x) for x in ms.database.Workload(kernel.task.dispatched[0]).as_json()]
+
+
+def workload_sha(saved_module: str) -> str:
+    """sha256 of the saved (serialized) workload module: the same kernel hashes the same in every
+    process, which an in-memory structural hash does not promise across TVM builds."""
+    return hashlib.sha256(saved_module.encode()).hexdigest()
+
+
+def writer_id() -> str:
+    """Unique to this run: the GitHub run and attempt where there is one, and a random suffix."""
+    run = os.environ.get("GITHUB_RUN_ID", "local")
+    attempt = os.environ.get("GITHUB_RUN_ATTEMPT", "1")
+    return f"{run}-{attempt}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Entry:
+    """One kernel's tuning as a writer left it, checked."""
+
+    key: str
+    trials: int
+    workload: list[str]
+    records: list[Any]
+
+
+@dataclass
+class PullReport:
+    kernels_from_remote: list[str] = field(default_factory=list)
+    """Names of the kernels whose records came from S3 (the local cache had fewer trials)."""
+    skipped: list[str] = field(default_factory=list)
+    """Keys of the entries that were not trusted."""
+
+
+class RemoteCache:
+    """S3 entries of one bucket and prefix, written to `tier` and read from the shared tier and `tier`.
+
+    `writes=False` reads only (a pull request configured not to write). The first S3 failure turns
+    the remote off for the rest of the run, with one warning."""
+
+    def __init__(self, url: str, tier: str = SHARED_TIER, *, client: Any = None, writes: bool = True):
+        self.url = url
+        self.bucket, self.prefix = parse_url(url)
+        if not tier or "/" in tier:
+            raise RemoteCacheError(f"cache tier {tier!r} must be a non-empty name without '/'")
+        self.tier = tier
+        self.writes = writes
+        self.writer = writer_id()
+        self._client = client
+        self.failed: str | None = None
+        """Why S3 was given up on this run (None while it works)."""
+
+    @property
+    def read_tiers(self) -> list[str]:
+        return [SHARED_TIER] if self.tier == SHARED_TIER else [SHARED_TIER, self.tier]
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client("s3", config=Config(
+                connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"}))
+        return self._client
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _give_up(self, action: str, exc: BaseException) -> None:
+        self.failed = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        log.warning("tuning cache on S3 (%s): %s failed (%s); going on with the local cache only",
+                    self.url, action, self.failed)
+
+    # reading
+
+    def _list(self, tier: str, fingerprint: str) -> list[str]:
+        """Keys of every entry under a tier's fingerprint."""
+        prefix = self._key(tier, fingerprint) + "/"
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            found.extend(obj["Key"] for obj in page.get("Contents", []))
+        return found
+
+    def _read(self, key: str, sha: str, kernel: Kernel) -> Entry | None:
+        """The entry at `key`, or None (with one warning) when it is not to be trusted."""
+        def skip(why: str) -> None:
+            log.warning("tuning cache on S3: skipping %s: %s", key, why)
+
+        response = self.client.get_object(Bucket=self.bucket, Key=key)  # its body is read only when small
+        length = int(response.get("ContentLength", 0))
+        if length > MAX_ENTRY_BYTES:
+            response["Body"].close()
+            skip(f"{length} bytes, more than the {MAX_ENTRY_BYTES} an entry may have")
+            return None
+        data = response["Body"].read(MAX_ENTRY_BYTES + 1)
+        try:
+            return _check_entry(key, data, sha, kernel)
+        except (ValueError, RecursionError, TypeError, KeyError) as exc:
+            skip(_why(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+            return None
+
+    def best_entries(self, fingerprint: str, kernels: list[Kernel],
+                     report: PullReport | None = None) -> dict[str, Entry]:
+        """Kernel key -> the trusted entry with the most trials, over the tiers this run reads."""
+        if self.failed:
+            return {}
+        shas = {workload_sha(workload_line(k)[1]): k for k in kernels}
+        best: dict[str, Entry] = {}
+        try:
+            for tier in self.read_tiers:
+                for key in self._list(tier, fingerprint):
+                    sha = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else ""
+                    kernel = shas.get(sha)
+                    if kernel is None:
+                        continue
+                    entry = self._read(key, sha, kernel)
+                    if entry is None:
+                        if report is not None:
+                            report.skipped.append(key)
+                        continue
+                    held = best.get(kernel.key)
+                    if held is None or entry.trials > held.trials:
+                        best[kernel.key] = entry
+        except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
+            self._give_up("reading", exc)
+            return {}
+        return best
+
+    # writing
+
+    def put_entry(self, fingerprint: str, kernel: Kernel, trials: int, workload: list[str],
+                  records: list[Any]) -> str | None:
+        """Write one kernel's entry; its key, or None when nothing was written. An entry that is
+        already there (a retried request of this writer) counts as written."""
+        if self.failed or not self.writes:
+            return None
+        from botocore.exceptions import ClientError
+
+        key = self._key(self.tier, fingerprint, workload_sha(workload[1]), f"{self.writer}.json")
+        body = json.dumps({
+            "format": FORMAT_VERSION,
+            "kernel": kernel.name,
+            "trials": trials,
+            "workload": workload,
+            "records": records,
+            "writer": {"id": self.writer, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       **{k.lower(): v for k in ("GITHUB_REPOSITORY", "GITHUB_SHA", "GITHUB_REF")
+                          if (v := os.environ.get(k))}},
+        }, sort_keys=True).encode()
+        try:
+            for attempt in range(CONFLICT_RETRIES + 1):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
+                                           ContentType="application/json")
+                    return key
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "")
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if code == "PreconditionFailed" or status == 412:
+                        return key  # already there: this writer's earlier attempt got through
+                    if (code == "ConditionalRequestConflict" or status == 409) and attempt < CONFLICT_RETRIES:
+                        time.sleep(0.2 * 2 ** attempt * (1 + random.random()))
+                        continue
+                    raise
+        except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
+            self._give_up("writing", exc)
+        return None
+
+
+def _check_entry(key: str, data: bytes, sha: str, kernel: Kernel) -> Entry:
+    """Raises ValueError saying why the entry cannot be trusted for this kernel."""
+    from tvm.s_tir import meta_schedule as ms
+
+    obj = json.loads(data)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION:
+        raise ValueError(f"not an entry of format {FORMAT_VERSION}")
+    trials, workload, records = obj.get("trials"), obj.get("workload"), obj.get("records")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ValueError(f"{trials!r} is not a count of trials")
+    if not (isinstance(workload, list) and len(workload) == 2 and all(isinstance(w, str) for w in workload)):
+        raise ValueError("its workload is not a [hash, module] pair")
+    if workload_sha(workload[1]) != sha:  # the key's hash is the kernel's: that is how it was found
+        raise ValueError(f"its workload is not the one its key names (kernel {kernel.name})")
+    if not isinstance(records, list) or not records:
+        raise ValueError("it holds no records")
+    parsed = _read_workload(json.dumps(workload).encode())
+    for record in records:
+        _read_record(json.dumps([0, record]).encode(), [parsed])
+        try:
+            ms.database.TuningRecord.from_json(record, parsed.workload)
+        except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a schedule that does not apply
+            raise ValueError(f"a record whose schedule does not apply to the workload ({_why(exc)})") from exc
+    return Entry(key=key, trials=trials, workload=workload, records=records)
+
+
+def _mean(run_secs: Any) -> float:
+    if not run_secs:
+        return math.inf
+    secs = [float(s) for s in run_secs]
+    mean = sum(secs) / len(secs)
+    return mean if mean < FAILED_RUN_SECS else math.inf
+
+
+def local_entries(cache: TuningCache, kernels: list[Kernel], top_k: int = TOP_RECORDS) -> dict[str, tuple]:
+    """Kernel key -> (workload line, best record JSONs) as the local database saved them: the lines
+    themselves, so a record reads back on another runner exactly as MetaSchedule wrote it."""
+    cache.database  # noqa: B018 - opening it checks the files
+    files = cache._files
+    wanted = {k.key for k in kernels}
+    workloads: dict[int, tuple[str, list[str]]] = {}
+    path = files / WORKLOADS_FILE
+    for index, line in enumerate(_lines(path.read_bytes()) if path.exists() else []):
+        obj = json.loads(line)
+        key = f"{int(obj[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+        if key in wanted:
+            workloads[index] = (key, obj)
+    found: dict[str, tuple[list[str], list[tuple[float, Any]]]] = {}
+    path = files / RECORDS_FILE
+    for line in _lines(path.read_bytes()) if path.exists() else []:
+        index, record = json.loads(line)
+        if index not in workloads:
+            continue
+        key, workload = workloads[index]
+        mean = _mean(record[1])
+        if math.isfinite(mean):
+            found.setdefault(key, (workload, []))[1].append((mean, record))
+    return {key: (workload, [r for _, r in sorted(records, key=lambda m: m[0])[:top_k]])
+            for key, (workload, records) in found.items()}
+
+
+def local_trials(cache: TuningCache, kernel: Kernel, ledger: dict[str, int]) -> int:
+    return max(ledger.get(kernel.key, 0), len(cache.valid_records(kernel)))
+
+
+def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache) -> PullReport:
+    """Before tuning: bring into the local cache each kernel's remote records where S3 holds more
+    trials than the local cache, and credit the local ledger with them, so tuning searches only
+    what the budget owes beyond what any runner already searched."""
+    from tvm.s_tir import meta_schedule as ms
+
+    report = PullReport()
+    fingerprint = cache.dir.name
+    entries = remote.best_entries(fingerprint, kernels, report)
+    if not entries:
+        return report
+    with cache.lock():
+        ledger = cache.ledger()
+        database = cache.database
+        changed = False
+        for kernel in kernels:
+            entry = entries.get(kernel.key)
+            if entry is None or entry.trials <= local_trials(cache, kernel, ledger):
+                continue
+            workload = database.commit_workload(kernel.task.dispatched[0])
+            for record in entry.records:
+                database.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
+            ledger[kernel.key] = entry.trials
+            report.kernels_from_remote.append(kernel.name)
+            changed = True
+        if changed:
+            cache.save_ledger(ledger)
+    if report.kernels_from_remote:
+        log.info("tuning cache on S3: records of %d kernel(s) taken from %s", len(report.kernels_from_remote),
+                 remote.url)
+    return report
+
+
+def push(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache,
+         before: dict[str, int] | None = None) -> list[str]:
+    """After tuning: write an entry for each kernel that gained trials since `before` (the ledger
+    then; every kernel with trials when None). Returns the keys written."""
+    if remote.failed or not remote.writes:
+        return []
+    with cache.lock():
+        ledger = cache.ledger()
+        gained = [k for k in kernels if ledger.get(k.key, 0) > (before or {}).get(k.key, 0)]
+        saved = local_entries(cache, gained) if gained else {}
+    written = []
+    seen = set()
+    for kernel in gained:
+        if kernel.key in seen or kernel.key not in saved:
+            continue
+        seen.add(kernel.key)
+        _, records = saved[kernel.key]
+        key = remote.put_entry(cache.dir.name, kernel, ledger[kernel.key], workload_line(kernel), records)
+        if key is None and remote.failed:
+            break
+        if key is not None:
+            written.append(key)
+    return written

@@ -1,0 +1,287 @@
+"""The tuning cache's second level on S3, against a real moto_server: what one runner tuned, another
+does not search again; entries are immutable and untrusted; S3 failing costs seconds and one warning."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mlci import remote_cache
+from mlci.remote_cache import RemoteCache, RemoteCacheError, parse_url, workload_line, workload_sha
+from mlci.tuning import Kernel
+
+from .servers import FAKE_AWS, MotoServer, free_port, moto_server
+from .test_tuning import _imported, _pipeline
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoServer]:
+    with moto_server() as server:
+        yield server
+
+
+def _bucket(s3: MotoServer) -> str:
+    name = f"mlci-cache-{next(_buckets)}"
+    s3.s3().create_bucket(Bucket=name)
+    return name
+
+
+def _remote(s3: MotoServer, bucket: str, tier: str = "main", **kwargs) -> RemoteCache:
+    return RemoteCache(f"s3://{bucket}/team", tier, client=s3.s3(), **kwargs)
+
+
+def _objects(s3: MotoServer, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    client = s3.s3()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# --- tuned by a first runner, shared by the tests that need real records ----------------------
+
+
+@pytest.fixture(scope="module")
+def first_run(s3: MotoServer, tmp_path_factory: pytest.TempPathFactory):
+    """A first runner tunes a tiny model (2 kernels, 4 trials) with the shared tier on S3."""
+    tmp = tmp_path_factory.mktemp("first-run")
+    bucket = _bucket(s3)
+    imported = _imported(tmp, (32, 64, 8), "a")
+    pipeline = _pipeline(tmp / "cache" / "cpu-fp", tmp / "logs")
+    pipeline.remote = _remote(s3, bucket)
+    outcome = pipeline.tune(imported, _settings(4))
+    return tmp, bucket, imported, pipeline.cache, outcome
+
+
+def _settings(trials: int):
+    from mlci.pipeline import ModelSettings
+
+    return ModelSettings(trials=trials, seconds=300, trials_per_round=2)
+
+
+@pytest.mark.slow
+def test_a_second_runner_searches_nothing_a_first_runner_put_on_s3_and_builds_the_same_records(
+        s3: MotoServer, first_run, tmp_path: Path) -> None:
+    _, bucket, imported, first_cache, first = first_run
+    assert first.trials_new > 0 and first.kernels_from_remote == 0
+    entries = _objects(s3, bucket)
+    assert len(entries) == len(imported.kernels) == 2  # one entry per kernel that gained trials
+    assert all(key.startswith("team/main/cpu-fp/") for key in entries)
+
+    second = _pipeline(tmp_path / "cache" / "cpu-fp", tmp_path / "logs")  # an empty local cache
+    second.remote = _remote(s3, bucket)
+    outcome = second.tune(imported, _settings(4))
+    assert outcome.trials_new == 0
+    assert outcome.kernels_from_remote == 2
+    for kernel in imported.kernels:
+        assert second.cache.best_record_json(kernel) == first_cache.best_record_json(kernel)
+    assert _objects(s3, bucket) == entries  # it gained nothing, so it wrote nothing
+
+    # A third run on the second runner finds it all in its local cache: S3 adds nothing.
+    again = _pipeline(tmp_path / "cache" / "cpu-fp", tmp_path / "logs")
+    again.remote = _remote(s3, bucket)
+    outcome = again.tune(imported, _settings(4))
+    assert outcome.trials_new == 0 and outcome.kernels_from_remote == 0
+
+
+@pytest.mark.slow
+def test_two_writers_of_one_kernel_leave_one_entry_each_and_the_reader_takes_the_most_trials(
+        s3: MotoServer, first_run) -> None:
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    kernel = imported.kernels[0]
+    _, records = remote_cache.local_entries(cache, [kernel])[kernel.key]
+    writers = [(_remote(s3, bucket), trials) for trials in (3, 40)]
+    threads = [threading.Thread(target=w.put_entry, args=("cpu-fp", kernel, t, workload_line(kernel), records))
+               for w, t in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = _objects(s3, bucket)
+    assert len(stored) == 2
+    assert sorted(json.loads(body)["trials"] for body in stored.values()) == [3, 40]
+
+    best = _remote(s3, bucket).best_entries("cpu-fp", [kernel])
+    assert best[kernel.key].trials == 40
+    assert best[kernel.key].key.endswith(f"{writers[1][0].writer}.json")
+
+
+@pytest.mark.slow
+def test_a_retried_put_of_an_entry_already_there_counts_as_written(
+        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    kernel = imported.kernels[0]
+    _, records = remote_cache.local_entries(cache, [kernel])[kernel.key]
+    writer = _remote(s3, bucket)
+    first = writer.put_entry("cpu-fp", kernel, 4, workload_line(kernel), records)
+    body = _objects(s3, bucket)[first]
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        again = writer.put_entry("cpu-fp", kernel, 5, workload_line(kernel), records)  # S3 answers 412
+    assert again == first and not writer.failed and not _warnings(caplog)
+    assert _objects(s3, bucket) == {first: body}  # never overwritten
+
+
+@pytest.mark.slow
+def test_a_pull_request_run_reads_the_shared_tier_and_leaves_it_byte_for_byte_unchanged(
+        s3: MotoServer, first_run, tmp_path: Path) -> None:
+    first_tmp, bucket, first_model, _, _ = first_run
+    shared = _objects(s3, bucket, "team/main/")
+    changed = _imported(first_tmp, (32, 64, 16), "b")  # its first kernel is on S3, its second is new
+
+    pr = _pipeline(tmp_path / "cache" / "cpu-fp", tmp_path / "logs")
+    pr.remote = _remote(s3, bucket, tier="pr-7")
+    outcome = pr.tune(changed, _settings(4))
+    assert outcome.kernels_from_remote == 1
+    assert outcome.trials_new > 0
+
+    assert _objects(s3, bucket, "team/main/") == shared
+    written = _objects(s3, bucket, "team/pr-7/")
+    assert len(written) == 1
+    [new_kernel] = [k for k in changed.kernels if k.key not in {f.key for f in first_model.kernels}]
+    assert f"/{workload_sha(workload_line(new_kernel)[1])}/" in next(iter(written))
+
+    # The same pull request's next run finds its own tier; the default branch never reads it.
+    assert new_kernel.key in _remote(s3, bucket, tier="pr-7").best_entries("cpu-fp", changed.kernels)
+    assert new_kernel.key not in _remote(s3, bucket).best_entries("cpu-fp", changed.kernels)
+
+
+@pytest.mark.slow
+def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
+        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    kernel, other = imported.kernels
+    saved = remote_cache.local_entries(cache, imported.kernels)
+    good = _remote(s3, bucket).put_entry("cpu-fp", kernel, 4, workload_line(kernel), saved[kernel.key][1])
+    folder = good.rsplit("/", 1)[0]
+
+    def entry(**changes) -> bytes:
+        obj = {"format": 1, "kernel": kernel.name, "trials": 999, "workload": workload_line(kernel),
+               "records": saved[kernel.key][1], **changes}
+        return json.dumps(obj).encode()
+
+    poison = {
+        f"{folder}/garbage.json": b"\x00not json",
+        f"{folder}/other-workload.json": entry(workload=workload_line(other), records=saved[other.key][1]),
+        f"{folder}/oversized.json": entry(padding="x" * remote_cache.MAX_ENTRY_BYTES),
+        f"{folder}/bad-record.json": entry(records=[[[["nonsense"]], []], [1e-5], None, None]),
+        f"{folder}/foreign-records.json": entry(records=saved[other.key][1]),
+        f"{folder}/no-records.json": entry(records=[]),
+        f"{folder}/bad-trials.json": entry(trials="many"),
+        f"{folder}/other-format.json": entry(format=2),
+    }
+    client = s3.s3()
+    for key, body in poison.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        best = _remote(s3, bucket).best_entries("cpu-fp", imported.kernels)
+    assert best[kernel.key].key == good and best[kernel.key].trials == 4
+    messages = _warnings(caplog)
+    assert len(messages) == len(poison)
+    for key in poison:
+        assert sum(key in m for m in messages) == 1, key
+
+
+# --- S3 failing: seconds and one warning ------------------------------------------------------
+
+
+class _AlwaysAnswers(BaseHTTPRequestHandler):
+    status, code = 503, "SlowDown"
+
+    def _answer(self) -> None:
+        body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{self.code}</Code>"
+                f"<Message>{self.code}</Message></Error>").encode()
+        if self.command == "PUT":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def _answering(status: int, code: str) -> Iterator[str]:
+    handler = type("Handler", (_AlwaysAnswers,), {"status": status, "code": code})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(params=["unreachable", "throttled", "denied", "no bucket"])
+def broken_s3(request, s3: MotoServer) -> Iterator[tuple[str, str]]:
+    """An endpoint and a bucket that fail the way the parameter says."""
+    if request.param == "unreachable":
+        yield f"http://127.0.0.1:{free_port()}", "mlci-cache"  # nothing listens there
+    elif request.param == "throttled":
+        with _answering(503, "SlowDown") as url:
+            yield url, "mlci-cache"
+    elif request.param == "denied":
+        with _answering(403, "AccessDenied") as url:
+            yield url, "mlci-cache"
+    else:
+        yield s3.url, "no-such-bucket"
+
+
+def test_s3_failing_costs_seconds_and_one_warning(broken_s3, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    url, bucket = broken_s3
+    for name, value in {**FAKE_AWS, "AWS_ENDPOINT_URL_S3": url}.items():
+        monkeypatch.setenv(name, value)
+    remote = RemoteCache(f"s3://{bucket}/team")  # the standard AWS chain, with the bounded client
+    kernel = Kernel(name="k", key="0" * 16, weight=1, flops=1.0, task=None)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        assert remote.best_entries("cpu-fp", []) == {}
+        assert remote.put_entry("cpu-fp", kernel, 4, ["1", "module"], [[]]) is None
+        assert remote.best_entries("cpu-fp", []) == {}
+    assert time.monotonic() - start < 10
+    assert remote.failed
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "going on with the local cache only" in messages[0]
+
+
+def test_a_cache_url_must_name_an_s3_bucket() -> None:
+    assert parse_url("s3://bucket/some/prefix/") == ("bucket", "some/prefix")
+    assert parse_url("s3://bucket") == ("bucket", "")
+    with pytest.raises(RemoteCacheError, match="not an s3:// URL"):
+        parse_url("https://bucket/prefix")
+    with pytest.raises(RemoteCacheError, match="names no bucket"):
+        parse_url("s3:///prefix")
+    with pytest.raises(RemoteCacheError, match="tier"):
+        RemoteCache("s3://bucket/prefix", "pr/7")
+
+
+def test_a_read_only_remote_writes_nothing(s3: MotoServer) -> None:
+    bucket = _bucket(s3)
+    remote = _remote(s3, bucket, tier="pr-3", writes=False)
+    kernel = Kernel(name="k", key="0" * 16, weight=1, flops=1.0, task=None)
+    assert remote.put_entry("cpu-fp", kernel, 4, ["1", "module"], [[]]) is None
+    assert _objects(s3, bucket) == {}
+    assert remote.read_tiers == ["main", "pr-3"]
