@@ -86,6 +86,31 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    url: str | None = None
+    """``s3://bucket/prefix``: the tuning cache's shared second level (None: the local cache only)."""
+    pr_writes: bool = True
+    """Pull requests write their own tier (``pr-N``, read by their later runs); false: they only read."""
+    local_writes: bool = False
+    """Runs outside GitHub Actions write the shared tier too (by default they only read it)."""
+
+
+CACHE_URL_ENV = "MLCI_CACHE_URL"
+
+
+def s3_url_problem(url: str) -> str | None:
+    """What is wrong with a cache URL (None when it names an S3 bucket and prefix)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme != "s3":
+        return f"{url!r} is not an s3:// URL (expected s3://bucket/prefix)"
+    if not parsed.netloc:
+        return f"{url!r} names no bucket (expected s3://bucket/prefix)"
+    return None
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     name: str
     tvm: str | dict[str, Any] = HOST_TARGET
@@ -142,6 +167,7 @@ class Config:
     numerics: NumericsConfig = NumericsConfig()
     tracking: TrackingConfig = TrackingConfig()
     gate: GateConfig = GateConfig()
+    cache: CacheConfig = CacheConfig()
     prepare: list[str] = field(default_factory=list)
     cache_dir: Path = Path(".mlci/cache")
     results_dir: Path = Path(".mlci/results")
@@ -156,13 +182,25 @@ class Config:
             return self.tracking.uri
         return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
 
+    def cache_url(self) -> str | None:
+        """`MLCI_CACHE_URL` wins (a workflow sets it per repository), then ``[cache] url``; raises
+        ConfigError naming the variable when its value is no S3 URL."""
+        env = os.environ.get(CACHE_URL_ENV, "").strip()
+        if env:
+            problem = s3_url_problem(env)
+            if problem:
+                raise ConfigError(self.path, [f"{CACHE_URL_ENV}: {problem}"])
+            return env
+        return self.cache.url
+
 
 # --- schema -----------------------------------------------------------------
 # Each section maps key -> (accepted python types, human type name).
 
 _NUM = (int, float)
 _TOP_KEYS = {"prepare", "cache_dir", "results_dir", "tracking", "tuning", "measure",
-             "numerics", "gate", "targets", "models"}
+             "numerics", "gate", "cache", "targets", "models"}
+_CACHE_KEYS = {"url", "pr_writes", "local_writes"}
 _SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "tuning": {
         "trials": ((int,), "a non-negative integer"),
@@ -277,6 +315,27 @@ def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> 
             continue
         out[key] = float(value) if float in types and int in types else FailOn(value) if key == "fail_on" else value
     return out
+
+
+def _check_cache(raw: Any, problems: list[str]) -> CacheConfig:
+    if not isinstance(raw, dict):
+        problems.append(f"cache: expected a table [cache], got {type(raw).__name__}")
+        return CacheConfig()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _CACHE_KEYS:
+            problems.append(_unknown(key, "cache.", _CACHE_KEYS))
+        elif key == "url":
+            problem = "expected a string" if not isinstance(value, str) else s3_url_problem(value)
+            if problem:
+                problems.append(f"cache.url: {problem}")
+            else:
+                values[key] = value
+        elif not isinstance(value, bool):
+            problems.append(f"cache.{key}: expected true or false, got {type(value).__name__} {value!r}")
+        else:
+            values[key] = value
+    return CacheConfig(**values)
 
 
 def _check_model(index: int, raw: Any, root: Path, problems: list[str]) -> ModelConfig | None:
@@ -433,6 +492,8 @@ def parse_config(text: str, path: Path) -> Config:
             raw = {}
         sections[section] = _check_table(raw, schema, f"{section}.", problems)
 
+    cache = _check_cache(data.get("cache", {}), problems)
+
     prepare = data.get("prepare", [])
     if isinstance(prepare, str):
         prepare = shlex.split(prepare)
@@ -491,6 +552,7 @@ def parse_config(text: str, path: Path) -> Config:
         numerics=NumericsConfig(**sections["numerics"]),
         tracking=TrackingConfig(**sections["tracking"]),
         gate=GateConfig(**sections["gate"]),
+        cache=cache,
         prepare=prepare,
         cache_dir=dirs.get("cache_dir", root / ".mlci" / "cache"),
         results_dir=dirs.get("results_dir", root / ".mlci" / "results"),

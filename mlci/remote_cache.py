@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from mlci.config import s3_url_problem
 from mlci.tuning import (
     RECORDS_FILE,
     WORKLOADS_FILE,
@@ -62,11 +63,10 @@ class RemoteCacheError(ValueError):
 
 def parse_url(url: str) -> tuple[str, str]:
     """Bucket and key prefix of ``s3://bucket/prefix``; raises RemoteCacheError naming what is wrong."""
+    problem = s3_url_problem(url)
+    if problem:
+        raise RemoteCacheError(f"cache url {problem}")
     parsed = urlparse(url)
-    if parsed.scheme != "s3":
-        raise RemoteCacheError(f"cache url {url!r} is not an s3:// URL (s3://bucket/prefix)")
-    if not parsed.netloc:
-        raise RemoteCacheError(f"cache url {url!r} names no bucket (s3://bucket/prefix)")
     return parsed.netloc, parsed.path.strip("/")
 
 

@@ -285,3 +285,60 @@ def test_a_read_only_remote_writes_nothing(s3: MotoServer) -> None:
     assert remote.put_entry("cpu-fp", kernel, 4, ["1", "module"], [[]]) is None
     assert _objects(s3, bucket) == {}
     assert remote.read_tiers == ["main", "pr-3"]
+
+
+# --- configuration: where the cache is, and which tier a run reads and writes ------------------
+
+
+def _config(tmp_path: Path, cache: str = ""):
+    from mlci.config import parse_config
+
+    text = f'[[models]]\npath = "m.onnx"\n{cache}\n'
+    return parse_config(text, tmp_path / "mlci.toml")
+
+
+def test_the_cache_url_is_configured_in_mlci_toml_or_by_environment(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlci.config import ConfigError
+
+    monkeypatch.delenv("MLCI_CACHE_URL", raising=False)
+    assert _config(tmp_path).cache_url() is None
+    config = _config(tmp_path, '[cache]\nurl = "s3://team-bucket/mlci"\npr_writes = false')
+    assert config.cache_url() == "s3://team-bucket/mlci" and config.cache.pr_writes is False
+    monkeypatch.setenv("MLCI_CACHE_URL", "s3://other/prefix")
+    assert config.cache_url() == "s3://other/prefix"
+    monkeypatch.setenv("MLCI_CACHE_URL", "/mnt/cache")
+    with pytest.raises(ConfigError, match="MLCI_CACHE_URL: '/mnt/cache' is not an s3:// URL"):
+        config.cache_url()
+
+    for table, message in [('url = "https://bucket/x"', "cache.url: 'https://bucket/x' is not an s3:// URL"),
+                           ('url = "s3:///x"', "cache.url: 's3:///x' names no bucket"),
+                           ("url = 3", "cache.url: expected a string"),
+                           ('pr_writes = "no"', "cache.pr_writes: expected true or false"),
+                           ("uri = 's3://b/x'", "cache.uri: unknown key (did you mean 'url'?)")]:
+        with pytest.raises(ConfigError) as caught:
+            _config(tmp_path, f"[cache]\n{table}")
+        assert message in str(caught.value)
+
+
+def test_only_the_default_branch_writes_the_shared_tier_and_a_pull_request_writes_its_own(tmp_path: Path) -> None:
+    from mlci.actions import GitHubContext
+    from mlci.commands.run import remote_tier
+    from mlci.results import GitInfo
+
+    config = _config(tmp_path, '[cache]\nurl = "s3://b/x"')
+    main = GitInfo(branch="main", default_branch="main")
+    pr_event = {"pull_request": {"number": 12}}
+    assert remote_tier(config, GitHubContext(github_actions=True, event_name="push"), main) == ("main", True)
+    assert remote_tier(config, GitHubContext(github_actions=True, event_name="schedule"), main) == ("main", True)
+    assert remote_tier(config, GitHubContext(github_actions=True, event_name="pull_request", event=pr_event),
+                       GitInfo(branch="feature", default_branch="main")) == ("pr-12", True)
+    read_only = _config(tmp_path, '[cache]\nurl = "s3://b/x"\npr_writes = false')
+    assert remote_tier(read_only, GitHubContext(github_actions=True, event_name="pull_request", event=pr_event),
+                       GitInfo(branch="feature", default_branch="main")) == ("pr-12", False)
+    # A push to another branch, and a run on a laptop, read the shared tier and write nothing.
+    assert remote_tier(config, GitHubContext(github_actions=True, event_name="push"),
+                       GitInfo(branch="feature", default_branch="main")) == ("main", False)
+    assert remote_tier(config, GitHubContext(), main) == ("main", False)
+    writes_locally = _config(tmp_path, '[cache]\nurl = "s3://b/x"\nlocal_writes = true')
+    assert remote_tier(writes_locally, GitHubContext(), main) == ("main", True)

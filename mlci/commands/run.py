@@ -26,6 +26,7 @@ from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
 from mlci.measure import TvmModel, use_threads
 from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
+from mlci.remote_cache import SHARED_TIER, RemoteCache
 from mlci.results import GateSettings, GitInfo, Latency, ModelResult, Results, Status, TargetInfo, write_results
 from mlci.stats import summarize
 from mlci.targets import environment_fingerprint, select_target
@@ -167,6 +168,27 @@ def progressive_by_default(ctx: GitHubContext, git: GitInfo) -> bool:
             and git.branch is not None and git.branch == git.default_branch)
 
 
+def remote_tier(config: Config, ctx: GitHubContext, git: GitInfo) -> tuple[str, bool]:
+    """The S3 tier this run reads besides the shared one, and whether it writes it. Only the default
+    branch's own runs write the shared tier every run trusts; a pull request writes its own `pr-N`
+    (unless ``[cache] pr_writes = false``); a local run reads, and writes only with ``local_writes``."""
+    if progressive_by_default(ctx, git):
+        return SHARED_TIER, True
+    if ctx.github_actions:
+        number = ctx.pull_request_event_number
+        return (f"pr-{number}", config.cache.pr_writes) if number is not None else (SHARED_TIER, False)
+    return SHARED_TIER, config.cache.local_writes
+
+
+def remote_cache_for(config: Config, ctx: GitHubContext, git: GitInfo) -> RemoteCache | None:
+    """The tuning cache's second level on S3 when one is configured (None: the local cache only)."""
+    url = config.cache_url()
+    if not url:
+        return None
+    tier, writes = remote_tier(config, ctx, git)
+    return RemoteCache(url, tier, writes=writes)
+
+
 def _unusable_directory(directory: Path, writable: bool) -> str | None:
     """Why `directory` cannot serve (None when it can): a file in its place or on its path, or,
     when `writable`, no way to create it or write in it."""
@@ -225,7 +247,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
     cache = TuningCache(cache_directory(config.cache_dir, target.name, fingerprint))
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
-                        progress=reporter, root=config.root)
+                        progress=reporter, root=config.root, remote=remote_cache_for(config, ctx, git))
     with contextlib.ExitStack() as stack:
         base = None
         if base_ref:
