@@ -1,5 +1,5 @@
 """Real servers the tests start on 127.0.0.1 and stop: `moto_server` (S3 over HTTP, boto3 pointed
-at it by endpoint URL)."""
+at it by endpoint URL) and `mlflow_server` (an MLflow tracking server that keeps artifacts in S3)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,54 @@ def moto_server() -> Iterator[MotoServer]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self):  # noqa: ANN201 - an MlflowClient
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url)
+
+
+@contextmanager
+def mlflow_server(tmp_path: Path, artifacts_destination: str = "s3://bucket/mlartifacts",
+                  env: dict[str, str] | None = None) -> Iterator[MlflowServer]:
+    """`mlflow server` in its own process on a free port of 127.0.0.1: runs in sqlite under `tmp_path`,
+    artifacts proxied by the server to `artifacts_destination` (`env`: how the server reaches that
+    store, e.g. `MotoServer.env`; its bucket must exist). One uvicorn worker: the fastest start."""
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    assert exe, "mlflow is not installed"
+    port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    # No job runner (a huey consumer process for async server jobs): nothing here uses it, and it
+    # slows both start and stop.
+    server_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    if "AWS_ENDPOINT_URL_S3" in server_env:  # MLflow's S3 store reads its own variable
+        server_env.setdefault("MLFLOW_S3_ENDPOINT_URL", server_env["AWS_ENDPOINT_URL_S3"])
+    log = tmp_path / "mlflow-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--serve-artifacts", "--artifacts-destination", artifacts_destination],
+            stdout=out, stderr=subprocess.STDOUT, env=server_env, cwd=tmp_path,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until_up(f"{url}/health", timeout=90, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; server log:\n{log.read_text(errors='replace')[-4000:]}") from exc
+        yield MlflowServer(url, proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
