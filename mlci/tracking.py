@@ -14,16 +14,18 @@ import logging
 import math
 import os
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from filelock import FileLock
 
 from mlci.config import seconds_from_env
-from mlci.results import Fingerprint, History, Latency, ModelResult, Results, TrendPoint, write_results
+from mlci.results import Fingerprint, GitInfo, History, Latency, ModelResult, Results, TrendPoint, write_results
 
 # MLflow's defaults (7 retries, backoff factor 2, 120 s a read) hang each call for minutes on a down
 # server. These bound one call to about half a minute; the user's own settings win.
@@ -100,6 +102,37 @@ def model_metrics(model: ModelResult) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
+_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+_retries_lock = threading.Lock()
+
+
+@contextmanager
+def _no_client_retries() -> Iterator[None]:
+    """MLflow's HTTP client without its own retries, for requests that are not safe to repeat.
+    MLflow reads the setting on every request and offers no per-call switch; the lock keeps two
+    tracking threads from restoring each other's value."""
+    with _retries_lock:
+        before = os.environ.get(_RETRIES_ENV)
+        os.environ[_RETRIES_ENV] = "0"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(_RETRIES_ENV, None)
+            else:
+                os.environ[_RETRIES_ENV] = before
+
+
+def job_key(git: GitInfo, target: str, model: str, invocation: str) -> str:
+    """What makes a run the same run again: repository, workflow run, commit, target, model.
+
+    Not the run attempt: re-running a failed job measures the same commit on the same target
+    again, and its numbers replace the earlier attempt's in the one run rather than adding a
+    second run of the commit (which baselines and trends would have to choose between).
+    `invocation` is the CI run id, or a fresh id per `mlci run` outside CI."""
+    return "/".join([git.repository or "norepo", git.run_id or invocation, git.commit or "nocommit", target, model])
+
+
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
@@ -162,7 +195,10 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found:
             return found.experiment_id
-        location = (artifact_root / name).resolve().as_uri() if artifact_root else None
+        # A local root only for a local store: a tracking server picks its own (e.g. artifacts it
+        # serves from S3); a file:// location there would leave the artifacts on this machine.
+        local = artifact_root and not self.uri.startswith(("http://", "https://", "databricks"))
+        location = (artifact_root / name).resolve().as_uri() if local else None
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
@@ -171,10 +207,44 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def find_run(self, job_key: str) -> str | None:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlci.job_key` = '{job_key}'", max_results=1
-        )
+        """The run that holds `job_key`: the first one created, should a race have made two."""
+        runs = self._runs_of(job_key)
         return runs[0].info.run_id if runs else None
+
+    def _runs_of(self, job_key: str) -> list[Any]:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlci.job_key` = '{_quote(job_key)}'",
+                                       max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def create_run_once(self, job_key: str, run_name: str, attempts: int = 3) -> str:
+        """The run of `job_key`, created at most once.
+
+        MLflow's client retries a create whose reply was lost (a dropped connection, a proxy timeout),
+        and the server then creates a second run. So the create goes out without the client's own
+        retries, and after a failure the key is looked up before trying again: the lost reply may
+        have been for a run that exists. Two jobs that raced past the lookup both create; the later
+        run is deleted and both go on with the first."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                with _no_client_retries():
+                    created = self.client.create_run(self.experiment_id, run_name=run_name,
+                                                     tags={"mlci.job_key": job_key}).info.run_id
+                break
+            except (MlflowException, OSError) as exc:
+                found = self.find_run(job_key)
+                if found is not None:
+                    return found
+                if attempt == attempts - 1:
+                    raise
+                logging.getLogger("mlci").info("MLflow create_run failed (%s); trying again", exc)
+                time.sleep(0.5 * 2**attempt)
+        first = self.find_run(job_key)
+        if first is not None and first != created:
+            self.client.delete_run(created)
+            return first
+        return created
 
     def log_model(
         self,
@@ -190,18 +260,23 @@ class Tracker:
 
         run_id = self.find_run(job_key)
         tags = model_tags(results, model, job_key)
+        new_params = model_params(results, model, params)
         if run_id is None:
-            run = self.client.create_run(
-                self.experiment_id, run_name=tags["mlflow.runName"], tags={"mlci.job_key": job_key}
-            )
-            run_id = run.info.run_id
-        import time
+            run_id = self.create_run_once(job_key, tags["mlflow.runName"])
+        else:
+            # MLflow refuses to change a logged parameter; a retried job keeps the first values.
+            logged = self.client.get_run(run_id).data.params
+            changed = sorted(k for k, v in new_params.items() if k in logged and logged[k] != v)
+            if changed:
+                logging.getLogger("mlci").warning("MLflow run %s keeps its earlier parameters %s", run_id,
+                                                  ", ".join(changed))
+            new_params = {k: v for k, v in new_params.items() if k not in logged}
 
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, 0) for k, v in model_metrics(model).items()],
-            params=[Param(k, v) for k, v in model_params(results, model, params).items()],
+            params=[Param(k, v) for k, v in new_params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
         for path, artifact_dir in artifacts:
@@ -420,7 +495,7 @@ def _log_results(
             write_results(results, path)
 
         handover.apply(keep_history)
-        invocation = git.run_id or uuid.uuid4().hex[:12]
+        invocation = uuid.uuid4().hex[:12]
         for index, model in enumerate(work.models):
             handover.stage(model.name, "logging to MLflow")
             out_dir = artifacts_dir / model.name
@@ -430,7 +505,7 @@ def _log_results(
             model.mlflow_run_id = tracker.log_model(
                 work,
                 model,
-                job_key=f"{invocation}/{git.commit or 'nocommit'}/{work.target.name}/{model.name}",
+                job_key=job_key(git, work.target.name, model.name, invocation),
                 params=params,
                 artifacts=[
                     (results_json, None),

@@ -1,0 +1,216 @@
+"""MLflow as teams run it: `mlflow server` over HTTP with the artifacts it serves kept in S3 (moto).
+
+One server (and one S3) for the whole file: its start is most of the file's time. A run of
+`mlci run` lands as one MLflow run with its tags, metrics and artifacts in the bucket; a retried
+job and a create request whose reply is lost (a proxy drops it) still leave one run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo
+
+from .conftest import save, tiny_mlp, write_config
+from .servers import MlflowServer, MotoServer, mlflow_server, moto_server
+
+BUCKET = "bucket"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with moto_server() as server:
+        server.s3().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{BUCKET}/mlartifacts", env=moto.env) as srv:
+        yield srv
+
+
+def _objects(moto: MotoServer) -> list[str]:
+    listing = moto.s3().list_objects_v2(Bucket=BUCKET, Prefix="mlartifacts/")
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def _runs(server: MlflowServer, filter_string: str) -> list:
+    client = server.client()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=filter_string)
+
+
+# --- mlci run against the server --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ci_run(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess:
+    """`mlci run` as a CI job: the tracking server by URL, no S3 credentials of its own."""
+    root = tmp_path_factory.mktemp("project")
+    save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
+    write_config(root, """
+        [tuning]
+        trials = 0
+        [measure]
+        samples = 5
+        min_sample_ms = 0.2
+        [[models]]
+        name = "tiny"
+        path = "models/tiny.onnx"
+        dims = { batch = 1 }
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_", "GITHUB_"))}  # the server alone talks to S3
+    env.update(MLFLOW_TRACKING_URI=server.url, GITHUB_RUN_ID="9001", GITHUB_REPOSITORY="acme/models",
+               GITHUB_SHA="c0ffee0000000000000000000000000000000000")
+    proc = subprocess.run([sys.executable, "-m", "mlci.cli", "run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_mlci_run_logs_one_run_to_the_server_with_its_artifacts_in_s3(ci_run, server, moto) -> None:
+    [run] = _runs(server, "tags.`mlci.model` = 'tiny'")
+    tags = run.data.tags
+    assert tags["mlci.repository"] == "acme/models" and tags["mlci.target"] == "cpu"
+    assert tags["mlci.job_key"] == "acme/models/9001/c0ffee0000000000000000000000000000000000/cpu/tiny"
+    assert run.info.status == "FINISHED" and run.data.metrics["latency_ms_median"] > 0
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served, not a path on the runner
+
+    keys = _objects(moto)
+    mine = [k for k in keys if f"/{run.info.run_id}/artifacts/" in k]
+    names = sorted(k.split("/artifacts/", 1)[1] for k in mine)
+    assert names == ["compiled/tiny.so", "results.json", "tuning/tuning_records.json"], keys
+
+
+# --- idempotent runs (the tracking library against the same server) ----------------------------
+
+
+def _results(repository: str, run_id: str, model: str = "m") -> Results:
+    m = ModelResult(name=model, path=f"{model}.onnx", sha256="0" * 64,
+                    latency_ms=Latency(samples=[1.0], median=1.0, mean=1.0, std=0.0, min=1.0, p90=1.0, n=1))
+    return Results(git=GitInfo(commit="c1", branch="main", repository=repository, run_id=run_id),
+                   target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"}, fingerprint=Fingerprint(hash="fp")),
+                   models=[m])
+
+
+class _Quiet:
+    def stage(self, model: str, text: str) -> None: ...
+
+    def finish(self, model: str, status: str) -> None: ...
+
+
+def _log(results: Results, uri: str, tmp_path: Path) -> str | None:
+    from mlci.tracking import log_results
+
+    return log_results(results, tmp_path / "results.json", uri=uri, experiment="mlci", artifact_root=tmp_path / "art",
+                       artifacts_dir=tmp_path / "work", params={}, progress=_Quiet(), deadline=60)
+
+
+def test_a_retried_job_logs_into_the_run_it_made_before(server, tmp_path: Path) -> None:
+    first, again = _results("acme/retry", "77"), _results("acme/retry", "77")
+    again.models[0].latency_ms = Latency(samples=[2.0], median=2.0, mean=2.0, std=0.0, min=2.0, p90=2.0, n=1)
+    assert _log(first, server.url, tmp_path) is None
+    assert _log(again, server.url, tmp_path) is None  # the same workflow run, e.g. its second attempt
+    [run] = _runs(server, "tags.`mlci.job_key` = 'acme/retry/77/c1/cpu/m'")
+    assert first.models[0].mlflow_run_id == again.models[0].mlflow_run_id == run.info.run_id
+    assert run.data.metrics["latency_ms_median"] == 2.0  # the latest attempt's numbers
+
+
+def test_another_workflow_run_of_the_same_commit_is_another_run(server, tmp_path: Path) -> None:
+    assert _log(_results("acme/other", "1"), server.url, tmp_path) is None
+    assert _log(_results("acme/other", "2"), server.url, tmp_path) is None
+    assert len(_runs(server, "tags.`mlci.repository` = 'acme/other'")) == 2
+
+
+class _DropFirstCreateReply(BaseHTTPRequestHandler):
+    """Forwards every request to `upstream`; the first `runs/create` reaches the server, but its
+    reply never comes back: the connection is closed instead, as a proxy that times out does."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: str = ""
+    dropped: list[str]
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        host, port = self.upstream.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers={**headers, "Host": self.upstream})
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        if self.path.endswith("/runs/create") and not self.dropped:
+            self.dropped.append(self.path)
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture
+def lossy_proxy(server: MlflowServer) -> Iterator[tuple[str, list[str]]]:
+    dropped: list[str] = []
+    handler = type("Handler", (_DropFirstCreateReply,),
+                   {"upstream": server.url.removeprefix("http://"), "dropped": dropped})
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}", dropped
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_mlflows_own_retry_of_a_lost_create_makes_a_second_run(server, lossy_proxy) -> None:
+    """The hazard: MLflow's client resends a create whose reply it lost, and the server creates again."""
+    url, dropped = lossy_proxy
+    client = server.client()
+    experiment = client.get_experiment_by_name("mlci") or client.get_experiment(client.create_experiment("mlci"))
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=url).create_run(experiment.experiment_id, tags={"mlci.job_key": "plain/create"})
+    assert dropped
+    assert len(_runs(server, "tags.`mlci.job_key` = 'plain/create'")) == 2
+
+
+def test_a_lost_create_reply_still_leaves_one_run(server, lossy_proxy, tmp_path: Path) -> None:
+    url, dropped = lossy_proxy
+    results = _results("acme/lossy", "5")
+    assert _log(results, url, tmp_path) is None
+    assert dropped  # the proxy did lose a reply
+    # By the key that the create itself carries: a second run made by the create alone has no other tags.
+    [run] = _runs(server, "tags.`mlci.job_key` = 'acme/lossy/5/c1/cpu/m'")
+    assert results.models[0].mlflow_run_id == run.info.run_id and run.info.status == "FINISHED"
+
+
+def test_two_jobs_that_raced_past_the_lookup_go_on_with_the_first_run(server) -> None:
+    from mlci.tracking import Tracker
+
+    tracker = Tracker(server.url, "mlci")
+    first = tracker.create_run_once("acme/race/1/c1/cpu/m", "m@cpu")
+    second = tracker.create_run_once("acme/race/1/c1/cpu/m", "m@cpu")  # as a job that looked before `first` existed
+    assert second == first
+    assert [r.info.run_id for r in _runs(server, "tags.`mlci.job_key` = 'acme/race/1/c1/cpu/m'")] == [first]
