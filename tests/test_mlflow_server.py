@@ -111,21 +111,23 @@ class _Quiet:
     def finish(self, model: str, status: str) -> None: ...
 
 
-def _log(results: Results, uri: str, tmp_path: Path) -> str | None:
+def _log(results: Results, uri: str, tmp_path: Path, params: dict | None = None) -> str | None:
     from mlci.tracking import log_results
 
     return log_results(results, tmp_path / "results.json", uri=uri, experiment="mlci", artifact_root=tmp_path / "art",
-                       artifacts_dir=tmp_path / "work", params={}, progress=_Quiet(), deadline=60)
+                       artifacts_dir=tmp_path / "work", params=params or {}, progress=_Quiet(), deadline=60)
 
 
 def test_a_retried_job_logs_into_the_run_it_made_before(server, tmp_path: Path) -> None:
     first, again = _results("acme/retry", "77"), _results("acme/retry", "77")
     again.models[0].latency_ms = Latency(samples=[2.0], median=2.0, mean=2.0, std=0.0, min=2.0, p90=2.0, n=1)
-    assert _log(first, server.url, tmp_path) is None
-    assert _log(again, server.url, tmp_path) is None  # the same workflow run, e.g. its second attempt
+    assert _log(first, server.url, tmp_path, {"samples": 5}) is None
+    # The same workflow run again (its second attempt), with a setting MLflow will not let change.
+    assert _log(again, server.url, tmp_path, {"samples": 10}) is None
     [run] = _runs(server, "tags.`mlci.job_key` = 'acme/retry/77/c1/cpu/m'")
     assert first.models[0].mlflow_run_id == again.models[0].mlflow_run_id == run.info.run_id
     assert run.data.metrics["latency_ms_median"] == 2.0  # the latest attempt's numbers
+    assert run.data.params["samples"] == "5"
 
 
 def test_another_workflow_run_of_the_same_commit_is_another_run(server, tmp_path: Path) -> None:
