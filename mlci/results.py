@@ -181,6 +181,8 @@ class TuningInfo:
     progressive: bool = False
     """The run searched `trials_budget` new trials where the most was left to gain (default-branch runs),
     rather than only what the budget still owed each kernel."""
+    kernels_from_remote: int = 0
+    """Kernels whose records came from the tuning cache on S3 (another runner had searched them more)."""
 
 
 @dataclass

@@ -787,6 +787,7 @@ class TuningOutcome:
             seconds=round(self.seconds, 3),
             deadline_hit=self.deadline_hit,
             progressive=self.progressive,
+            kernels_from_remote=self.kernels_from_remote,
         )
 
 

@@ -86,6 +86,7 @@ def test_a_second_runner_searches_nothing_a_first_runner_put_on_s3_and_builds_th
     outcome = second.tune(imported, _settings(4))
     assert outcome.trials_new == 0
     assert outcome.kernels_from_remote == 2
+    assert outcome.info().kernels_from_remote == 2  # the results file says so
     for kernel in imported.kernels:
         assert second.cache.best_record_json(kernel) == first_cache.best_record_json(kernel)
     assert _objects(s3, bucket) == entries  # it gained nothing, so it wrote nothing
