@@ -204,6 +204,7 @@ def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
 
 class _AlwaysAnswers(BaseHTTPRequestHandler):
     status, code = 503, "SlowDown"
+    protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" at once
 
     def _answer(self) -> None:
         body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{self.code}</Code>"
@@ -266,6 +267,75 @@ def test_s3_failing_costs_seconds_and_one_warning(broken_s3, monkeypatch: pytest
     assert remote.failed
     messages = _warnings(caplog)
     assert len(messages) == 1 and "going on with the local cache only" in messages[0]
+
+
+class _ConflictsOnce(BaseHTTPRequestHandler):
+    """S3 answering the first conditional write 409 ConditionalRequestConflict (another write of the
+    same key in flight), and the next 200."""
+
+    puts: list[str] = []
+    protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" at once
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.puts.append(self.headers.get("If-None-Match", ""))
+        if len(self.puts) == 1:
+            body = b"<Error><Code>ConditionalRequestConflict</Code><Message>in flight</Message></Error>"
+            self.send_response(409)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("ETag", '"0"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_conflicting_conditional_write_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = type("Handler", (_ConflictsOnce,), {"puts": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name, value in {**FAKE_AWS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server.server_address[1]}"}.items():
+            monkeypatch.setenv(name, value)
+        remote = RemoteCache("s3://mlci-cache/team")
+        kernel = Kernel(name="k", key="0" * 16, weight=1, flops=1.0, task=None)
+        assert remote.put_entry("cpu-fp", kernel, 4, ["1", "module"], [[]]) is not None
+        assert not remote.failed
+        assert handler.puts == ["*", "*"]  # both conditional: never an overwrite
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_a_run_with_s3_down_goes_on_with_its_local_cache(first_run, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    _, _, imported, cache, _ = first_run
+    shutil.copytree(cache.dir, tmp_path / "cpu-fp")
+    pipeline = _pipeline(tmp_path / "cpu-fp", tmp_path / "logs")
+    pipeline.remote = RemoteCache("s3://mlci-cache/team", client=_closed_port_client())
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        outcome = pipeline.tune(imported, _settings(4))
+    assert time.monotonic() - start < 10
+    assert outcome.trials_new == 0 and outcome.tasks_from_cache == 2  # the local cache served it
+    assert len(_warnings(caplog)) == 1
+
+
+def _closed_port_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing",
+                        config=Config(connect_timeout=1, retries={"max_attempts": 1}))
 
 
 def test_a_cache_url_must_name_an_s3_bucket() -> None:
