@@ -1,9 +1,9 @@
 """The tuning cache's second level on S3: what one runner tuned reaches every runner.
 
 Each entry is an immutable object, one per kernel, fingerprint and writer:
-``PREFIX/TIER/FINGERPRINT/WORKLOAD_SHA/WRITER.json``. FINGERPRINT is the local cache directory's
+``PREFIX/TIER/FINGERPRINT/WORKLOAD_SHA/WRITER.tTRIALS.json``. FINGERPRINT is the local cache directory's
 name (target and fingerprint key), WORKLOAD_SHA the sha256 of the kernel's workload as MetaSchedule
-saves it, and WRITER unique to the run. Nothing is ever overwritten, so two runners writing the same
+saves it, WRITER unique to the run and TRIALS the trials the entry holds. Nothing is ever overwritten, so two runners writing the same
 kernel at once leave one entry each and no index or lock is needed: a reader lists a kernel's entries
 and takes the one with the most trials.
 
@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ class RemoteCache:
             found.extend(obj["Key"] for obj in page.get("Contents", []))
         return found
 
-    def _read(self, key: str, sha: str, kernel: Kernel) -> Entry | None:
+    def _read(self, key: str, sha: str, kernel: Kernel, claimed: int) -> Entry | None:
         """The entry at `key`, or None (with one warning) when it is not to be trusted."""
         def skip(why: str) -> None:
             log.warning("tuning cache on S3: skipping %s: %s", key, why)
@@ -172,33 +173,44 @@ class RemoteCache:
             return None
         data = response["Body"].read(MAX_ENTRY_BYTES + 1)
         try:
-            return _check_entry(key, data, sha, kernel)
+            return _check_entry(key, data, sha, kernel, claimed)
         except (ValueError, RecursionError, TypeError, KeyError) as exc:
             skip(_why(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
             return None
 
     def best_entries(self, fingerprint: str, kernels: list[Kernel],
                      report: PullReport | None = None) -> dict[str, Entry]:
-        """Kernel key -> the trusted entry with the most trials, over the tiers this run reads."""
+        """Kernel key -> the trusted entry with the most trials, over the tiers this run reads. Entry
+        names say their trials, so a kernel's entries are read most first until one is trusted: one
+        download a kernel, however many runs wrote it."""
         if self.failed:
             return {}
         shas = {workload_sha(workload_line(k)[1]): k for k in kernels}
+        report = report if report is not None else PullReport()
         best: dict[str, Entry] = {}
         try:
+            candidates: dict[str, list[tuple[int, str]]] = {}
             for tier in self.read_tiers:
                 for key in self._list(tier, fingerprint):
-                    sha = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else ""
-                    kernel = shas.get(sha)
-                    if kernel is None:
+                    folder, _, name = key.rpartition("/")
+                    sha = folder.rpartition("/")[2]
+                    if sha not in shas:
                         continue
-                    entry = self._read(key, sha, kernel)
-                    if entry is None:
-                        if report is not None:
-                            report.skipped.append(key)
+                    claimed = _claimed_trials(name)
+                    if claimed is None:
+                        log.warning("tuning cache on S3: skipping %s: its name does not say its trials "
+                                    "(WRITER.tTRIALS.json)", key)
+                        report.skipped.append(key)
                         continue
-                    held = best.get(kernel.key)
-                    if held is None or entry.trials > held.trials:
+                    candidates.setdefault(sha, []).append((claimed, key))
+            for sha, found in candidates.items():
+                kernel = shas[sha]
+                for claimed, key in sorted(found, reverse=True):
+                    entry = self._read(key, sha, kernel, claimed)
+                    if entry is not None:
                         best[kernel.key] = entry
+                        break
+                    report.skipped.append(key)
         except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
             self._give_up("reading", exc)
             return {}
@@ -214,7 +226,7 @@ class RemoteCache:
             return None
         from botocore.exceptions import ClientError
 
-        key = self._key(self.tier, fingerprint, workload_sha(workload[1]), f"{self.writer}.json")
+        key = self._key(self.tier, fingerprint, workload_sha(workload[1]), f"{self.writer}.t{trials}.json")
         body = json.dumps({
             "format": FORMAT_VERSION,
             "kernel": kernel.name,
@@ -245,7 +257,13 @@ class RemoteCache:
         return None
 
 
-def _check_entry(key: str, data: bytes, sha: str, kernel: Kernel) -> Entry:
+def _claimed_trials(name: str) -> int | None:
+    """The trials an entry's name (WRITER.tTRIALS.json) says it holds; None when it says none."""
+    match = re.fullmatch(r"[^/]+\.t(\d{1,12})\.json", name)
+    return int(match.group(1)) if match else None
+
+
+def _check_entry(key: str, data: bytes, sha: str, kernel: Kernel, claimed: int) -> Entry:
     """Raises ValueError saying why the entry cannot be trusted for this kernel."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -255,6 +273,8 @@ def _check_entry(key: str, data: bytes, sha: str, kernel: Kernel) -> Entry:
     trials, workload, records = obj.get("trials"), obj.get("workload"), obj.get("records")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise ValueError(f"{trials!r} is not a count of trials")
+    if trials != claimed:
+        raise ValueError(f"it holds {trials} trials, its name says {claimed}")
     if not (isinstance(workload, list) and len(workload) == 2 and all(isinstance(w, str) for w in workload)):
         raise ValueError("its workload is not a [hash, module] pair")
     if workload_sha(workload[1]) != sha:  # the key's hash is the kernel's: that is how it was found

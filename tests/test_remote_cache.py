@@ -118,7 +118,7 @@ def test_two_writers_of_one_kernel_leave_one_entry_each_and_the_reader_takes_the
 
     best = _remote(s3, bucket).best_entries("cpu-fp", [kernel])
     assert best[kernel.key].trials == 40
-    assert best[kernel.key].key.endswith(f"{writers[1][0].writer}.json")
+    assert best[kernel.key].key.endswith(f"{writers[1][0].writer}.t40.json")
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_a_retried_put_of_an_entry_already_there_counts_as_written(
     first = writer.put_entry("cpu-fp", kernel, 4, workload_line(kernel), records)
     body = _objects(s3, bucket)[first]
     with caplog.at_level(logging.WARNING, logger="mlci"):
-        again = writer.put_entry("cpu-fp", kernel, 5, workload_line(kernel), records)  # S3 answers 412
+        again = writer.put_entry("cpu-fp", kernel, 4, workload_line(kernel), records)  # S3 answers 412
     assert again == first and not writer.failed and not _warnings(caplog)
     assert _objects(s3, bucket) == {first: body}  # never overwritten
 
@@ -176,15 +176,17 @@ def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
                "records": saved[kernel.key][1], **changes}
         return json.dumps(obj).encode()
 
-    poison = {
-        f"{folder}/garbage.json": b"\x00not json",
-        f"{folder}/other-workload.json": entry(workload=workload_line(other), records=saved[other.key][1]),
-        f"{folder}/oversized.json": entry(padding="x" * remote_cache.MAX_ENTRY_BYTES),
-        f"{folder}/bad-record.json": entry(records=[[[["nonsense"]], []], [1e-5], None, None]),
-        f"{folder}/foreign-records.json": entry(records=saved[other.key][1]),
-        f"{folder}/no-records.json": entry(records=[]),
-        f"{folder}/bad-trials.json": entry(trials="many"),
-        f"{folder}/other-format.json": entry(format=2),
+    poison = {  # each claims more trials than the good entry, so each is read before it
+        f"{folder}/garbage.t999.json": b"\x00not json",
+        f"{folder}/other-workload.t999.json": entry(workload=workload_line(other), records=saved[other.key][1]),
+        f"{folder}/oversized.t999.json": entry(padding="x" * remote_cache.MAX_ENTRY_BYTES),
+        f"{folder}/bad-record.t999.json": entry(records=[[[["nonsense"]], []], [1e-5], None, None]),
+        f"{folder}/foreign-records.t999.json": entry(records=saved[other.key][1]),
+        f"{folder}/no-records.t999.json": entry(records=[]),
+        f"{folder}/bad-trials.t999.json": entry(trials="many"),
+        f"{folder}/other-format.t999.json": entry(format=2),
+        f"{folder}/says-more.t1000.json": entry(),
+        f"{folder}/says-nothing.json": entry(),
     }
     client = s3.s3()
     for key, body in poison.items():
