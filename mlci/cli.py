@@ -357,6 +357,29 @@ def cache_key(
     _github_outputs(plan.outputs())
 
 
+@app.command()
+def sync(
+    results: Annotated[list[Path], typer.Argument(help="Results files of `mlci run` (e.g. .mlci/results/cpu.json).")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: the one the run tried).")
+    ] = None,
+) -> None:
+    """Log to MLflow the runs that `mlci run` could not (kept beside each results file); safe to repeat."""
+    from mlci.commands.sync import sync as sync_results
+
+    failed = False
+    for outcome in sync_results(results, tracking_uri):
+        if outcome.error:
+            failed = True
+            err.print(f"[red]error:[/red] {escape(outcome.error)}")
+        elif outcome.runs:
+            out.print(f"{escape(str(outcome.results))}: {outcome.runs} MLflow run(s) logged")
+        else:
+            out.print(f"{escape(str(outcome.results))}: nothing pending")
+    if failed:
+        raise typer.Exit(1)
+
+
 def entrypoint() -> None:
     try:
         app()

@@ -10,6 +10,8 @@ create never leaves duplicates.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -19,6 +21,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -384,6 +387,44 @@ def _iso(millis: int | None) -> str | None:
     return dt.datetime.fromtimestamp(millis / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
+PENDING_SUFFIX = ".mlflow-pending"
+
+
+def pending_path(results_path: Path) -> Path:
+    """Where a results file's unlogged MLflow work waits for `mlci sync`: `cpu.json` -> `cpu.json.mlflow-pending`
+    (JSON, but not named *.json: whatever collects results files from a directory must not take it for one)."""
+    return results_path.with_name(results_path.name + PENDING_SUFFIX)
+
+
+@dataclass
+class PendingLog:
+    """What `log_results` needs besides the results file to log it again later, under the same job keys."""
+
+    uri: str
+    experiment: str
+    artifact_root: str
+    artifacts_dir: str
+    params: dict[str, Any]
+    invocation: str
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> PendingLog:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable MLflow payload: {exc}") from None
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in fields if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise ValueError(f"{path}: MLflow payload lacks {', '.join(missing)}")
+        return cls(**{k: data[k] for k in fields})
+
+
 class _Progress(Protocol):
     def stage(self, model: str, text: str) -> None: ...
 
@@ -435,6 +476,7 @@ def log_results(
     params: dict[str, Any],
     progress: _Progress,
     deadline: float | None = None,
+    invocation: str | None = None,
 ) -> str | None:
     """Look up each model's history baseline, then log one run per model with its artifacts
     (``artifacts_dir/MODEL``: tuning records and library). History first, so a run never finds
@@ -443,27 +485,47 @@ def log_results(
 
     The whole of it runs in a worker thread that is given up after `deadline` seconds (None:
     MLCI_MLFLOW_DEADLINE, else DEADLINE_S; infinity: as long as it takes); what it finished by
-    then is kept, and the one message returned says what was not."""
+    then is kept, and the one message returned says what was not.
+
+    Nothing is lost to a server that is down: what is needed to log again (`PendingLog`, with
+    `invocation`, the id in the job keys outside CI) is written beside `path` first and removed
+    only once every run is logged; `mlci sync` replays it, into the same runs."""
     if deadline is None:
         deadline, problem = tracking_deadline()
         if problem:
             logging.getLogger("mlci").warning("%s", problem)
+    pending = pending_path(path)
+    PendingLog(uri=uri, experiment=experiment, artifact_root=str(artifact_root.resolve()),
+               artifacts_dir=str(artifacts_dir.resolve()), params=json_safe_params(params),
+               invocation=invocation or uuid.uuid4().hex[:12]).write(pending)
+    invocation = PendingLog.read(pending).invocation
     handover = _Handover(progress)
     outcome: list[str | None] = []
     worker = threading.Thread(
         target=lambda: outcome.append(_log_results(results, path, uri=uri, experiment=experiment,
                                                    artifact_root=artifact_root, artifacts_dir=artifacts_dir,
-                                                   params=params, handover=handover)),
+                                                   params=params, handover=handover, invocation=invocation)),
         name="mlci-mlflow", daemon=True,  # daemon: a server that never answers must not keep mlci alive
     )
     worker.start()
     worker.join(deadline if math.isfinite(deadline) else None)
+    kept = f"; kept for `mlci sync {path}` in {pending}"
     if worker.is_alive():
         handover.abandon()
         logged = sum(1 for m in results.models if m.mlflow_run_id)
         return (f"MLflow logging to {uri} gave up after {deadline:g} s ({DEADLINE_ENV}): the server did not "
-                f"answer in time; {logged} of {len(results.models)} runs logged")
-    return outcome[0] if outcome else f"MLflow logging to {uri} failed: the worker ended without a result"
+                f"answer in time; {logged} of {len(results.models)} runs logged{kept}")
+    if not outcome:
+        return f"MLflow logging to {uri} failed: the worker ended without a result{kept}"
+    if outcome[0] is None:
+        pending.unlink(missing_ok=True)
+        return None
+    return outcome[0] + kept
+
+
+def json_safe_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` as JSON keeps them: MLflow logs every value as its string anyway."""
+    return {k: v if isinstance(v, str | int | float | bool) or v is None else str(v) for k, v in params.items()}
 
 
 def _log_results(
@@ -476,6 +538,7 @@ def _log_results(
     artifacts_dir: Path,
     params: dict[str, Any],
     handover: _Handover,
+    invocation: str,
 ) -> str | None:
     """`log_results`' work, on a copy of `results`: each finished step goes back through `handover`."""
     work = copy.deepcopy(results)
@@ -495,7 +558,6 @@ def _log_results(
             write_results(results, path)
 
         handover.apply(keep_history)
-        invocation = uuid.uuid4().hex[:12]
         for index, model in enumerate(work.models):
             handover.stage(model.name, "logging to MLflow")
             out_dir = artifacts_dir / model.name

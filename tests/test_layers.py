@@ -21,7 +21,7 @@ LAYERS: dict[str, set[str]] = {
                  "mlci.measure", "mlci.pipeline", "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github",
                  "mlci.delivery"},
     "commands": {"mlci.commands", "mlci.commands.run", "mlci.commands.compare", "mlci.commands.init",
-                 "mlci.commands.matrix", "mlci.commands.cache_key", "mlci.commands.doctor"},
+                 "mlci.commands.matrix", "mlci.commands.cache_key", "mlci.commands.doctor", "mlci.commands.sync"},
     "cli": {"mlci.cli"},
 }
 ORDER = list(LAYERS)

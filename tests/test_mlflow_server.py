@@ -8,11 +8,13 @@ job and a create request whose reply is lost (a proxy drops it) still leave one 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo
 
 from .conftest import save, tiny_mlp, write_config
-from .servers import MlflowServer, MotoServer, mlflow_server, moto_server
+from .servers import MlflowServer, MotoServer, free_port, mlflow_server, moto_server
 
 BUCKET = "bucket"
 
@@ -53,10 +55,7 @@ def _runs(server: MlflowServer, filter_string: str) -> list:
 # --- mlci run against the server --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ci_run(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess:
-    """`mlci run` as a CI job: the tracking server by URL, no S3 credentials of its own."""
-    root = tmp_path_factory.mktemp("project")
+def _project(root: Path) -> Path:
     save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
     write_config(root, """
         [tuning]
@@ -69,12 +68,22 @@ def ci_run(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> su
         path = "models/tiny.onnx"
         dims = { batch = 1 }
     """)
+    return root
+
+
+def _mlci(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """`mlci` as a CI job runs it: the tracking server by URL, no S3 credentials of its own."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "MLFLOW_", "GITHUB_"))}  # the server alone talks to S3
-    env.update(MLFLOW_TRACKING_URI=server.url, GITHUB_RUN_ID="9001", GITHUB_REPOSITORY="acme/models",
-               GITHUB_SHA="c0ffee0000000000000000000000000000000000")
-    proc = subprocess.run([sys.executable, "-m", "mlci.cli", "run"], cwd=root, env=env,
+    env.update(GITHUB_REPOSITORY="acme/models", GITHUB_SHA="c0ffee0000000000000000000000000000000000", **env_vars)
+    return subprocess.run([sys.executable, "-m", "mlci.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ci_run(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess:
+    proc = _mlci("run", cwd=_project(tmp_path_factory.mktemp("project")), MLFLOW_TRACKING_URI=server.url,
+                 GITHUB_RUN_ID="9001")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -97,7 +106,7 @@ def test_mlci_run_logs_one_run_to_the_server_with_its_artifacts_in_s3(ci_run, se
 # --- idempotent runs (the tracking library against the same server) ----------------------------
 
 
-def _results(repository: str, run_id: str, model: str = "m") -> Results:
+def _results(repository: str, run_id: str | None, model: str = "m") -> Results:
     m = ModelResult(name=model, path=f"{model}.onnx", sha256="0" * 64,
                     latency_ms=Latency(samples=[1.0], median=1.0, mean=1.0, std=0.0, min=1.0, p90=1.0, n=1))
     return Results(git=GitInfo(commit="c1", branch="main", repository=repository, run_id=run_id),
@@ -171,12 +180,14 @@ class _DropFirstCreateReply(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def lossy_proxy(server: MlflowServer) -> Iterator[tuple[str, list[str]]]:
-    dropped: list[str] = []
+@contextmanager
+def _proxy(server: MlflowServer, port: int = 0, drop_a_create: bool = True) -> Iterator[tuple[str, list[str]]]:
+    """A forwarding proxy in front of `server` on 127.0.0.1 (`port` 0: any free one); the paths
+    whose reply it dropped."""
+    dropped: list[str] = [] if drop_a_create else ["(none: dropping is off)"]
     handler = type("Handler", (_DropFirstCreateReply,),
                    {"upstream": server.url.removeprefix("http://"), "dropped": dropped})
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    proxy = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:
@@ -184,6 +195,12 @@ def lossy_proxy(server: MlflowServer) -> Iterator[tuple[str, list[str]]]:
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.fixture
+def lossy_proxy(server: MlflowServer) -> Iterator[tuple[str, list[str]]]:
+    with _proxy(server) as proxy:
+        yield proxy
 
 
 def test_mlflows_own_retry_of_a_lost_create_makes_a_second_run(server, lossy_proxy) -> None:
@@ -216,3 +233,70 @@ def test_two_jobs_that_raced_past_the_lookup_go_on_with_the_first_run(server) ->
     second = tracker.create_run_once("acme/race/1/c1/cpu/m", "m@cpu")  # as a job that looked before `first` existed
     assert second == first
     assert [r.info.run_id for r in _runs(server, "tags.`mlci.job_key` = 'acme/race/1/c1/cpu/m'")] == [first]
+
+
+# --- nothing lost: a run while the server is down, synced later ------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_while_the_server_is_down_is_kept_and_synced_into_one_run(server, tmp_path_factory) -> None:
+    port = free_port()  # nothing listens here yet: the server is down
+    root = _project(tmp_path_factory.mktemp("offline"))
+    down = _mlci("run", cwd=root, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", GITHUB_RUN_ID="9002")
+    assert down.returncode == 0, down.stdout + down.stderr  # tracking is best effort
+    pending = root / ".mlci" / "results" / "cpu.json.mlflow-pending"
+    assert pending.is_file() and "mlci sync" in down.stderr
+    payload = pending.read_text()
+    from mlci.commands.compare import find_results
+
+    assert find_results([pending.parent]) == [pending.parent / "cpu.json"]  # not taken for a results file
+    key = "tags.`mlci.job_key` = 'acme/models/9002/c0ffee0000000000000000000000000000000000/cpu/tiny'"
+    assert _runs(server, key) == []
+
+    with _proxy(server, port, drop_a_create=False):  # the server is back, at the address the run tried
+        synced = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        assert "1 MLflow run(s) logged" in synced.stdout and not pending.exists()
+        again = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        assert again.returncode == 0 and "nothing pending" in again.stdout
+        pending.write_text(payload)  # a sync that died after logging, before it could say so
+        replayed = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+
+    [run] = _runs(server, key)
+    assert run.info.status == "FINISHED" and run.data.tags["mlci.model"] == "tiny"
+    results = json.loads((root / ".mlci" / "results" / "cpu.json").read_text())
+    assert results["models"][0]["mlflow_run_id"] == run.info.run_id
+
+
+def test_sync_names_a_results_file_that_is_not_there(tmp_path: Path) -> None:
+    from mlci.commands.sync import sync
+
+    [outcome] = sync([tmp_path / "cpu.json"])
+    assert outcome.error == f"{tmp_path / 'cpu.json'}: no such results file"
+
+
+def test_sync_names_a_damaged_payload(tmp_path: Path) -> None:
+    from mlci.commands.sync import sync
+
+    (tmp_path / "cpu.json").write_text("{}")
+    (tmp_path / "cpu.json.mlflow-pending").write_text('{"uri": "http://127.0.0.1:1"}')
+    [outcome] = sync([tmp_path / "cpu.json"])
+    assert outcome.error.startswith(f"{tmp_path / 'cpu.json.mlflow-pending'}: MLflow payload lacks experiment")
+
+
+def test_a_local_run_synced_twice_is_one_run(server, tmp_path: Path) -> None:
+    """Outside CI the job key holds an id of the `mlci run` invocation: the payload keeps it."""
+    from mlci.commands.sync import sync
+    from mlci.results import write_results
+
+    results = _results("acme/local", None)
+    path = write_results(results, tmp_path / "results.json")
+    message = _log(results, f"http://127.0.0.1:{free_port()}", tmp_path)
+    assert message is not None and f"kept for `mlci sync {path}`" in message
+    payload = (tmp_path / "results.json.mlflow-pending").read_text()
+    [first] = sync([path], tracking_uri=server.url)
+    (tmp_path / "results.json.mlflow-pending").write_text(payload)
+    [second] = sync([path], tracking_uri=server.url)
+    assert first.error is None and second.error is None and first.runs == second.runs == 1
+    assert len(_runs(server, "tags.`mlci.repository` = 'acme/local'")) == 1
