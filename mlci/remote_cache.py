@@ -303,7 +303,7 @@ def local_entries(cache: TuningCache, kernels: list[Kernel], top_k: int = TOP_RE
     """Kernel key -> (workload line, best record JSONs) as the local database saved them: the lines
     themselves, so a record reads back on another runner exactly as MetaSchedule wrote it."""
     cache.database  # noqa: B018 - opening it checks the files
-    files = cache._files
+    files = cache.files
     wanted = {k.key for k in kernels}
     workloads: dict[int, tuple[str, list[str]]] = {}
     path = files / WORKLOADS_FILE

@@ -429,6 +429,11 @@ class TuningCache:
                 shutil.copyfile(self.dir / name, scratch / name)
         return scratch
 
+    @property
+    def files(self) -> Path:
+        """Where the database files are read and written: the cache, or its private copy."""
+        return self._files
+
     def state(self) -> tuple[tuple[str, int, int], ...]:
         """Paths, sizes and mtimes of the cache's files: did this run add anything worth saving?
         Hidden files and directories (the lock, builds being written) are scratch."""
