@@ -415,3 +415,18 @@ def test_only_the_default_branch_writes_the_shared_tier_and_a_pull_request_write
     assert remote_tier(config, GitHubContext(), main) == ("main", False)
     writes_locally = _config(tmp_path, '[cache]\nurl = "s3://b/x"\nlocal_writes = true')
     assert remote_tier(writes_locally, GitHubContext(), main) == ("main", True)
+
+
+def test_a_run_has_no_remote_level_unless_a_cache_url_is_configured(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlci.actions import GitHubContext
+    from mlci.commands.run import remote_cache_for
+    from mlci.results import GitInfo
+
+    monkeypatch.delenv("MLCI_CACHE_URL", raising=False)
+    pr = GitHubContext(github_actions=True, event_name="pull_request", event={"pull_request": {"number": 5}})
+    assert remote_cache_for(_config(tmp_path), pr, GitInfo()) is None
+    monkeypatch.setenv("MLCI_CACHE_URL", "s3://team-bucket/mlci")
+    remote = remote_cache_for(_config(tmp_path), pr, GitInfo())
+    assert (remote.bucket, remote.prefix, remote.tier, remote.writes) == ("team-bucket", "mlci", "pr-5", True)
+    assert remote.read_tiers == ["main", "pr-5"]
