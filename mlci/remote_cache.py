@@ -99,6 +99,8 @@ class Entry:
     trials: int
     workload: list[str]
     records: list[Any]
+    default_seconds: float | None = None
+    """Measured seconds per call of the kernel's rule-based default schedule, where the writer timed it."""
 
 
 @dataclass
@@ -219,7 +221,7 @@ class RemoteCache:
     # writing
 
     def put_entry(self, fingerprint: str, kernel: Kernel, trials: int, workload: list[str],
-                  records: list[Any]) -> str | None:
+                  records: list[Any], default_seconds: float | None = None) -> str | None:
         """Write one kernel's entry; its key, or None when nothing was written. An entry that is
         already there (a retried request of this writer) counts as written."""
         if self.failed or not self.writes:
@@ -233,6 +235,7 @@ class RemoteCache:
             "trials": trials,
             "workload": workload,
             "records": records,
+            "default_seconds": default_seconds,
             "writer": {"id": self.writer, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        **{k.lower(): v for k in ("GITHUB_REPOSITORY", "GITHUB_SHA", "GITHUB_REF")
                           if (v := os.environ.get(k))}},
@@ -288,7 +291,12 @@ def _check_entry(key: str, data: bytes, sha: str, kernel: Kernel, claimed: int) 
             ms.database.TuningRecord.from_json(record, parsed.workload)
         except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a schedule that does not apply
             raise ValueError(f"a record whose schedule does not apply to the workload ({_why(exc)})") from exc
-    return Entry(key=key, trials=trials, workload=workload, records=records)
+    default = obj.get("default_seconds")
+    if default is not None and (isinstance(default, bool) or not isinstance(default, int | float)
+                                or not math.isfinite(default) or default <= 0):
+        raise ValueError(f"its default schedule's time {default!r} is not a number of seconds")
+    return Entry(key=key, trials=trials, workload=workload, records=records,
+                 default_seconds=None if default is None else float(default))
 
 
 def _mean(run_secs: Any) -> float:
@@ -343,6 +351,7 @@ def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache) -> Pull
         return report
     with cache.lock():
         ledger = cache.ledger()
+        defaults = cache.default_seconds()
         database = cache.database
         changed = False
         for kernel in kernels:
@@ -353,10 +362,13 @@ def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache) -> Pull
             for record in entry.records:
                 database.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
             ledger[kernel.key] = entry.trials
+            if entry.default_seconds is not None and kernel.key not in defaults:
+                defaults[kernel.key] = entry.default_seconds  # so the build weighs the records as the writer's did
             report.kernels_from_remote.append(kernel.name)
             changed = True
         if changed:
             cache.save_ledger(ledger)
+            cache.save_default_seconds(defaults)
     if report.kernels_from_remote:
         log.info("tuning cache on S3: records of %d kernel(s) taken from %s", len(report.kernels_from_remote),
                  remote.url)
@@ -373,6 +385,7 @@ def push(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache,
         ledger = cache.ledger()
         gained = [k for k in kernels if ledger.get(k.key, 0) > (before or {}).get(k.key, 0)]
         saved = local_entries(cache, gained) if gained else {}
+        defaults = cache.default_seconds()
     written = []
     seen = set()
     for kernel in gained:
@@ -380,7 +393,8 @@ def push(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache,
             continue
         seen.add(kernel.key)
         _, records = saved[kernel.key]
-        key = remote.put_entry(cache.dir.name, kernel, ledger[kernel.key], workload_line(kernel), records)
+        key = remote.put_entry(cache.dir.name, kernel, ledger[kernel.key], workload_line(kernel), records,
+                               defaults.get(kernel.key))
         if key is None and remote.failed:
             break
         if key is not None:

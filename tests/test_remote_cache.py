@@ -66,6 +66,12 @@ def first_run(s3: MotoServer, tmp_path_factory: pytest.TempPathFactory):
     return tmp, bucket, imported, pipeline.cache, outcome
 
 
+def first_cache_pipeline_key(first_run) -> str:
+    """What the first runner's build of the tuned model depends on."""
+    tmp, _, imported, cache, _ = first_run
+    return _pipeline(cache.dir, tmp / "logs").build_key(imported)
+
+
 def _settings(trials: int):
     from mlci.pipeline import ModelSettings
 
@@ -89,6 +95,9 @@ def test_a_second_runner_searches_nothing_a_first_runner_put_on_s3_and_builds_th
     assert outcome.info().kernels_from_remote == 2  # the results file says so
     for kernel in imported.kernels:
         assert second.cache.best_record_json(kernel) == first_cache.best_record_json(kernel)
+    # The default schedules' times come along, so both runners choose the same schedule for each kernel.
+    assert second.cache.default_seconds() == first_cache.default_seconds() != {}
+    assert second.build_key(imported) == first_cache_pipeline_key(first_run)
     assert _objects(s3, bucket) == entries  # it gained nothing, so it wrote nothing
 
     # A third run on the second runner finds it all in its local cache: S3 adds nothing.
@@ -187,6 +196,7 @@ def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
         f"{folder}/other-format.t999.json": entry(format=2),
         f"{folder}/says-more.t1000.json": entry(),
         f"{folder}/says-nothing.json": entry(),
+        f"{folder}/bad-default.t999.json": entry(default_seconds="fast"),
     }
     client = s3.s3()
     for key, body in poison.items():
