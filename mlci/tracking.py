@@ -494,11 +494,11 @@ def log_results(
         deadline, problem = tracking_deadline()
         if problem:
             logging.getLogger("mlci").warning("%s", problem)
+    invocation = invocation or uuid.uuid4().hex[:12]
     pending = pending_path(path)
     PendingLog(uri=uri, experiment=experiment, artifact_root=str(artifact_root.resolve()),
                artifacts_dir=str(artifacts_dir.resolve()), params=json_safe_params(params),
-               invocation=invocation or uuid.uuid4().hex[:12]).write(pending)
-    invocation = PendingLog.read(pending).invocation
+               invocation=invocation).write(pending)
     handover = _Handover(progress)
     outcome: list[str | None] = []
     worker = threading.Thread(
