@@ -38,6 +38,16 @@ def wait_until_up(url: str, timeout: float = 30.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} did not answer within {timeout:g} s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server process, killing it when it does not stop within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class MotoServer:
     url: str
@@ -72,11 +82,7 @@ def moto_server() -> Iterator[MotoServer]:
         wait_until_up(f"{url}/moto-api/", proc=proc)
         yield MotoServer(url, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @dataclass
@@ -122,9 +128,4 @@ def mlflow_server(tmp_path: Path, artifacts_destination: str = "s3://bucket/mlar
             raise RuntimeError(f"{exc}; server log:\n{log.read_text(errors='replace')[-4000:]}") from exc
         yield MlflowServer(url, proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
