@@ -92,6 +92,24 @@ def write_config(directory: Path, body: str) -> Path:
     return path
 
 
+def quick_project(root: Path, widths=(32, 64, 8)) -> Path:
+    """A project with one tiny model, run untuned and measured briefly: for tests about what happens
+    around a run (servers, tracking), not about its numbers."""
+    save(tiny_mlp(widths), root / "models" / "tiny.onnx")
+    write_config(root, """
+        [tuning]
+        trials = 0
+        [measure]
+        samples = 5
+        min_sample_ms = 0.2
+        [[models]]
+        name = "tiny"
+        path = "models/tiny.onnx"
+        dims = { batch = 1 }
+    """)
+    return root
+
+
 @pytest.fixture
 def tmp_repo(tmp_path: Path) -> Path:
     return tmp_path

@@ -41,7 +41,7 @@ from mlci.results import (
 from mlci.stats import summarize
 from mlci.tracking import DEADLINE_ENV, log_results, tracking_deadline
 
-from .conftest import save, tiny_mlp, write_config
+from .conftest import quick_project
 from .github_server import FakeGitHub
 
 TOKEN = "ghs_SECRET_network_fault_token_51c2"
@@ -272,18 +272,7 @@ def test_mlflow_deadline_defaults_to_a_minute_and_reads_the_environment(tmp_path
 def test_mlci_run_with_a_hung_mlflow_server_passes_keeps_its_results_and_warns_once(
     silent: SilentServer, tmp_path: Path
 ) -> None:
-    save(tiny_mlp((16, 32, 4)), tmp_path / "models" / "tiny.onnx")
-    write_config(tmp_path, """
-        [tuning]
-        trials = 0
-        [measure]
-        samples = 5
-        min_sample_ms = 0.2
-        [[models]]
-        name = "tiny"
-        path = "models/tiny.onnx"
-        dims = { batch = 1 }
-    """)
+    quick_project(tmp_path, (16, 32, 4))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_URI=silent.url, MLCI_MLFLOW_DEADLINE="3")
     start = time.monotonic()

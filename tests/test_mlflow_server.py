@@ -22,7 +22,7 @@ import pytest
 
 from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo
 
-from .conftest import save, tiny_mlp, write_config
+from .conftest import quick_project
 from .servers import MlflowServer, MotoServer, free_port, mlflow_server, moto_server
 
 BUCKET = "bucket"
@@ -56,19 +56,7 @@ def _runs(server: MlflowServer, filter_string: str) -> list:
 
 
 def _project(root: Path) -> Path:
-    save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
-    write_config(root, """
-        [tuning]
-        trials = 0
-        [measure]
-        samples = 5
-        min_sample_ms = 0.2
-        [[models]]
-        name = "tiny"
-        path = "models/tiny.onnx"
-        dims = { batch = 1 }
-    """)
-    return root
+    return quick_project(root)
 
 
 def _mlci(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
