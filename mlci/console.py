@@ -188,9 +188,9 @@ def results_table(results: Results) -> Table:
         vacuous = bool(m.numerics and m.numerics.vacuous)
         status_style = "red" if not m.ok else "yellow" if vacuous else "green"
         status = f"{m.status}, numerics vacuous" if vacuous else m.status
-        trials = (
-            f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
-        )
+        trials = f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
+        if m.tuning and m.tuning.kernels_from_remote:
+            trials += f" ({m.tuning.kernels_from_remote} kernels from S3)"
         head_ms = m.latency_ms.median if m.latency_ms else None
         cells = [escape(m.name), f"[{status_style}]{status}[/{status_style}]"]
         if ab:

@@ -709,6 +709,20 @@ def test_the_comment_shows_how_many_kernels_run_a_tuned_schedule() -> None:
     assert "| 3/3 (default build) |" in tuning_rows["mlp"]
 
 
+def test_the_tuning_table_says_how_many_kernels_came_from_the_s3_cache() -> None:
+    """Kernels another runner searched are visible: a column appears once any shown cell pulled from S3."""
+    pulled = TuningInfo(trials_new=0, trials_cached=64, tasks=12, tasks_from_cache=12, seconds=0.4,
+                        kernels_from_remote=9)
+    local_only = render_comment(decide([results("cpu-x86", [model("resnet50")])]), CONTEXT)
+    assert "kernels from S3" not in local_only
+    comment = render_comment(decide([results("cpu-x86", [model("resnet50", tuning=pulled), model("mlp")])]), CONTEXT)
+    header = next(line for line in comment.splitlines() if line.startswith("| model | target | kernels tuned |"))
+    column = header.split("|").index(" kernels from S3 ")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in comment.splitlines()
+            if line.startswith(("| resnet50 |", "| mlp |")) and len(line.split("|")) == len(header.split("|"))}
+    assert rows["resnet50"][column].strip() == "9" and rows["mlp"][column].strip() == "0"
+
+
 def test_the_comment_says_which_numerics_checks_prove_nothing() -> None:
     vacuous = NumericsInfo(max_abs_err=0.0, max_rel_err=0.0, atol=1e-4, rtol=1e-3, passed=True, input_sets=2,
                            vacuous="the check proves nothing: over 2 different input sets, ...")
