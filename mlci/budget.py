@@ -107,3 +107,40 @@ def progressive_trials(kernels: list[KernelState], total: int, per_round: int) -
         alloc[best] += step
         left -= step
     return alloc
+
+
+@dataclass(frozen=True)
+class ShardKernel:
+    """One kernel of a run, as sharded tuning sees it."""
+
+    key: str
+    """The kernel key: a kernel two models share is one kernel, searched once."""
+    trials: int
+    """Trials the unsharded plan gives it (`allocate_trials` over its model's kernels): what it costs."""
+    tie: str = ""
+    """Orders kernels of equal cost, the same in every process (e.g. the key itself)."""
+
+
+def assign_shards(kernels: list[ShardKernel], shards: int) -> dict[str, int]:
+    """Kernel key -> shard (1..`shards`), each kernel in exactly one shard, shards balanced by trials.
+
+    Greedy longest-first: the costliest kernel goes to the least-loaded shard (by trials, then by
+    kernel count, then the lower shard), and so on down. A key listed more than once (a kernel of
+    two models) counts once, at its largest plan: the unsharded run searches it up to that. The
+    result depends only on the set of (key, trials, tie), never on the order given, so every shard
+    of a run computes the same assignment on its own."""
+    if shards < 1:
+        raise ValueError(f"shards must be 1 or more, not {shards}")
+    cost: dict[str, tuple[int, str]] = {}
+    for kernel in kernels:
+        trials = max(0, kernel.trials)
+        known = cost.get(kernel.key)
+        cost[kernel.key] = max(known, (trials, kernel.tie)) if known else (trials, kernel.tie)
+    loads = [(0, 0)] * shards
+    assignment: dict[str, int] = {}
+    for key in sorted(cost, key=lambda k: (-cost[k][0], cost[k][1], k)):
+        shard = min(range(shards), key=lambda s: (loads[s], s))
+        assignment[key] = shard + 1
+        trials, count = loads[shard]
+        loads[shard] = (trials + cost[key][0], count + 1)
+    return assignment

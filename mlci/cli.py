@@ -329,17 +329,67 @@ def _doctor_ops(paths: list[Path]) -> None:
 def matrix(
     config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")] = None,
+    shards: Annotated[
+        int,
+        typer.Option(min=0, help="Also output `shard-matrix`: one `mlci tune --shard K/N` job per target and "
+                                 "K in 1..N (0: none)."),
+    ] = 0,
 ) -> None:
     """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels."""
     import json
 
-    from mlci.commands.matrix import MatrixError, build_matrix
+    from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix
 
     with _exit_codes(ConfigError, MatrixError):
-        plan = build_matrix(load_config(config), only=target or None)
+        cfg = load_config(config)
+        plan = build_matrix(cfg, only=target or None)
+        shard_plan = build_shard_matrix(cfg, shards, only=target or None)
     text = json.dumps(plan, separators=(",", ":"))
     print(text)
-    _github_outputs({"matrix": text, "targets": " ".join(entry["target"] for entry in plan["include"])})
+    _github_outputs({"matrix": text, "targets": " ".join(entry["target"] for entry in plan["include"]),
+                     "shard-matrix": json.dumps(shard_plan, separators=(",", ":")), "shards": str(shards)})
+
+
+@app.command()
+def tune(
+    shard: Annotated[str, typer.Option("--shard", help="This job's share of the kernels: K/N, shard K of N "
+                                                       "(N > 1 needs a shared tuning cache: [cache] url).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Target name from [targets] (default: the first).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only this model (repeatable).")] = None,
+    trials: Annotated[int | None, typer.Option(min=0, help="Tuning trials per model (overrides the config).")] = None,
+    tune_seconds: Annotated[float | None, typer.Option(min=0.001, help="Tuning wall-clock cap per model, seconds.")] = None,
+) -> None:
+    """Tune shard K of N of every model's kernels into the shared tuning cache (no build, no benchmark):
+    N jobs together search each kernel of the run once, and `mlci run` then searches none of them."""
+    from mlci.commands.tune import Shard, ShardError, TuneOptions, execute, shard_table, tune_outputs
+    from mlci.console import RunReporter
+
+    with _exit_codes(ConfigError, ShardError):
+        options = TuneOptions(shard=Shard.parse(shard), target=target, models=model or [], trials=trials,
+                              tune_seconds=tune_seconds)
+        cfg = load_config(config)
+        with RunReporter(err) as reporter:
+            outcome = execute(cfg, options, reporter)
+
+    out.print(shard_table(outcome))
+    searched = sum(k.searched for k in outcome.kernels)
+    out.print(f"shard {outcome.shard}: {len(outcome.kernels)} of {outcome.kernels_in_run} kernel(s), "
+              f"{searched} trial(s) searched in {outcome.seconds:.1f} s", highlight=False)
+    if outcome.remote_url:
+        out.print(f"tuning cache on S3: {outcome.pulled} kernel(s) taken, {outcome.pushed or 0} entries written "
+                  f"to {escape(outcome.remote_url)}", highlight=False)
+    if outcome.remote_error:
+        err.print(f"[yellow]warning:[/yellow] the shared tuning cache failed ({escape(outcome.remote_error)}): "
+                  "this shard's records stayed on this runner")
+    out.print(f"report: {escape(str(outcome.report_path))}")
+    _github_outputs(tune_outputs(outcome))
+    failed = [m for m in outcome.models if not m.ok]
+    for m in failed:
+        err.print(f"[red]{escape(m.name)}: {escape(m.status)}[/red]: {escape(m.error or '')}")
+    if failed:
+        err.print(f"[red]{len(failed)} model(s) failed:[/red] {escape(', '.join(m.name for m in failed))}")
+        raise typer.Exit(EXIT_GATE)
 
 
 @app.command("cache-key")

@@ -320,16 +320,21 @@ class Pipeline:
 
     # tune and build
 
-    def tune(self, imported: Imported, settings: ModelSettings, label: str = "") -> tuning.TuningOutcome:
+    def tune(self, imported: Imported, settings: ModelSettings, label: str = "",
+             only: set[str] | frozenset[str] | None = None) -> tuning.TuningOutcome:
         """Search what the budget still owes each kernel, through the shared tuning cache. With no
-        device to measure candidates on, nothing is searched: the build uses what is cached."""
+        device to measure candidates on, nothing is searched: the build uses what is cached.
+
+        With `only` (kernel keys), only those kernels are searched, pulled and pushed (a shard of
+        the run); the budget is still planned over all of the model's kernels."""
         name = imported.prepared.name
         trials = settings.trials if self.device.exist else 0
         self.progress.stage(name, f"tuning{label}")
         with _stage(Status.TUNE_FAILED, "tuning"), self.cache.lock():
             pulled, before = None, None
             if self.remote is not None:  # what other runners searched is not searched again
-                pulled = remote_cache.pull(self.cache, imported.kernels, self.remote)
+                wanted = [k for k in imported.kernels if only is None or k.key in only]
+                pulled = remote_cache.pull(self.cache, wanted, self.remote)
                 before = self.cache.ledger()
             outcome = tuning.tune(
                 imported.kernels,
@@ -344,9 +349,10 @@ class Pipeline:
                 progressive=settings.progressive,
                 default_schedule=self.default_schedule,
                 on_progress=lambda done, total, kernel: self.progress.trials(name, done, total, kernel),
+                only=only,
             )
             if self.remote is not None and pulled is not None:
-                remote_cache.push(self.cache, imported.kernels, self.remote, before)
+                remote_cache.push(self.cache, wanted, self.remote, before)
                 outcome.kernels_from_remote = len(pulled.kernels_from_remote)
             return outcome
 

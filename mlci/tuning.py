@@ -778,6 +778,8 @@ class TuningOutcome:
     progressive: bool = False
     kernels_from_remote: int = 0
     """Kernels whose records came from the tuning cache on S3 (`mlci.remote_cache`)."""
+    searched: dict[str, int] = field(default_factory=dict)
+    """Trials measured this run per kernel key (kernels searched only)."""
 
     def info(self) -> TuningInfo:
         """The results file's tuning section."""
@@ -896,24 +898,29 @@ def tune(
     progressive: bool = False,
     default_schedule: Callable[[Any], bool] | None = None,
     on_progress: ProgressFn | None = None,
+    only: set[str] | frozenset[str] | None = None,
 ) -> TuningOutcome:
     """Search what the budget still owes each kernel; every record lands in the cache.
     Candidates run on `threads` threads: as many as the build will run on when measured.
 
     With `progressive`, `trials` new trials are searched whatever the cache holds, where the
     estimated remaining gain is largest (`budget.progressive_trials`). Each kernel searched also
-    has its `default_schedule` timed once, so a build can tell whether tuning beat it."""
+    has its `default_schedule` timed once, so a build can tell whether tuning beat it.
+
+    With `only` (kernel keys), only those kernels are searched; the plan is still made over all of
+    `kernels`, so a shard of a run searches for its kernels exactly what the unsharded run would."""
     # Every read of the cache and every write to it under the lock: another process's records land
     # in the database this run appends to, and its ledger is the one this run adds to.
     with cache.lock():
         return _tune_locked(kernels, tvm_target, cache, trials=trials, seconds=seconds, per_round=per_round,
                             log_dir=log_dir, threads=threads, seed=seed, progressive=progressive,
-                            default_schedule=default_schedule, on_progress=on_progress)
+                            default_schedule=default_schedule, on_progress=on_progress, only=only)
 
 
 def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, trials: int, seconds: float,
                  per_round: int, log_dir: Path, threads: int, seed: int, progressive: bool,
-                 default_schedule: Callable[[Any], bool] | None, on_progress: ProgressFn | None) -> TuningOutcome:
+                 default_schedule: Callable[[Any], bool] | None, on_progress: ProgressFn | None,
+                 only: set[str] | frozenset[str] | None = None) -> TuningOutcome:
     start = time.monotonic()
     # No time (zero, negative, NaN) searches nothing; an infinite budget has no deadline.
     deadline = start + (seconds if seconds > 0 else 0.0)
@@ -928,6 +935,8 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
     else:
         planned = allocate_trials([k.cost for k in kernels], trials, per_round)
         owed = trials_to_search(planned, done_before)
+    if only is not None:
+        owed = [o if k.key in only else 0 for k, o in zip(kernels, owed)]
     outcome.planned = planned
     outcome.trials_cached = sum(min(p, d) for p, d in zip(planned, done_before))
     outcome.tasks_from_cache = sum(1 for o, d in zip(owed, done_before) if o == 0 and d > 0)
@@ -1016,6 +1025,8 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
                     exhausted = True
                     break
             searched_total += done
+            if done:
+                outcome.searched[kernel.key] = outcome.searched.get(kernel.key, 0) + done
             outcome.deadline_hit = outcome.deadline_hit or (done < need and not exhausted)
             # The ledger credits what was measured, so a later run searches the rest. A kernel whose
             # search space ran out after candidates were measured has had its due; one with nothing

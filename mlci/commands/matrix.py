@@ -56,3 +56,18 @@ def build_matrix(config: Config, only: list[str] | None = None) -> dict[str, Any
             for name in chosen
         ]
     }
+
+
+def build_shard_matrix(config: Config, shards: int, only: list[str] | None = None) -> dict[str, Any]:
+    """{"include": [{"target", "runs-on", "shard": "K/N"}, ...]}: one `mlci tune --shard K/N` job per
+    target and shard, on the runners that target's bench job uses (tuning records are only valid on
+    the machine kind that made them). Empty when `shards` is 0."""
+    if shards < 0:
+        raise MatrixError(f"--shards {shards}: expected 0 (no sharded tuning) or more")
+    targets = build_matrix(config, only)["include"]
+    return {
+        "include": [
+            {"target": entry["target"], "runs-on": entry["runs-on"], "shard": f"{index}/{shards}"}
+            for entry in targets for index in range(1, shards + 1)
+        ]
+    }
