@@ -269,7 +269,7 @@ def test_mlflow_deadline_defaults_to_a_minute_and_reads_the_environment(tmp_path
 
 
 @pytest.mark.slow
-def test_mlci_run_with_a_hung_mlflow_server_passes_keeps_its_results_and_warns_once(
+def test_mlci_run_with_a_hung_mlflow_server_passes_warns_once_and_a_later_sync_logs_it_once(
     silent: SilentServer, tmp_path: Path
 ) -> None:
     quick_project(tmp_path, (16, 32, 4))
@@ -287,6 +287,22 @@ def test_mlci_run_with_a_hung_mlflow_server_passes_keeps_its_results_and_warns_o
     [model] = results.models
     assert model.ok and model.latency_ms is not None and model.mlflow_run_id is None
     print(f"mlci run with a hung MLflow server: {took:.1f} s")
+
+    # Nothing is lost: once a server answers, `mlci sync` logs the run, once however often it is repeated.
+    from mlflow import MlflowClient
+
+    from mlci.commands.sync import sync
+
+    results_file = tmp_path / ".mlci" / "results" / "cpu.json"
+    payload = results_file.with_name("cpu.json.mlflow-pending").read_text()
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    [first] = sync([results_file], tracking_uri=store)
+    results_file.with_name("cpu.json.mlflow-pending").write_text(payload)  # as if that sync died before saying so
+    [second] = sync([results_file], tracking_uri=store)
+    assert (first.error, first.runs, second.error, second.runs) == (None, 1, None, 1)
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.tags["mlci.model"] for r in runs] == [model.name]
 
 
 # --- the sticky comment is mlci's own -------------------------------------------------------------------------
