@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs mlci for action.yml from the action's own checkout (the ref in `uses:`), so the action's
 # scripts and the package can never disagree. `matrix` and `compare` need no TVM, MLflow or ONNX
-# Runtime: they get mlci with its light dependencies only (seconds instead of a minute).
+# Runtime: they get mlci with its light dependencies only (seconds instead of a minute); `sync` adds
+# MLflow and what it logs with (filelock, boto3 for S3 artifacts), still no TVM or ONNX Runtime.
 set -euo pipefail
 
 case "${MLCI_INSTALL:-action}" in
@@ -23,17 +24,20 @@ esac
 pip_install() { python -m pip install --disable-pip-version-check --quiet "$@"; }
 
 case "${MLCI_COMMAND:-run}" in
-  matrix | compare)
-    # The pinned specs of mlci's light dependencies, read from its own pyproject.toml.
-    mapfile -t light < <(python - "$MLCI_ACTION_PATH/pyproject.toml" <<'PY'
+  matrix | compare | sync)
+    # The pinned specs of mlci's light dependencies (and sync's), read from its own pyproject.toml.
+    mapfile -t light < <(python - "$MLCI_ACTION_PATH/pyproject.toml" "${MLCI_COMMAND:-run}" <<'PY'
 import re
 import sys
 import tomllib
 
 with open(sys.argv[1], "rb") as f:
     dependencies = tomllib.load(f)["project"]["dependencies"]
+wanted = {"typer", "rich", "jinja2", "numpy"}
+if sys.argv[2] == "sync":
+    wanted |= {"mlflow", "filelock", "boto3"}
 for spec in dependencies:
-    if re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() in {"typer", "rich", "jinja2", "numpy"}:
+    if re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() in wanted:
         print(spec)
 PY
     )

@@ -9,6 +9,10 @@ fi
 if [ -z "${GITHUB_TOKEN:-}" ]; then
   unset GITHUB_TOKEN
 fi
+# Only a non-empty cache-url replaces what the runner or the config says.
+if [ -n "${MLCI_INPUT_CACHE_URL:-}" ]; then
+  export MLCI_CACHE_URL="$MLCI_INPUT_CACHE_URL"
+fi
 
 is_true() { [ "${1:-}" = "true" ]; }
 
@@ -35,8 +39,41 @@ case "${MLCI_COMMAND:-run}" in
     if ! is_true "${MLCI_COMMENT:-true}"; then args+=(--no-comment); fi
     if is_true "${MLCI_REPORT_ONLY:-}"; then args+=(--report-only); fi
     ;;
+  tune)
+    if [ -z "${MLCI_SHARD:-}" ]; then
+      echo "::error title=mlci::the tune command needs the shard input (K/N)"
+      exit 2
+    fi
+    args=(tune --config "$MLCI_CONFIG" --shard "$MLCI_SHARD")
+    if [ -n "${MLCI_TARGET:-}" ]; then args+=(--target "$MLCI_TARGET"); fi
+    if [ -n "${MLCI_TRIALS:-}" ]; then args+=(--trials "$MLCI_TRIALS"); fi
+    if [ -n "${MLCI_TUNE_SECONDS:-}" ]; then args+=(--tune-seconds "$MLCI_TUNE_SECONDS"); fi
+    ;;
+  sync)
+    # The results files that have an MLflow payload waiting beside them (cpu.json.mlflow-pending).
+    args=(sync)
+    if [ -n "${MLCI_TRACKING_URI:-}" ]; then args+=(--tracking-uri "$MLCI_TRACKING_URI"); fi
+    pending=0
+    while IFS= read -r path; do
+      if [ -z "$path" ]; then continue; fi
+      if [ -d "$path" ]; then
+        while IFS= read -r -d '' payload; do
+          args+=("${payload%.mlflow-pending}")
+          pending=$((pending + 1))
+        done < <(find "$path" -type f -name '*.json.mlflow-pending' -print0 | sort -z)
+      else
+        args+=("$path")
+        pending=$((pending + 1))
+      fi
+    done <<< "${MLCI_RESULTS:-.mlci/results}"
+    if [ "$pending" -eq 0 ]; then
+      echo "mlci sync: no MLflow payload is waiting"
+      exit 0
+    fi
+    ;;
   matrix)
     args=(matrix --config "$MLCI_CONFIG")
+    if [ -n "${MLCI_SHARDS:-}" ] && [ "$MLCI_SHARDS" != "0" ]; then args+=(--shards "$MLCI_SHARDS"); fi
     ;;
   init)
     args=(init)
@@ -45,7 +82,7 @@ case "${MLCI_COMMAND:-run}" in
     args=(doctor)
     ;;
   *)
-    echo "::error title=mlci::the command input must be run, compare, matrix, init or doctor"
+    echo "::error title=mlci::the command input must be run, compare, matrix, tune, sync, init or doctor"
     exit 2
     ;;
 esac

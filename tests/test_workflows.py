@@ -2,8 +2,9 @@
 
 GitHub only finds reusable workflows directly in .github/workflows/, and inside one `uses: ./`
 means the caller's repository: both mistakes pass every linter and break every
-user. Also checked here: the files agree with each other (inputs, secrets, the mlci ref), and the
-plan/report jobs' light install really needs no TVM.
+user. Also checked here: the files agree with each other (inputs, secrets, the mlci ref), the
+plan/report jobs' light install really needs no TVM, and, by evaluating the workflows' own
+expressions for each kind of event (tests/gh_expr.py), who gets which AWS role and cache URL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import yaml
 
 from mlci.commands.matrix import build_matrix, default_runs_on
 from mlci.config import TargetConfig, parse_config
+
+from .gh_expr import condition, render
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
@@ -86,14 +89,28 @@ def test_least_privilege_permissions(path: Path):
         assert "permissions" in job, f"{path}: job {name} must say which permissions it needs"
         assert "write-all" not in str(job["permissions"])
         writes = {k for k, v in job["permissions"].items() if v == "write"}
-        assert writes <= {"pull-requests", "statuses"}, f"{path}: job {name} writes {writes}"
+        assert writes <= {"pull-requests", "statuses", "id-token"}, f"{path}: job {name} writes {writes}"
 
 
 def test_only_the_report_job_can_write():
     jobs = load(REUSABLE)["jobs"]
     assert jobs["plan"]["permissions"] == {"contents": "read"}
-    assert jobs["bench"]["permissions"] == {"contents": "read"}
+    assert jobs["bench"]["permissions"] == {"contents": "read", "id-token": "write"}
+    assert jobs["tune"]["permissions"] == {"contents": "read", "id-token": "write"}
     assert jobs["report"]["permissions"]["pull-requests"] == "write"
+
+
+def test_only_bench_and_tune_jobs_may_mint_an_oidc_token():
+    """id-token: write lets a job prove to AWS which repository and ref it runs for: only the jobs that
+    assume a role get it. A caller must grant it to the reusable workflow (GitHub caps a called job's
+    permissions by its caller's), and the fork stage, which handles a fork's data, never has it."""
+    for name, job in load(REUSABLE)["jobs"].items():
+        if job["permissions"].get("id-token") == "write":
+            assert name in {"bench", "tune"}, f"job {name} can mint OIDC tokens"
+    for path in STARTERS:
+        for name, job in load(path)["jobs"].items():
+            calls_reusable = str(job.get("uses", "")).startswith(f"{MLCI_REPO}/.github/workflows/")
+            assert (job["permissions"].get("id-token") == "write") == calls_reusable, f"{path.name}: job {name}"
 
 
 def test_reusable_workflow_steps_pass_only_inputs_the_action_has():
@@ -128,13 +145,46 @@ def test_the_fork_stage_never_checks_out_or_runs_the_forks_code():
     assert "pull_request_target" not in pr["on"]
 
 
+def step(job: dict, *, id: str | None = None, uses: str | None = None, name: str | None = None) -> dict:
+    """The one step of `job` with this id, this `uses:` prefix or this name."""
+    found = [s for s in job["steps"] if (id is None or s.get("id") == id)
+             and (uses is None or str(s.get("uses", "")).startswith(uses)) and (name is None or s.get("name") == name)]
+    assert len(found) == 1, (id, uses, name, found)
+    return found[0]
+
+
 def test_results_artifacts_are_uploaded_even_when_a_model_failed():
     bench = load(REUSABLE)["jobs"]["bench"]
-    checkout, run, upload = bench["steps"][:3]
+    checkout = step(bench, uses="actions/checkout")
+    run = step(bench, id="run")
+    upload = step(bench, name="Upload the results")
+    assert bench["steps"].index(checkout) < bench["steps"].index(run) < bench["steps"].index(upload)
     assert checkout["with"]["fetch-depth"] == 0 and checkout["with"]["persist-credentials"] is False
     assert run["with"]["allow-failures"] == "true"
     assert upload["if"].startswith("always()")
     assert "${{ matrix.target }}" in upload["with"]["name"]
+
+
+def test_the_results_artifact_carries_the_mlflow_work_a_run_could_not_log():
+    upload = step(load(REUSABLE)["jobs"]["bench"], name="Upload the results")
+    paths = upload["with"]["path"].splitlines()
+    assert paths == ["${{ steps.run.outputs.results-path }}", "${{ steps.run.outputs.results-path }}.mlflow-pending"]
+
+
+def test_the_report_job_logs_pending_mlflow_work_before_it_compares():
+    """So the comment links the runs; a sync that fails again leaves the work in the artifact and
+    never keeps the verdict from being reported."""
+    report = load(REUSABLE)["jobs"]["report"]
+    sync = step(report, uses=f"{MLCI_REPO}@", name="Log to MLflow what a bench job could not")
+    compare = step(report, id="compare")
+    download = step(report, uses="actions/download-artifact")
+    assert report["steps"].index(download) < report["steps"].index(sync) < report["steps"].index(compare)
+    assert sync["with"]["command"] == "sync" and sync["with"]["results"] == download["with"]["path"]
+    assert sync["if"] == f"hashFiles('{download['with']['path']}/**/*.mlflow-pending') != ''"
+    assert sync["continue-on-error"] is True
+    assert sync["with"]["tracking-uri"] == compare["with"]["tracking-uri"] == "${{ inputs.tracking-uri }}"
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"} <= set(sync["env"])
+    assert "id-token" not in report["permissions"]
 
 
 def test_starter_branch_marker_is_where_mlci_init_expects_it():
@@ -209,3 +259,233 @@ def test_plan_and_report_commands_need_no_tvm_mlflow_or_onnx():
     assert done.stdout.strip() == "[]"
     install = (ROOT / "action" / "install.sh").read_text()
     assert '{"typer", "rich", "jinja2", "numpy"}' in install
+
+
+# -- credentials follow trust: the workflows' expressions evaluated per event -----------------------------------------
+
+CACHE_URL = "s3://tuning/widgets"
+MAIN_ROLE = "arn:aws:iam::123456789012:role/mlci-cache-main"
+PR_ROLE = "arn:aws:iam::123456789012:role/mlci-cache-pr"
+REPOSITORY = {"full_name": "octo-org/widgets", "default_branch": "main"}
+
+
+def github_context(kind: str) -> dict:
+    """The `github` context of one kind of run of octo-org/widgets (default branch: main)."""
+    def pull_request(head_repo: dict | None) -> dict:
+        return {"event_name": "pull_request", "ref": "refs/pull/7/merge", "event": {
+            "number": 7, "repository": REPOSITORY,
+            "pull_request": {"number": 7, "head": {"ref": "topic", "repo": head_repo}, "base": {"ref": "main"}}}}
+
+    kinds = {
+        "push to main": {"event_name": "push", "ref": "refs/heads/main", "event": {"repository": REPOSITORY}},
+        "schedule": {"event_name": "schedule", "ref": "refs/heads/main", "event": {"schedule": "17 3 * * *"}},
+        "manual run on main": {"event_name": "workflow_dispatch", "ref": "refs/heads/main", "event": {"repository": REPOSITORY}},
+        "push to a branch": {"event_name": "push", "ref": "refs/heads/topic", "event": {"repository": REPOSITORY}},
+        "manual run on a branch": {"event_name": "workflow_dispatch", "ref": "refs/heads/topic",
+                                   "event": {"repository": REPOSITORY}},
+        "same-repository pull request": pull_request({"full_name": "octo-org/widgets"}),
+        "fork pull request": pull_request({"full_name": "someone/widgets"}),
+        "pull request from a deleted fork": pull_request(None),
+    }
+    return {"repository": "octo-org/widgets", "run_id": "1", **kinds[kind]}
+
+
+def reusable_inputs(**given) -> dict:
+    """The reusable workflow's inputs: its defaults, then what the caller gave."""
+    declared = load(REUSABLE)["on"]["workflow_call"]["inputs"]
+    return {**{name: spec.get("default") for name, spec in declared.items()}, **given}
+
+
+def plan_outputs(context: dict) -> dict:
+    plan = load(REUSABLE)["jobs"]["plan"]
+    outputs = {name: render(value, context) for name, value in plan["outputs"].items()}
+    return {"result": "success", "outputs": outputs}
+
+
+def credentials(job_name: str, kind: str, tune_result: str = "skipped", **given) -> dict:
+    """What one bench or tune job of a run of `kind` is given: the role it assumes (None: no role step),
+    the cache URL the action gets, the AWS keys the mlci step sees, and whether the job runs at all."""
+    context = {"github": github_context(kind), "inputs": reusable_inputs(**given), "secrets": {}, "vars": {},
+               "matrix": {"target": "cpu", "runs-on": ["ubuntu-latest"], "shard": "1/2"}}
+    context["needs"] = {"plan": plan_outputs({**context, "steps": {"matrix": {"outputs": {}}}}),
+                        "tune": {"result": tune_result, "outputs": {}}}
+    job = load(REUSABLE)["jobs"][job_name]
+    runs = condition(job.get("if"), context)
+    role_step = step(job, id="aws")
+    role = None
+    aws_outputs = {}
+    if condition(role_step.get("if"), context):
+        role = render(role_step["with"]["role-to-assume"], context)
+        aws_outputs = {"aws-access-key-id": f"ASIA-{role}", "aws-secret-access-key": "s", "aws-session-token": "t"}
+    context["steps"] = {"aws": {"outputs": aws_outputs, "outcome": "success" if role else "skipped"}}
+    mlci = step(job, uses=f"{MLCI_REPO}@")
+    assert job["steps"].index(role_step) < job["steps"].index(mlci)
+    return {
+        "runs": runs, "role": role, "cache-url": render(mlci["with"].get("cache-url", ""), context),
+        "progressive": render(mlci["with"].get("progressive", "auto"), context),
+        "env": {k: render(v, context) for k, v in mlci.get("env", {}).items()},
+        "region": render(role_step["with"]["aws-region"], context),
+    }
+
+
+ROLES = {"cache-url": CACHE_URL, "aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE}
+
+
+@pytest.mark.parametrize(("kind", "role", "cache_url"), [
+    ("push to main", MAIN_ROLE, CACHE_URL),
+    ("schedule", MAIN_ROLE, CACHE_URL),
+    ("manual run on main", MAIN_ROLE, CACHE_URL),
+    ("same-repository pull request", PR_ROLE, CACHE_URL),
+    ("push to a branch", None, CACHE_URL),
+    ("manual run on a branch", None, CACHE_URL),
+    ("fork pull request", None, ""),
+    ("pull request from a deleted fork", None, ""),
+])
+def test_each_trust_tier_assumes_its_own_role_and_a_fork_gets_no_cache_url_and_no_role(kind: str, role, cache_url):
+    bench = credentials("bench", kind, **ROLES)
+    assert bench["runs"] and (bench["role"], bench["cache-url"]) == (role, cache_url)
+    if role is None:
+        assert bench["env"]["AWS_ACCESS_KEY_ID"] in ("", None) and bench["env"]["AWS_SESSION_TOKEN"] in ("", None)
+    tune = credentials("tune", kind, shards=2, **ROLES)
+    assert tune["runs"] == (cache_url != "")
+    if tune["runs"]:
+        assert tune["role"] == role and tune["cache-url"] == CACHE_URL
+
+
+def test_no_cache_url_means_no_role_and_a_missing_role_means_none_assumed():
+    without_url = credentials("bench", "push to main", **{"aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE})
+    assert without_url["role"] is None and without_url["cache-url"] == ""
+    # The PR role is never a stand-in for a missing main role, nor the other way round.
+    only_pr = credentials("bench", "push to main", **{"cache-url": CACHE_URL, "aws-pr-role": PR_ROLE})
+    assert only_pr["role"] is None
+    only_main = credentials("bench", "same-repository pull request", **{"cache-url": CACHE_URL, "aws-role": MAIN_ROLE})
+    assert only_main["role"] is None
+    assert credentials("bench", "push to main", **ROLES)["region"] == "us-east-1"
+    assert credentials("bench", "push to main", **ROLES, **{"aws-region": "eu-west-1"})["region"] == "eu-west-1"
+
+
+def test_the_roles_keys_win_over_static_keys_which_still_serve_where_no_role_is_assumed():
+    """The static AWS secrets (an S3-compatible store, MLflow's artifacts) must not mask the role's
+    credentials, which the role step also exports: the step's own env would win over those."""
+    job = load(REUSABLE)["jobs"]["bench"]
+    mlci = step(job, id="run")
+    role_step = step(job, id="aws")
+    assert role_step["with"]["output-credentials"] is True
+    for with_role in (True, False):
+        outputs = {"aws-access-key-id": "ROLEKEY", "aws-secret-access-key": "ROLESECRET",
+                   "aws-session-token": "ROLETOKEN"} if with_role else {}
+        context = {"steps": {"aws": {"outputs": outputs}}, "inputs": reusable_inputs(),
+                   "secrets": {"AWS_ACCESS_KEY_ID": "STATICKEY", "AWS_SECRET_ACCESS_KEY": "STATICSECRET"}}
+        env = {k: render(v, context) for k, v in mlci["env"].items() if k.startswith("AWS_")}
+        expected = ("ROLEKEY", "ROLESECRET", "ROLETOKEN") if with_role else ("STATICKEY", "STATICSECRET", None)
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_SESSION_TOKEN"] or None) == expected
+
+
+def test_the_starters_pass_the_cache_and_roles_from_repository_variables():
+    names = {"cache-url": "MLCI_CACHE_URL", "aws-role": "MLCI_AWS_ROLE", "aws-region": "AWS_REGION"}
+    for path in (ROOT / "workflows" / "mlci.yml", ROOT / "workflows" / "mlci-nightly.yml"):
+        [job] = load(path)["jobs"].values()
+        for given, var in names.items():
+            assert job["with"][given] == f"${{{{ vars.{var} }}}}", (path.name, given)
+    [job] = load(ROOT / "workflows" / "mlci.yml")["jobs"].values()
+    assert job["with"]["aws-pr-role"] == "${{ vars.MLCI_AWS_PR_ROLE }}"
+    [nightly] = load(ROOT / "workflows" / "mlci-nightly.yml")["jobs"].values()
+    assert "aws-pr-role" not in nightly["with"]  # a schedule is never a pull request
+    assert "id-token" not in str(load(ROOT / "workflows" / "mlci-comment.yml"))
+
+
+# -- the nightly's shards ----------------------------------------------------------------------------------------------
+
+
+def test_the_nightly_starter_shards_only_when_mlci_shards_is_set():
+    [job] = load(ROOT / "workflows" / "mlci-nightly.yml")["jobs"].values()
+    assert render(job["with"]["shards"], {"vars": {}}) == 0
+    assert render(job["with"]["shards"], {"vars": {"MLCI_SHARDS": "4"}}) == 4
+    assert load(REUSABLE)["on"]["workflow_call"]["inputs"]["shards"] == {
+        "description": load(REUSABLE)["on"]["workflow_call"]["inputs"]["shards"]["description"], "type": "number", "default": 0}
+
+
+def test_shards_tune_before_the_bench_which_then_builds_without_searching_again():
+    jobs = load(REUSABLE)["jobs"]
+    plan, tune, bench, report = jobs["plan"], jobs["tune"], jobs["bench"], jobs["report"]
+    # plan emits one tune job per target x shard, on that target's runners
+    matrix_step = step(plan, id="matrix")
+    assert matrix_step["with"]["shards"] == "${{ inputs.shards }}"
+    assert plan["outputs"]["shard-matrix"] == "${{ steps.matrix.outputs.shard-matrix }}"
+    assert tune["needs"] == "plan" and tune["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.shard-matrix) }}"
+    assert tune["runs-on"] == "${{ matrix.runs-on }}" and tune["strategy"]["fail-fast"] is False
+    mlci = step(tune, uses=f"{MLCI_REPO}@")
+    assert mlci["with"]["command"] == "tune"
+    assert (mlci["with"]["target"], mlci["with"]["shard"]) == ("${{ matrix.target }}", "${{ matrix.shard }}")
+    # bench waits for the shards, but runs when there are none (tune skipped) or one failed
+    assert set(bench["needs"]) == {"plan", "tune"} and report["needs"] == ["plan", "bench"]
+    for tune_result in ("skipped", "success", "failure"):
+        context = {"needs": {"plan": {"result": "success"}, "tune": {"result": tune_result}}}
+        assert condition(bench["if"], context, status="success" if tune_result == "success" else "failure")
+    assert not condition(bench["if"], {"needs": {"plan": {"result": "failure"}, "tune": {"result": "skipped"}}},
+                         status="failure")
+    # tune runs only with shards and a cache URL; the bench after it searches nothing anew
+    assert not credentials("tune", "schedule", **ROLES)["runs"]  # shards = 0
+    assert not credentials("tune", "schedule", shards=2)["runs"]  # no S3: nowhere to meet
+    assert credentials("tune", "schedule", shards=2, **ROLES)["runs"]
+    assert credentials("bench", "schedule", tune_result="success", shards=2, **ROLES)["progressive"] == "false"
+    assert credentials("bench", "schedule", tune_result="skipped", **ROLES)["progressive"] == "auto"
+    assert credentials("bench", "schedule", tune_result="failure", shards=2, **ROLES)["progressive"] == "auto"
+
+
+def test_the_action_takes_tune_and_sync_and_names_them_when_the_command_is_unknown(tmp_path: Path):
+    """run.sh builds each command line from MLCI_* variables; a stand-in `mlci` on PATH echoes it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlci").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "mlci").chmod(0o755)
+    results = tmp_path / "mlci-results"
+    for target, pending in (("cpu", True), ("gpu", False), ("arm", True)):
+        (results / f"mlci-results-{target}").mkdir(parents=True)
+        (results / f"mlci-results-{target}" / f"{target}.json").write_text("{}")
+        if pending:
+            (results / f"mlci-results-{target}" / f"{target}.json.mlflow-pending").write_text("{}")
+
+    def run_sh(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "action" / "run.sh")], capture_output=True, text=True,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "MLCI_CONFIG": "mlci.toml", **env})
+
+    tune = run_sh(MLCI_COMMAND="tune", MLCI_TARGET="cpu", MLCI_SHARD="2/3", MLCI_TRIALS="64",
+                  MLCI_INPUT_CACHE_URL="s3://b/p")
+    assert tune.stdout.split() == ["tune", "--config", "mlci.toml", "--shard", "2/3", "--target", "cpu", "--trials", "64"]
+    assert run_sh(MLCI_COMMAND="tune").returncode == 2  # no shard
+    sync = run_sh(MLCI_COMMAND="sync", MLCI_RESULTS=str(results), MLCI_TRACKING_URI="http://mlflow:5000")
+    assert sync.stdout.split() == ["sync", "--tracking-uri", "http://mlflow:5000",
+                                   str(results / "mlci-results-arm" / "arm.json"), str(results / "mlci-results-cpu" / "cpu.json")]
+    for pending in results.rglob("*.mlflow-pending"):
+        pending.unlink()
+    nothing = run_sh(MLCI_COMMAND="sync", MLCI_RESULTS=str(results))
+    assert nothing.returncode == 0 and "no MLflow payload is waiting" in nothing.stdout
+    matrix = run_sh(MLCI_COMMAND="matrix", MLCI_SHARDS="2")
+    assert matrix.stdout.split() == ["matrix", "--config", "mlci.toml", "--shards", "2"]
+    assert run_sh(MLCI_COMMAND="matrix", MLCI_SHARDS="0").stdout.split() == ["matrix", "--config", "mlci.toml"]
+    unknown = run_sh(MLCI_COMMAND="bogus")
+    assert unknown.returncode == 2 and "run, compare, matrix, tune, sync, init or doctor" in unknown.stdout
+
+
+def test_the_action_exports_the_cache_url_only_when_given(tmp_path: Path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlci").write_text('#!/bin/sh\necho "url=${MLCI_CACHE_URL-unset}"\n')
+    (bin_dir / "mlci").chmod(0o755)
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MLCI_CONFIG": "mlci.toml", "MLCI_COMMAND": "run"}
+    given = subprocess.run(["bash", str(ROOT / "action" / "run.sh")], capture_output=True, text=True,
+                           env={**base, "MLCI_INPUT_CACHE_URL": "s3://b/p"})
+    assert given.stdout.strip() == "url=s3://b/p"
+    runner_wide = subprocess.run(["bash", str(ROOT / "action" / "run.sh")], capture_output=True, text=True,
+                                 env={**base, "MLCI_INPUT_CACHE_URL": "", "MLCI_CACHE_URL": "s3://runner/x"})
+    assert runner_wide.stdout.strip() == "url=s3://runner/x"
+
+
+def test_the_action_saves_the_tuning_cache_from_run_only():
+    """Every shard of a target, and its bench job, would save under one key (it ends in the run id):
+    the first shard to finish would keep the bench job's cache out of the Actions cache."""
+    steps = {s.get("name"): s for s in load(ACTION)["runs"]["steps"]}
+    assert "inputs.command == 'tune'" in steps["Tuning cache key"]["if"]
+    assert "inputs.command == 'run'" in steps["Save the tuning cache"]["if"]
+    assert "'tune'" not in steps["Save the tuning cache"]["if"]
