@@ -6,29 +6,42 @@ jobs on this host: first a push to the default branch exactly as `mlci init` wro
 after the config gained a second target and a smaller tuning budget, pull requests. This
 checkout stands in for mlci-dev/mlci@v0, so both the reusable workflow and the action are
 this tree's (`--local-repository`). GitHub API calls go to a local server that validates them
-against GitHub's OpenAPI description; setup-python, the Actions cache and the artifact actions
-are local stand-ins (tests/act/standins).
+against GitHub's OpenAPI description; setup-python, the Actions cache, the artifact actions and
+aws-actions/configure-aws-credentials are local stand-ins (tests/act/standins). The repository
+has the variables that turn on the S3 tuning cache (MLCI_CACHE_URL, one AWS role per trust tier):
+S3 is a moto server, and the credentials stand-in records which role each job asked for.
 
 Asserted as a user would see it: the README's setup runs green; the plan job made one bench
 job per target, each left a results file, the report job posted one sticky comment and wrote
 the job summary, the workflow fails when the head model is slower and passes when it is not,
-and a later run restores the tuning cache an earlier one saved.
+and a later run restores the tuning cache an earlier one saved. The push to the default branch
+assumed the default branch's role and filled the shared tier on S3; a pull request on a fresh
+runner (no Actions cache, no .mlci/) assumed the pull-request role, searched nothing the default
+branch had searched, and left the shared tier as it was.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import git, new_git_repo, save, tiny_mlp
 from .github_server import FakeGitHub
+from .servers import FAKE_AWS, MotoServer, free_port, mlflow_server, moto_server
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +50,19 @@ STANDINS = Path(__file__).resolve().parent / "act" / "standins"
 ACT = Path(sys.executable).parent / "act"
 ACTION_REPO = "mlci-dev/mlci@v0"
 PR = 7
+BUCKET, PREFIX = "tuning", "widgets"
+MAIN_ROLE = "arn:aws:iam::123456789012:role/mlci-cache-main"
+PR_ROLE = "arn:aws:iam::123456789012:role/mlci-cache-pr"
+# The repository variables the starter workflows read (Settings > Secrets and variables > Actions).
+VARIABLES = {"MLCI_CACHE_URL": f"s3://{BUCKET}/{PREFIX}", "MLCI_AWS_ROLE": MAIN_ROLE, "MLCI_AWS_PR_ROLE": PR_ROLE,
+             "AWS_REGION": "eu-west-1"}
+
+
+def aws_credentials_action() -> str:
+    """The configure-aws-credentials reference the reusable workflow pins (owner/repo@sha)."""
+    jobs = yaml.safe_load((ROOT / ".github" / "workflows" / "mlci.yml").read_text())["jobs"]
+    [uses] = {s["uses"] for s in jobs["bench"]["steps"] if str(s.get("uses", "")).startswith("aws-actions/")}
+    return uses
 
 # The edit made to the config `mlci init` wrote, before the pull requests: a second target on a
 # self-hosted runner, and a handful of trials (enough to fill the tuning cache the next run restores).
@@ -106,11 +132,24 @@ def pull_requests(consumer: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    """This checkout as the action, the fake GitHub, and the stand-ins' storage, shared by both runs."""
+    """This checkout as the action, the fake GitHub, S3, and the stand-ins' storage, shared by all runs."""
     tmp = tmp_path_factory.mktemp("act")
     action = tracked_tree(ROOT, tmp / "mlci")
-    with FakeGitHub() as gh:
-        yield {"tmp": tmp, "action": action, "gh": gh}
+    with FakeGitHub() as gh, moto_server() as s3:
+        s3.s3().create_bucket(Bucket=BUCKET)
+        yield {"tmp": tmp, "action": action, "gh": gh, "s3": s3}
+
+
+def s3_keys(s3: MotoServer, tier: str) -> set[str]:
+    listed = s3.s3().list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{tier}/")
+    return {o["Key"] for o in listed.get("Contents", [])}
+
+
+def roles_asked(world: dict, run: str) -> list[tuple[str, str]]:
+    """(job, role) for each role a job of `run` asked the credentials stand-in for."""
+    path = world["tmp"] / "aws-roles.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r["job"], r["role"]) for r in records if r["run"] == run]
 
 
 REPOSITORY = {"full_name": "octo-org/widgets", "name": "widgets", "owner": {"login": "octo-org"}, "default_branch": "main"}
@@ -137,8 +176,11 @@ def pull_request_event(repo: Path, head_branch: str) -> dict:
 def run_act(
     repo: Path, world: dict, head_branch: str, run: str,
     event: tuple[str, dict] | None = None, workflow: str = ".github/workflows/mlci.yml",
+    actions_cache: Path | None = None, variables: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """The workflow for a push to main (head_branch "main") or for pull request #7 from head_branch."""
+    """The workflow for a push to main (head_branch "main") or for pull request #7 from head_branch
+    (`actions_cache`: the Actions cache's storage, instead of the one the runs share; `variables`:
+    repository variables besides VARIABLES)."""
     gh: FakeGitHub = world["gh"]
     tmp: Path = world["tmp"]
     git(repo, "checkout", "-q", head_branch)
@@ -154,13 +196,17 @@ def run_act(
         "MLCI_TEST_BASE_PYTHON": getattr(sys, "_base_executable", sys.executable),
         "MLCI_TEST_SITE_PACKAGES": sysconfig.get_paths()["purelib"],
         "MLCI_TEST_TMP": str(tmp),
-        "MLCI_TEST_CACHE": str(tmp / "actions-cache"),
+        "MLCI_TEST_CACHE": str(actions_cache or tmp / "actions-cache"),
         "MLCI_TEST_ARTIFACTS": str(tmp / "artifacts"),
         "MLCI_TEST_RUN": run,
         # Install mlci from the action's checkout with what is installed here: no index, no isolation.
         "PIP_NO_INDEX": "1",
         "PIP_NO_BUILD_ISOLATION": "0",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        # S3 is moto: where it listens (boto3 reads this), and the credentials a role stand-in hands out.
+        "AWS_ENDPOINT_URL_S3": world["s3"].url,
+        "MLCI_TEST_AWS_ACCESS_KEY_ID": FAKE_AWS["AWS_ACCESS_KEY_ID"],
+        "MLCI_TEST_AWS_SECRET_ACCESS_KEY": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
     }
     args = [
         str(ACT), event_name, "-e", str(event_path),
@@ -171,13 +217,17 @@ def run_act(
         "--local-repository", f"actions/cache@v5={STANDINS / 'cache'}",
         "--local-repository", f"actions/upload-artifact@v6={STANDINS / 'upload-artifact'}",
         "--local-repository", f"actions/download-artifact@v7={STANDINS / 'download-artifact'}",
+        "--local-repository", f"{aws_credentials_action()}={STANDINS / 'configure-aws-credentials'}",
         "--action-cache-path", str(tmp / "act-cache"),
         "--no-cache-server",
         "-s", f"GITHUB_TOKEN={gh.token}",
     ]
     for key, value in test_env.items():
         args += ["--env", f"{key}={value}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLFLOW_", "PIP_", "VIRTUAL_ENV"))}
+    for key, value in {**VARIABLES, **(variables or {})}.items():
+        args += ["--var", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GITHUB_", "MLFLOW_", "PIP_", "VIRTUAL_ENV", "AWS_", "MLCI_"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != str(ACT.parent))
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
     (tmp / f"act-{run}.log").write_text(done.stdout + done.stderr)
@@ -207,6 +257,11 @@ def test_the_readme_setup_runs_green_on_the_default_branch(consumer: Path, world
     assert data["models"][0]["status"] == "ok" and data["models"][0]["tuning"]["trials_new"] > 0
     assert "gate passed" in log and gh.comments == {}  # no pull request: the status and the summary only
     assert gh.statuses[git(consumer, "rev-parse", "main")][-1]["state"] == "success"
+    # The default branch's role, and what it tuned is in the shared tier for every later run.
+    assert roles_asked(world, "push") == [("bench", MAIN_ROLE)], tail(done)
+    assert "session-for-" not in log  # the role's credentials are masked wherever they would show
+    assert s3_keys(world["s3"], "main"), tail(done)
+    assert not s3_keys(world["s3"], f"pr-{PR}")
 
 
 def run_pull_request(consumer: Path, world: dict, head_branch: str, run: str):
@@ -287,3 +342,100 @@ def test_fork_pull_request_is_commented_by_the_workflow_run_stage(consumer: Path
     assert len(comments) == 1 and "regression" in comments[0]["body"]
     assert ("GET", f"/repos/{gh.repository}/pulls/{PR}") in [(r.method, r.path) for r in gh.requests]
     assert len(gh.statuses[head]) == statuses_before + 1 and gh.statuses[head][-1]["state"] == "failure"
+
+
+class _Forward(BaseHTTPRequestHandler):
+    """Forwards each request to `upstream` (host:port) and its reply back."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = ""
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        host, port = self.upstream.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers={**headers, "Host": self.upstream})
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        self.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@contextmanager
+def server_back_once(upstream: str, port: int, back: Callable[[], bool]) -> Iterator[threading.Event]:
+    """Nothing listens on 127.0.0.1:`port` (connections refused: the server is down) until `back()`
+    holds; from then on `port` forwards to `upstream`. The event is set once it is back."""
+    is_back, stop = threading.Event(), threading.Event()
+    servers: list[ThreadingHTTPServer] = []
+
+    def watch() -> None:
+        while not stop.is_set() and not back():
+            time.sleep(0.1)
+        if stop.is_set():
+            return
+        proxy = ThreadingHTTPServer(("127.0.0.1", port), type("Forward", (_Forward,), {"upstream": upstream}))
+        servers.append(proxy)
+        is_back.set()
+        proxy.serve_forever(poll_interval=0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield is_back
+    finally:
+        stop.set()
+        for proxy in servers:
+            proxy.shutdown()
+            proxy.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_pull_request_on_a_fresh_runner_takes_the_default_branchs_kernels_from_s3(
+        consumer: Path, pull_requests: Path, world: dict, tmp_path: Path):
+    """No Actions cache and no .mlci/ on this runner: the kernels the push to main tuned come from S3
+    (none searched again), under the pull-request role, and the shared tier is left as it was.
+
+    The MLflow server is down while the bench jobs run and back by the time the report job runs:
+    each bench job keeps its MLflow work beside its results, the results artifact carries it, and
+    the report job logs it (one run per target) before it comments."""
+    s3: MotoServer = world["s3"]
+    shared_before = s3_keys(s3, "main")
+    empty_cache = world["tmp"] / "actions-cache-fresh"
+    artifacts = world["tmp"] / "artifacts" / "fresh"
+    port = free_port()
+    s3.s3().create_bucket(Bucket="mlflow")
+    with mlflow_server(tmp_path / "mlflow", "s3://mlflow/artifacts", env=s3.env) as server, \
+            server_back_once(server.url.removeprefix("http://"), port,
+                             lambda: len(list(artifacts.glob("mlci-results-*/*.json"))) == 2) as is_back:
+        done = run_act(consumer, world, "docs", "fresh", actions_cache=empty_cache,
+                       variables={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, tail(done)
+        assert is_back.is_set()
+        runs = server.client().search_runs(
+            [e.experiment_id for e in server.client().search_experiments()],
+            filter_string=f"tags.`mlci.repository` = '{REPOSITORY['full_name']}'")
+    pending = sorted(p.name for p in artifacts.glob("mlci-results-*/*.mlflow-pending"))
+    assert pending == ["cpu-generic.json.mlflow-pending", "cpu.json.mlflow-pending"], tail(done)
+    assert sorted(r.data.tags["mlci.target"] for r in runs) == ["cpu", "cpu-generic"], tail(done)
+    [comment] = world["gh"].comments[PR]
+    assert all(f"http://127.0.0.1:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}" in comment["body"]
+               for r in runs), comment["body"]  # the comment, written after the sync, links both runs
+    assert "Cache not found for input keys: mlci-tuning-v1-cpu-" in log  # a fresh runner indeed
+    results = results_of(world, "fresh")
+    tuning = results["mlci-results-cpu"]["models"][0]["tuning"]
+    assert tuning["trials_new"] == 0 and tuning["kernels_from_remote"] > 0, tuning
+    assert s3_keys(s3, "main") == shared_before
+    assert sorted(roles_asked(world, "fresh")) == [("bench", PR_ROLE), ("bench", PR_ROLE)], tail(done)

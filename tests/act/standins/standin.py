@@ -1,10 +1,11 @@
 """Local stand-ins for the GitHub-hosted actions mlci's workflows use, for the act end-to-end test.
 
 act runs the jobs on this host but cannot download actions (no GitHub here), so the test maps
-actions/setup-python, actions/cache, actions/upload-artifact and actions/download-artifact to these
-(`act --local-repository`). They keep the contract the workflows rely on: inputs, outputs, where
-files land, and the Actions cache's immutable keys with restore-keys prefix matching. Storage lives in
-directories the test hands over through MLCI_TEST_* variables. Standard library only.
+actions/setup-python, actions/cache, actions/upload-artifact, actions/download-artifact and
+aws-actions/configure-aws-credentials to these (`act --local-repository`). They keep the contract the
+workflows rely on: inputs, outputs, where files land, and the Actions cache's immutable keys with
+restore-keys prefix matching. Storage lives in directories the test hands over through MLCI_TEST_*
+variables. Standard library only.
 """
 
 from __future__ import annotations
@@ -150,6 +151,39 @@ def download_artifact() -> None:
     _output(**{"download-path": str(dest)})
 
 
+def configure_aws_credentials() -> None:
+    """Records the role asked for (MLCI_TEST_TMP/aws-roles.jsonl: run, job, role, region) and, as if it
+    had been assumed, exports the test's S3 credentials (MLCI_TEST_AWS_*) like the real action: masked,
+    into the job's environment, and as step outputs with output-credentials."""
+    import json
+
+    role, region = _input("role-to-assume"), _input("aws-region")
+    if not region:
+        print("::error::Input required and not supplied: aws-region")
+        sys.exit(1)
+    with open(Path(os.environ["MLCI_TEST_TMP"]) / "aws-roles.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"run": os.environ.get("MLCI_TEST_RUN"), "job": os.environ.get("GITHUB_JOB"),
+                            "role": role, "region": region,
+                            "duration": _input("role-duration-seconds")}) + "\n")
+    keys = {
+        "AWS_ACCESS_KEY_ID": os.environ["MLCI_TEST_AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ["MLCI_TEST_AWS_SECRET_ACCESS_KEY"],
+        "AWS_SESSION_TOKEN": f"session-for-{role.rsplit('/', 1)[-1]}",
+    }
+    for value in keys.values():
+        print(f"::add-mask::{value}")
+    with open(os.environ["GITHUB_ENV"], "a", encoding="utf-8") as f:
+        for key, value in {**keys, "AWS_REGION": region, "AWS_DEFAULT_REGION": region}.items():
+            f.write(f"{key}={value}\n")
+    outputs = {"aws-account-id": "123456789012"}
+    if _input("output-credentials") == "true":
+        outputs.update({"aws-access-key-id": keys["AWS_ACCESS_KEY_ID"],
+                        "aws-secret-access-key": keys["AWS_SECRET_ACCESS_KEY"],
+                        "aws-session-token": keys["AWS_SESSION_TOKEN"]})
+    _output(**outputs)
+    print(f"Assumed role {role}")
+
+
 if __name__ == "__main__":
     {
         "setup-python": setup_python,
@@ -157,4 +191,5 @@ if __name__ == "__main__":
         "cache-save": cache_save,
         "upload-artifact": upload_artifact,
         "download-artifact": download_artifact,
+        "configure-aws-credentials": configure_aws_credentials,
     }[sys.argv[1]]()
