@@ -367,10 +367,14 @@ def test_no_cache_url_means_no_role_and_a_missing_role_means_none_assumed():
 def test_the_roles_keys_win_over_static_keys_which_still_serve_where_no_role_is_assumed():
     """The static AWS secrets (an S3-compatible store, MLflow's artifacts) must not mask the role's
     credentials, which the role step also exports: the step's own env would win over those."""
-    job = load(REUSABLE)["jobs"]["bench"]
-    mlci = step(job, id="run")
-    role_step = step(job, id="aws")
-    assert role_step["with"]["output-credentials"] is True
+    for name in ("bench", "tune"):
+        job = load(REUSABLE)["jobs"][name]
+        role_step = step(job, id="aws")
+        assert role_step["with"]["output-credentials"] is True
+        mlci_env_uses_the_roles_keys(step(job, uses=f"{MLCI_REPO}@"))
+
+
+def mlci_env_uses_the_roles_keys(mlci: dict) -> None:
     for with_role in (True, False):
         outputs = {"aws-access-key-id": "ROLEKEY", "aws-secret-access-key": "ROLESECRET",
                    "aws-session-token": "ROLETOKEN"} if with_role else {}
@@ -489,3 +493,22 @@ def test_the_action_saves_the_tuning_cache_from_run_only():
     assert "inputs.command == 'tune'" in steps["Tuning cache key"]["if"]
     assert "inputs.command == 'run'" in steps["Save the tuning cache"]["if"]
     assert "'tune'" not in steps["Save the tuning cache"]["if"]
+
+
+def test_the_expression_evaluator_follows_githubs_rules():
+    """The tests above are only as good as tests/gh_expr.py: GitHub's rules it relies on."""
+    from .gh_expr import ExpressionError, evaluate
+
+    ctx = {"github": {"repository": "Octo-Org/Widgets", "event": {}}, "inputs": {"a": "", "b": "x", "n": 0}}
+    assert evaluate("inputs.a && 'yes' || 'no'", ctx) == "no"  # && and || return an operand
+    assert evaluate("inputs.b && 'yes' || 'no'", ctx) == "yes"
+    assert evaluate("github.repository == 'octo-org/widgets'", ctx) is True  # strings: case-insensitive
+    assert evaluate("github.event.pull_request.head.repo.full_name", ctx) is None  # a missing property is null
+    assert evaluate("!github.event.pull_request", ctx) is True
+    assert evaluate("inputs.n > 0", ctx) is False and evaluate("inputs.n == ''", ctx) is True  # '' and 0 coerce to 0
+    assert evaluate("format('refs/heads/{0}', 'main')", ctx) == "refs/heads/main"
+    assert evaluate("fromJSON('2') > 1", ctx) is True
+    assert condition("inputs.b != ''", ctx) and not condition("inputs.b != ''", ctx, status="failure")
+    assert condition("always()", ctx, status="failure")
+    with pytest.raises(ExpressionError):
+        evaluate("hashFiles('x')", ctx)
