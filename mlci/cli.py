@@ -430,6 +430,58 @@ def sync(
         raise typer.Exit(1)
 
 
+@app.command()
+def history(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")] = Path(DEFAULT_CONFIG_NAME),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model.")] = None,
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Only this target.")] = None,
+    branch: Annotated[
+        str | None, typer.Option(help="The branch whose commits to show (default: origin's HEAD, else main).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="The newest N commits of each model x target.")] = 30,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or html (a self-contained report).")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the config, or .mlci/mlflow.db)."),
+    ] = None,
+) -> None:
+    """Each model x target over a branch's commits, from MLflow: medians, change vs the previous commit by the
+    gate's rule, environment changes; as a table, JSON or an HTML report with charts."""
+    from mlci.commands.history import (
+        HistoryOptions,
+        HistoryUsageError,
+        execute,
+        notes_of_rows,
+        table_text,
+        tables,
+        to_html,
+        to_json,
+        write_output,
+    )
+    from mlci.history import HistoryStoreError
+
+    with _exit_codes(ConfigError, HistoryUsageError, HistoryStoreError):
+        cfg = load_config(config)
+        outcome = execute(cfg, HistoryOptions(model=model, target=target, branch=branch, limit=limit,
+                                              format=output_format, tracking_uri=tracking_uri))
+        render = {"json": to_json, "html": to_html, "table": table_text}[output_format]
+        text = render(outcome) if output is not None or output_format != "table" else None
+        if output is not None:
+            write_output(output, text)
+    for note in outcome.notes:
+        err.print(escape(note), highlight=False)
+    if output is not None:
+        err.print(f"wrote {escape(str(output))}", highlight=False)
+    elif text is not None:
+        sys.stdout.write(text)
+    else:
+        for table in tables(outcome):
+            out.print(table)
+        for line in notes_of_rows(outcome):
+            out.print(escape(line), highlight=False, soft_wrap=True)
+
+
 def entrypoint() -> None:
     try:
         app()
