@@ -15,6 +15,7 @@ import os
 import threading
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +118,8 @@ def with_results(record: RunRecord, stored: dict[str, Any] | None) -> RunRecord:
     import dataclasses
 
     if stored is None:
-        return dataclasses.replace(record, samples_problem="no results.json in the MLflow run: not compared")
+        return dataclasses.replace(record, samples_problem="the MLflow run's results.json is missing or could not be "
+                                                            "downloaded: not compared")
     try:
         results = Results.from_dict(stored)
     except ResultsError as exc:
@@ -165,7 +167,11 @@ def _read(uri: str, experiment: str, branch: str, model: str | None, target: str
     records = [r for run in runs if not run.data.tags.get("mlci.pr")
                if (r := record_of(run, store.run_url(run.info.run_id))) is not None]
     chosen = latest_commits(records, limit)
-    filled = [with_results(r, store._stored_results(r.run_id)) for r in chosen]
+    # One download per run: over HTTP several at a time (a few hundred runs one by one would take most of the deadline).
+    workers = 8 if uri.startswith(("http://", "https://")) else 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlci-history-artifacts") as pool:
+        stored = list(pool.map(lambda r: store._stored_results(r.run_id), chosen))
+    filled = [with_results(r, s) for r, s in zip(chosen, stored, strict=True)]
     models, targets = store.names_on(branch) if not filled else ([], [])
     return StoreRuns(filled, models=models, targets=targets, truncated=truncated)
 

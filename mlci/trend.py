@@ -372,7 +372,8 @@ def chart_svg(series: Series) -> str:
         ax.set_ylabel(f"latency ({unit})")
         ax.grid(axis="y", alpha=0.3)
         if measured:
-            ax.set_ylim(bottom=0)  # latencies: a change reads at its true size from zero
+            top = max(values) * scale
+            ax.set_ylim(0, top * 1.12)  # from zero: a change reads at its true size; room above for the markers
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg", metadata={"Date": None})

@@ -160,20 +160,22 @@ def test_an_unknown_model_is_refused_naming_the_known_ones(project: Project) -> 
     done = mlci("history", "-c", project.config, "--model", "tinny")
     assert done.exit_code == 2
     assert "--model tinny: no such model" in done.output and "known: tiny" in done.output
+    done = mlci("history", "-c", project.config, "--target", "gpu")
+    assert done.exit_code == 2 and "--target gpu: no such target" in done.output and "known: cpu" in done.output
 
 
 # --- environment changes, regressions, missing samples (runs logged as mlci run logs them) ----
 
 
 def _log(tracker, tmp: Path, commit: str, samples: list[float] | None, *, fingerprint: str = "fp", tvm: str = "0.27",
-         model: str = "m") -> str:
+         model: str = "m", pr: int | None = None) -> str:
     """One run of `commit` as `mlci run` logs it: tags, metrics, and a results.json (unless `samples` is None)."""
     median = sorted(samples)[len(samples) // 2] if samples else 1.0
     m = ModelResult(name=model, path=f"{model}.onnx", sha256="0" * 64, threshold=0.05,
                     latency_ms=Latency(samples=samples or [median], median=median, mean=median, std=0.0, min=median,
                                        p90=median, n=len(samples or [median])),
                     peer=PeerInfo(onnxruntime_median_ms=2.0, speedup=2.0 / median))
-    results = Results(git=GitInfo(commit=commit, branch="main"),
+    results = Results(git=GitInfo(commit=commit, branch="main", pr=pr),
                       target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"},
                                         fingerprint=Fingerprint(hash=fingerprint, tvm=tvm, cpu="znver5")),
                       models=[m])
@@ -192,11 +194,25 @@ def _steady(level: float, n: int = 30) -> list[float]:
     return [level * (1 + 0.002 * ((i * 7) % 5 - 2)) for i in range(n)]
 
 
+@pytest.fixture(scope="module")
+def new_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store with mlci's experiment and no runs. Creating one runs MLflow's migrations
+    (seconds); each test starts from a copy. The copies share the experiment's artifact directory,
+    where each run has its own."""
+    from mlci.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("store")
+    Tracker(f"sqlite:///{root / 'mlflow.db'}", "mlci", artifact_root=root / "mlartifacts")
+    return root / "mlflow.db"
+
+
 @pytest.fixture
-def store(tmp_path: Path):  # noqa: ANN201 - (config path, uri, tracker)
+def store(tmp_path: Path, new_store: Path):  # noqa: ANN201 - (config path, tracker, directory)
     from mlci.tracking import Tracker
 
     write_config(tmp_path, '[[models]]\nname = "m"\npath = "m.onnx"\n')
+    (tmp_path / ".mlci").mkdir()
+    shutil.copy(new_store, tmp_path / ".mlci" / "mlflow.db")
     uri = f"sqlite:///{tmp_path / '.mlci' / 'mlflow.db'}"
     return str(tmp_path / "mlci.toml"), Tracker(uri, "mlci", artifact_root=tmp_path / ".mlci" / "mlartifacts"), tmp_path
 
@@ -257,8 +273,18 @@ def test_a_run_without_samples_is_shown_but_not_compared(store) -> None:
     _log(tracker, root, "c3", _steady(1.5))
     rows = _json(config)["series"][0]["rows"]
     assert rows[1]["median_ms"] == 1.0 and rows[1]["samples"] == 0 and rows[1]["verdict"] is None
-    assert rows[1]["note"] == "no results.json in the MLflow run: not compared"
+    assert rows[1]["note"] == "the MLflow run's results.json is missing or could not be downloaded: not compared"
     assert rows[2]["previous_commit"] == "c1" and rows[2]["verdict"] == "regression"  # against the last one with samples
+
+
+def test_a_pull_requests_runs_stay_out_even_from_a_branch_named_main(store) -> None:
+    """A fork's pull request from its own main is tagged branch main: its runs are the PR's, not main's history."""
+    config, tracker, root = store
+    _log(tracker, root, "c1", _steady(1.0))
+    _log(tracker, root, "fork", _steady(5.0), pr=7)
+    _log(tracker, root, "c2", _steady(1.0))
+    rows = _json(config)["series"][0]["rows"]
+    assert [r["commit"] for r in rows] == ["c1", "c2"] and rows[1]["verdict"] == "unchanged"
 
 
 def test_n_keeps_the_newest_commits_and_each_model_gets_its_own_series(store) -> None:
