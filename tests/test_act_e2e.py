@@ -15,9 +15,10 @@ Asserted as a user would see it: the README's setup runs green; the plan job mad
 job per target, each left a results file, the report job posted one sticky comment and wrote
 the job summary, the workflow fails when the head model is slower and passes when it is not,
 and a later run restores the tuning cache an earlier one saved. The push to the default branch
-assumed the default branch's role and filled the shared tier on S3; a pull request on a fresh
-runner (no Actions cache, no .mlci/) assumed the pull-request role, searched nothing the default
-branch had searched, and left the shared tier as it was.
+assumed the default branch's role and filled the shared tier on S3; the second pull request runs
+on a fresh runner (no Actions cache, no .mlci/): it assumed the pull-request role, searched nothing
+the default branch had searched, and left the shared tier as it was. Its MLflow server is down
+while the bench jobs run and back for the report job, which logs what they could not.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import yaml
 
 from .conftest import git, new_git_repo, save, tiny_mlp
 from .github_server import FakeGitHub
-from .servers import FAKE_AWS, MotoServer, free_port, mlflow_server, moto_server
+from .servers import FAKE_AWS, MlflowServer, MotoServer, free_port, mlflow_server, moto_server
 
 pytestmark = pytest.mark.slow
 
@@ -264,9 +265,9 @@ def test_the_readme_setup_runs_green_on_the_default_branch(consumer: Path, world
     assert not s3_keys(world["s3"], f"pr-{PR}")
 
 
-def run_pull_request(consumer: Path, world: dict, head_branch: str, run: str):
+def run_pull_request(consumer: Path, world: dict, head_branch: str, run: str, **kwargs):
     """The PR workflow from head_branch; every API call valid, one results artifact per target."""
-    done = run_act(consumer, world, head_branch, run)
+    done = run_act(consumer, world, head_branch, run, **kwargs)
     assert world["gh"].errors == [], world["gh"].errors
     results = results_of(world, run)
     assert sorted(results) == ["mlci-results-cpu", "mlci-results-cpu-generic"], tail(done)
@@ -298,20 +299,160 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
     assert "Summary - " in log and "mlci FAIL" in log  # act echoes what was written to the job summary
     head = git(consumer, "rev-parse", "slower")
     assert gh.statuses[head][-1]["state"] == "failure"
-    # the bench jobs saved the tuning cache they filled
+    # the bench jobs restored what the push to main saved (same target, another config), and saved what they filled
+    assert "Cache restored from key: mlci-tuning-v1-cpu-" in log, tail(done)
     assert any((world["tmp"] / "actions-cache").iterdir()), tail(done)
 
 
-def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, pull_requests: Path, world: dict):
+class _Forward(BaseHTTPRequestHandler):
+    """Forwards each request to the server `upstream()` names (http://host:port) and its reply back."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: Callable[[], str]
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        address = type(self).upstream().removeprefix("http://")
+        host, port = address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers={**headers, "Host": address})
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        self.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@contextmanager
+def mlflow_server_starting(tmp: Path, s3: MotoServer) -> Iterator[Callable[[], MlflowServer]]:
+    """An MLflow server (artifacts on `s3`) started in the background while the test goes on; the
+    function waits for it to be up and returns it."""
+    s3.s3().create_bucket(Bucket="mlflow")
+    up, stop = threading.Event(), threading.Event()
+    holder: dict = {}
+
+    def serve() -> None:
+        try:
+            with mlflow_server(tmp, "s3://mlflow/artifacts", env=s3.env) as server:
+                holder["server"] = server
+                up.set()
+                stop.wait()
+        except BaseException as exc:  # handed to whoever waits for the server
+            holder["error"] = exc
+            up.set()
+
+    def ready() -> MlflowServer:
+        assert up.wait(timeout=180), "the MLflow server did not start within 180 s"
+        if "error" in holder:
+            raise holder["error"]
+        return holder["server"]
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield ready
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+@contextmanager
+def server_back_once(upstream: Callable[[], str], port: int, back: Callable[[], bool]) -> Iterator[threading.Event]:
+    """Nothing listens on 127.0.0.1:`port` (connections refused: the server is down) until `back()`
+    holds; from then on `port` forwards to the server `upstream()` names. The event is set once it is back."""
+    is_back, stop = threading.Event(), threading.Event()
+    servers: list[ThreadingHTTPServer] = []
+
+    def watch() -> None:
+        while not stop.is_set() and not back():
+            time.sleep(0.1)
+        if stop.is_set():
+            return
+        proxy = ThreadingHTTPServer(("127.0.0.1", port), type("Forward", (_Forward,), {"upstream": staticmethod(upstream)}))
+        servers.append(proxy)
+        is_back.set()
+        proxy.serve_forever(poll_interval=0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield is_back
+    finally:
+        stop.set()
+        for proxy in servers:
+            proxy.shutdown()
+            proxy.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def fresh_run(consumer: Path, pull_requests: Path, world: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Pull request #7 from `docs` (the model unchanged) on a fresh runner: an empty Actions cache, and
+    (as every act run) a workspace of its own, so no .mlci/. The MLflow server is down while the
+    bench jobs run and back once both have uploaded their results, before the report job."""
+    s3: MotoServer = world["s3"]
+    shared_before = s3_keys(s3, "main")
+    artifacts = world["tmp"] / "artifacts" / "run2"
+    port = free_port()
+    with mlflow_server_starting(tmp_path_factory.mktemp("mlflow"), s3) as server, \
+            server_back_once(lambda: server().url, port,
+                             lambda: len(list(artifacts.glob("mlci-results-*/*.json"))) == 2) as is_back:
+        done, log, results = run_pull_request(
+            consumer, world, "docs", "run2", actions_cache=world["tmp"] / "actions-cache-fresh",
+            variables={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+        client = server().client()
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.`mlci.repository` = '{REPOSITORY['full_name']}'")
+    return {"done": done, "log": log, "results": results, "shared_before": shared_before, "port": port,
+            "back": is_back.is_set(), "runs": runs, "comments": [c["body"] for c in world["gh"].comments.get(PR, [])],
+            "pending": sorted(p.name for p in artifacts.glob("mlci-results-*/*.mlflow-pending"))}
+
+
+def test_unchanged_head_passes_and_updates_the_same_comment(consumer: Path, fresh_run: dict, world: dict):
     gh: FakeGitHub = world["gh"]
-    done, log, _ = run_pull_request(consumer, world, "docs", "run2")
+    done = fresh_run["done"]
     assert done.returncode == 0, tail(done)
-    assert "Cache restored from key: mlci-tuning-v1-cpu-" in log  # incremental: the first run's records
-    comments = gh.comments.get(PR, [])
+    comments = fresh_run["comments"]
     assert len(comments) == 1  # sticky: updated in place, not a second comment
-    assert "mlci PASS" in comments[0]["body"] or "unchanged" in comments[0]["body"]
+    assert "mlci PASS" in comments[0] or "unchanged" in comments[0]
     head = git(consumer, "rev-parse", "docs")
     assert gh.statuses[head][-1]["state"] == "success"
+
+
+def test_a_pull_request_on_a_fresh_runner_takes_the_default_branchs_kernels_from_s3(fresh_run: dict, world: dict):
+    """The kernels the push to main tuned come from S3 (none searched again) under the pull-request
+    role, and the shared tier is left as it was."""
+    done = fresh_run["done"]
+    assert "Cache not found for input keys: mlci-tuning-v1-cpu-" in fresh_run["log"], tail(done)  # a fresh runner
+    tuning = fresh_run["results"]["mlci-results-cpu"]["models"][0]["tuning"]
+    assert tuning["trials_new"] == 0 and tuning["kernels_from_remote"] > 0, tuning
+    assert s3_keys(world["s3"], "main") == fresh_run["shared_before"]
+    assert s3_keys(world["s3"], f"pr-{PR}")  # what the pull requests tuned went to their own tier
+    assert roles_asked(world, "run2") == [("bench", PR_ROLE), ("bench", PR_ROLE)], tail(done)
+
+
+def test_mlflow_work_the_bench_jobs_could_not_log_is_logged_by_the_report_job(fresh_run: dict):
+    """Each bench job kept its MLflow work beside its results, the results artifact carried it, and the
+    report job logged it, one run per target, before it wrote the comment that links them."""
+    done, port = fresh_run["done"], fresh_run["port"]
+    assert fresh_run["back"], tail(done)
+    assert fresh_run["pending"] == ["cpu-generic.json.mlflow-pending", "cpu.json.mlflow-pending"], tail(done)
+    runs = fresh_run["runs"]
+    assert sorted(r.data.tags["mlci.target"] for r in runs) == ["cpu", "cpu-generic"], tail(done)
+    [comment] = fresh_run["comments"]
+    assert all(f"http://127.0.0.1:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}" in comment
+               for r in runs), comment
 
 
 def test_fork_pull_request_is_commented_by_the_workflow_run_stage(consumer: Path, pull_requests: Path, world: dict):
@@ -342,100 +483,3 @@ def test_fork_pull_request_is_commented_by_the_workflow_run_stage(consumer: Path
     assert len(comments) == 1 and "regression" in comments[0]["body"]
     assert ("GET", f"/repos/{gh.repository}/pulls/{PR}") in [(r.method, r.path) for r in gh.requests]
     assert len(gh.statuses[head]) == statuses_before + 1 and gh.statuses[head][-1]["state"] == "failure"
-
-
-class _Forward(BaseHTTPRequestHandler):
-    """Forwards each request to `upstream` (host:port) and its reply back."""
-
-    protocol_version = "HTTP/1.1"
-    upstream = ""
-
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        host, port = self.upstream.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        conn.request(self.command, self.path, body=body, headers={**headers, "Host": self.upstream})
-        reply = conn.getresponse()
-        data = reply.read()
-        conn.close()
-        self.send_response(reply.status)
-        for key, value in reply.getheaders():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
-@contextmanager
-def server_back_once(upstream: str, port: int, back: Callable[[], bool]) -> Iterator[threading.Event]:
-    """Nothing listens on 127.0.0.1:`port` (connections refused: the server is down) until `back()`
-    holds; from then on `port` forwards to `upstream`. The event is set once it is back."""
-    is_back, stop = threading.Event(), threading.Event()
-    servers: list[ThreadingHTTPServer] = []
-
-    def watch() -> None:
-        while not stop.is_set() and not back():
-            time.sleep(0.1)
-        if stop.is_set():
-            return
-        proxy = ThreadingHTTPServer(("127.0.0.1", port), type("Forward", (_Forward,), {"upstream": upstream}))
-        servers.append(proxy)
-        is_back.set()
-        proxy.serve_forever(poll_interval=0.1)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield is_back
-    finally:
-        stop.set()
-        for proxy in servers:
-            proxy.shutdown()
-            proxy.server_close()
-        thread.join(timeout=10)
-
-
-def test_a_pull_request_on_a_fresh_runner_takes_the_default_branchs_kernels_from_s3(
-        consumer: Path, pull_requests: Path, world: dict, tmp_path: Path):
-    """No Actions cache and no .mlci/ on this runner: the kernels the push to main tuned come from S3
-    (none searched again), under the pull-request role, and the shared tier is left as it was.
-
-    The MLflow server is down while the bench jobs run and back by the time the report job runs:
-    each bench job keeps its MLflow work beside its results, the results artifact carries it, and
-    the report job logs it (one run per target) before it comments."""
-    s3: MotoServer = world["s3"]
-    shared_before = s3_keys(s3, "main")
-    empty_cache = world["tmp"] / "actions-cache-fresh"
-    artifacts = world["tmp"] / "artifacts" / "fresh"
-    port = free_port()
-    s3.s3().create_bucket(Bucket="mlflow")
-    with mlflow_server(tmp_path / "mlflow", "s3://mlflow/artifacts", env=s3.env) as server, \
-            server_back_once(server.url.removeprefix("http://"), port,
-                             lambda: len(list(artifacts.glob("mlci-results-*/*.json"))) == 2) as is_back:
-        done = run_act(consumer, world, "docs", "fresh", actions_cache=empty_cache,
-                       variables={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
-        log = done.stdout + done.stderr
-        assert done.returncode == 0, tail(done)
-        assert is_back.is_set()
-        runs = server.client().search_runs(
-            [e.experiment_id for e in server.client().search_experiments()],
-            filter_string=f"tags.`mlci.repository` = '{REPOSITORY['full_name']}'")
-    pending = sorted(p.name for p in artifacts.glob("mlci-results-*/*.mlflow-pending"))
-    assert pending == ["cpu-generic.json.mlflow-pending", "cpu.json.mlflow-pending"], tail(done)
-    assert sorted(r.data.tags["mlci.target"] for r in runs) == ["cpu", "cpu-generic"], tail(done)
-    [comment] = world["gh"].comments[PR]
-    assert all(f"http://127.0.0.1:{port}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}" in comment["body"]
-               for r in runs), comment["body"]  # the comment, written after the sync, links both runs
-    assert "Cache not found for input keys: mlci-tuning-v1-cpu-" in log  # a fresh runner indeed
-    results = results_of(world, "fresh")
-    tuning = results["mlci-results-cpu"]["models"][0]["tuning"]
-    assert tuning["trials_new"] == 0 and tuning["kernels_from_remote"] > 0, tuning
-    assert s3_keys(s3, "main") == shared_before
-    assert sorted(roles_asked(world, "fresh")) == [("bench", PR_ROLE), ("bench", PR_ROLE)], tail(done)
