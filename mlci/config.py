@@ -96,6 +96,8 @@ class CacheConfig:
 
 
 CACHE_URL_ENV = "MLCI_CACHE_URL"
+CACHE_URL_OFF = "none"
+"""The value of CACHE_URL_ENV that turns the S3 level off."""
 
 
 def s3_url_problem(url: str) -> str | None:
@@ -184,8 +186,11 @@ class Config:
 
     def cache_url(self) -> str | None:
         """`MLCI_CACHE_URL` wins (a workflow sets it per repository), then ``[cache] url``; raises
-        ConfigError naming the variable when its value is no S3 URL."""
+        ConfigError naming the variable when its value is no S3 URL. ``none`` turns the shared cache
+        off whatever the config says (a fork's pull request, which has no credentials for it)."""
         env = os.environ.get(CACHE_URL_ENV, "").strip()
+        if env.lower() == CACHE_URL_OFF:
+            return None
         if env:
             problem = s3_url_problem(env)
             if problem:

@@ -390,6 +390,8 @@ def test_the_cache_url_is_configured_in_mlci_toml_or_by_environment(tmp_path: Pa
     assert config.cache_url() == "s3://team-bucket/mlci" and config.cache.pr_writes is False
     monkeypatch.setenv("MLCI_CACHE_URL", "s3://other/prefix")
     assert config.cache_url() == "s3://other/prefix"
+    monkeypatch.setenv("MLCI_CACHE_URL", "none")  # what the workflows give a fork's pull request
+    assert config.cache_url() is None
     monkeypatch.setenv("MLCI_CACHE_URL", "/mnt/cache")
     with pytest.raises(ConfigError, match="MLCI_CACHE_URL: '/mnt/cache' is not an s3:// URL"):
         config.cache_url()
