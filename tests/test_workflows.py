@@ -338,16 +338,16 @@ ROLES = {"cache-url": CACHE_URL, "aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE}
     ("same-repository pull request", PR_ROLE, CACHE_URL),
     ("push to a branch", None, CACHE_URL),
     ("manual run on a branch", None, CACHE_URL),
-    ("fork pull request", None, ""),
-    ("pull request from a deleted fork", None, ""),
+    ("fork pull request", None, "none"),
+    ("pull request from a deleted fork", None, "none"),
 ])
-def test_each_trust_tier_assumes_its_own_role_and_a_fork_gets_no_cache_url_and_no_role(kind: str, role, cache_url):
+def test_each_trust_tier_assumes_its_own_role_and_a_fork_gets_the_s3_cache_turned_off_and_no_role(kind: str, role, cache_url):
     bench = credentials("bench", kind, **ROLES)
     assert bench["runs"] and (bench["role"], bench["cache-url"]) == (role, cache_url)
     if role is None:
         assert bench["env"]["AWS_ACCESS_KEY_ID"] in ("", None) and bench["env"]["AWS_SESSION_TOKEN"] in ("", None)
     tune = credentials("tune", kind, shards=2, **ROLES)
-    assert tune["runs"] == (cache_url != "")
+    assert tune["runs"] == (cache_url not in ("", "none"))
     if tune["runs"]:
         assert tune["role"] == role and tune["cache-url"] == CACHE_URL
 
