@@ -170,7 +170,7 @@ def shared_remote(config: Config, shard: Shard) -> RemoteCache | None:
     return remote
 
 
-def plan_kernels(config: Config, imported: list[tuple[Imported, ModelSettings]]) -> list[ShardKernel]:
+def plan_kernels(imported: list[tuple[Imported, ModelSettings]]) -> list[ShardKernel]:
     """Every kernel of the run with the trials the unsharded plan gives it."""
     kernels = []
     for model, settings in imported:
@@ -218,7 +218,7 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
         result.kernels = len(model.kernels)
         imported.append((model, settings))
 
-    assignment = assign_shards(plan_kernels(config, imported), shard.count)
+    assignment = assign_shards(plan_kernels(imported), shard.count)
     outcome.kernels_in_run = len(assignment)
     mine = frozenset(key for key, owner in assignment.items() if owner == shard.index)
     owned: dict[str, ShardKernelResult] = {}
