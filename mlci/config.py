@@ -83,6 +83,9 @@ class GateConfig:
 class TrackingConfig:
     uri: str | None = None
     experiment: str = "mlci"
+    register: bool | str = True
+    """Which branch's runs register their builds in the MLflow model registry (``mlci-MODEL-TARGET``):
+    true, the repository's default branch; a branch name; or false, none."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,7 @@ _SECTIONS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "tracking": {
         "uri": ((str,), "a string"),
         "experiment": ((str,), "a string"),
+        "register": ((str,), "a branch name, true (the default branch) or false"),
     },
     "gate": {
         "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
@@ -253,6 +257,8 @@ _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_NAME = _TARGET_NAME
 """A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
 _FRACTIONS = {"threshold", "confidence"}
+_BRANCH_OR_FLAG = {"register"}
+"""Keys that take true, false or a branch name."""
 _POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
 
@@ -300,6 +306,12 @@ def _check_table(table: dict, schema: dict, where: str, problems: list[str]) -> 
             problems.append(_unknown(key, where, schema))
             continue
         types, type_name = schema[key]
+        if key in _BRANCH_OR_FLAG and isinstance(value, bool):
+            out[key] = value
+            continue
+        if key in _BRANCH_OR_FLAG and isinstance(value, str) and not value.strip():
+            problems.append(f"{where}{key}: expected {type_name}, got an empty string")
+            continue
         if not _type_ok(value, types):
             problems.append(f"{where}{key}: expected {type_name}, got {type(value).__name__} {value!r}")
             continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
@@ -255,6 +256,30 @@ def _stage(status: Status, what: str, partial: Compiled | None = None) -> Iterat
         raise error from exc
 
 
+INTERFACE_FILE = "interface.json"
+
+
+def library_interface(prepared: PreparedModel) -> dict[str, list[dict[str, Any]]]:
+    """Name, dtype and shape of each input and output, in the order the library's `main` takes and
+    returns them (-1: a dimension the model leaves open); `mlci.serving` reads it."""
+    import onnx
+
+    inputs = [{"name": s.name, "dtype": np.dtype(s.dtype).name, "shape": list(s.shape)} for s in prepared.inputs]
+    graph = prepared.folded.graph
+    try:  # the declared output shapes may still name dimensions that the bound inputs fix
+        graph = onnx.shape_inference.infer_shapes(prepared.folded).graph
+    except Exception as exc:  # e.g. over 2 GB, or an operator the inference does not know
+        log.info("%s: output shapes not inferred (%s)", prepared.name, exc)
+    outputs = []
+    for value in graph.output:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        # A tensor output's type is always declared (the checker requires it); a sequence's is not a tensor's.
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else np.dtype(object)
+        outputs.append({"name": value.name, "dtype": np.dtype(dtype).name, "shape": dims})
+    return {"inputs": inputs, "outputs": outputs}
+
+
 # --- the chain ----------------------------------------------------------------------------
 
 
@@ -475,7 +500,8 @@ class Pipeline:
         return self.tune_and_build(self.import_model(prepared, label), settings, label)
 
     def export(self, compiled: Compiled, out_dir: Path) -> tuple[Path, Path]:
-        """The tuning records of the model's kernels and the compiled library (run artifacts)."""
+        """The tuning records of the model's kernels and the compiled library (run artifacts), and
+        what the library takes and returns (``interface.json``, which makes it an MLflow model)."""
         assert compiled.imported is not None and compiled.executable is not None
         out_dir.mkdir(parents=True, exist_ok=True)
         records = out_dir / "tuning_records.json"
@@ -485,6 +511,8 @@ class Pipeline:
             shutil.copyfile(compiled.library, library)
         else:
             tvm_compile.export_library(compiled.executable, library)
+        interface = library_interface(compiled.imported.prepared)
+        (out_dir / INTERFACE_FILE).write_text(json.dumps(interface, indent=1) + "\n", encoding="utf-8")
         return records, library
 
     # check and measure

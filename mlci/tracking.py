@@ -28,7 +28,17 @@ from typing import Any, Protocol
 from filelock import FileLock
 
 from mlci.config import seconds_from_env
-from mlci.results import Fingerprint, GitInfo, History, Latency, ModelResult, Results, TrendPoint, write_results
+from mlci.results import (
+    Fingerprint,
+    GitInfo,
+    History,
+    Latency,
+    ModelResult,
+    Results,
+    Status,
+    TrendPoint,
+    write_results,
+)
 
 # MLflow's defaults (7 retries, backoff factor 2, 120 s a read) hang each call for minutes on a down
 # server. These bound one call to about half a minute; the user's own settings win.
@@ -134,6 +144,38 @@ def job_key(git: GitInfo, target: str, model: str, invocation: str) -> str:
     second run of the commit (which baselines and trends would have to choose between).
     `invocation` is the CI run id, or a fresh id per `mlci run` outside CI."""
     return "/".join([git.repository or "norepo", git.run_id or invocation, git.commit or "nocommit", target, model])
+
+
+def registered_model_name(model: str, target: str) -> str:
+    """The model registry's name for one model x target: its versions are the builds of successive commits."""
+    return f"mlci-{model}-{target}"
+
+
+def registers(git: GitInfo, register: bool | str) -> bool:
+    """Whether a run of this commit registers its builds (``[tracking] register``): true means the
+    repository's default branch (as the CI event names it, else "main"), a string names the branch,
+    false never. Pull requests never register, whatever their branch is called."""
+    if register is False or git.pr is not None or not git.branch:
+        return False
+    branch = (git.default_branch or "main") if register is True else register
+    return git.branch == branch
+
+
+@dataclass(frozen=True)
+class Servable:
+    """A build to log as an MLflow model (see `mlci.serving`), and the registry name it goes under (None: not registered)."""
+
+    library: Path
+    interface: Path
+    register_as: str | None = None
+
+
+INTERFACE_FILE = "interface.json"
+"""What `Pipeline.export` writes beside the library: the names, dtypes and shapes it takes and returns."""
+_NOT_BUILT = {Status.IMPORT_FAILED, Status.TUNE_FAILED, Status.COMPILE_FAILED}
+
+MODEL_ARTIFACT = "model"
+"""Where a run keeps its build as an MLflow model: ``runs:/RUN/model``."""
 
 
 def _quote(value: str) -> str:
@@ -257,13 +299,18 @@ class Tracker:
         job_key: str,
         params: dict[str, Any],
         artifacts: list[tuple[Path, str | None]],
+        servable: Servable | None = None,
     ) -> str:
-        """Create (or find again, by job key) the run of one model, fill it, finish it."""
+        """Create (or find again, by job key) the run of one model, fill it, finish it.
+
+        A `servable` build is logged as an MLflow model (and registered when it says so); should
+        that fail, its bare library goes in ``compiled/`` instead, with one warning."""
         from mlflow.entities import Metric, Param, RunTag
 
         run_id = self.find_run(job_key)
         tags = model_tags(results, model, job_key)
         new_params = model_params(results, model, params)
+        retried = run_id is not None
         if run_id is None:
             run_id = self.create_run_once(job_key, tags["mlflow.runName"])
         else:
@@ -285,8 +332,74 @@ class Tracker:
         for path, artifact_dir in artifacts:
             if path.exists():
                 self.client.log_artifact(run_id, str(path), artifact_dir)
+        if servable is not None and servable.library.exists():
+            try:
+                self.log_servable(run_id, results, model, servable, retried=retried)
+            except Exception as exc:  # the run and its numbers matter more than the packaging
+                logging.getLogger("mlci").warning(
+                    "%s: the build was not logged as an MLflow model (%s: %s); its library is in the run's "
+                    "compiled/ instead", model.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                logging.getLogger("mlci").info("%s", traceback.format_exc())
+                self.client.log_artifact(run_id, str(servable.library), "compiled")
         self.client.set_terminated(run_id, "FINISHED" if model.ok else "FAILED")
         return run_id
+
+    def log_servable(self, run_id: str, results: Results, model: ModelResult, servable: Servable, *,
+                     retried: bool = False) -> str | None:
+        """Log the build as an MLflow model at ``model/`` in the run, then register it under
+        `servable.register_as`; returns the registered version. A retried job whose run holds this
+        very library already logs nothing again, and a run is registered once."""
+        import tempfile
+
+        from mlci import serving
+
+        digest = _file_sha256(servable.library)
+        logged = retried and self.client.get_run(run_id).data.tags.get("mlci.model_library") == digest
+        if not logged:
+            git, target = results.git, results.target
+            kind = str(target.tvm_target.get("kind", "llvm")) if isinstance(target.tvm_target, dict) else "llvm"
+            metadata = {
+                "mlci.model": model.name, "mlci.target": target.name, "mlci.commit": git.commit or "",
+                "mlci.branch": git.branch or "", "mlci.repository": git.repository or "",
+                "mlci.fingerprint": target.fingerprint.hash or "", "mlci.version": results.mlci_version,
+                "mlci.library_sha256": digest, "mlci.onnx_sha256": model.sha256 or "",
+                "environment": {k: v for k, v in target.fingerprint.as_dict().items() if v not in (None, "", {})},
+            }
+            with tempfile.TemporaryDirectory(prefix="mlci-model-") as tmp:
+                saved = Path(tmp) / MODEL_ARTIFACT
+                serving.save_model(saved, library=servable.library, interface=servable.interface,
+                                   device="cpu" if kind == "llvm" else kind, target=target.tvm_target,
+                                   metadata=metadata)
+                self.client.log_artifacts(run_id, str(saved), MODEL_ARTIFACT)
+            self.client.set_tag(run_id, "mlci.model_library", digest)
+        if servable.register_as is None:
+            return None
+        version = self.register(servable.register_as, run_id, results, digest)
+        self.client.set_tag(run_id, "mlci.registered_model", f"{servable.register_as}/{version}")
+        return version
+
+    def register(self, name: str, run_id: str, results: Results, library_sha256: str) -> str:
+        """A version of `name` whose source is the run's model, tagged with the commit (the existing one
+        when this run is registered already)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                name, description="Tuned TVM builds logged by mlci, one version per commit of the default branch.")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+        mine = self.client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{_quote(run_id)}'")
+        if mine:
+            return min(mine, key=lambda v: int(v.version)).version
+        git = results.git
+        tags = {"mlci.commit": git.commit or "", "mlci.branch": git.branch or "",
+                "mlci.fingerprint": results.target.fingerprint.hash or "", "mlci.library_sha256": library_sha256}
+        if git.repository:
+            tags["mlci.repository"] = git.repository
+        run = self.client.get_run(run_id)
+        return self.client.create_model_version(name, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+                                                tags=tags, description=f"commit {git.commit or 'unknown'}").version
 
     def run_url(self, run_id: str) -> str | None:
         """A web address for the run when the tracking server has one (not for sqlite/files)."""
@@ -379,6 +492,16 @@ class Tracker:
             return None
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _iso(millis: int | None) -> str | None:
     import datetime as dt
 
@@ -406,6 +529,8 @@ class PendingLog:
     artifacts_dir: str
     params: dict[str, Any]
     invocation: str
+    register: bool | str = True
+    """``[tracking] register`` of the run (files written before it existed lack it)."""
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -419,10 +544,11 @@ class PendingLog:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable MLflow payload: {exc}") from None
         fields = [f.name for f in dataclasses.fields(cls)]
-        missing = [k for k in fields if not isinstance(data, dict) or k not in data]
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if not isinstance(data, dict) or k not in data]
         if missing:
             raise ValueError(f"{path}: MLflow payload lacks {', '.join(missing)}")
-        return cls(**{k: data[k] for k in fields})
+        return cls(**{k: data[k] for k in fields if k in data})
 
 
 class _Progress(Protocol):
@@ -477,6 +603,7 @@ def log_results(
     progress: _Progress,
     deadline: float | None = None,
     invocation: str | None = None,
+    register: bool | str | None = None,
 ) -> str | None:
     """Look up each model's history baseline, then log one run per model with its artifacts
     (``artifacts_dir/MODEL``: tuning records and library). History first, so a run never finds
@@ -489,7 +616,13 @@ def log_results(
 
     Nothing is lost to a server that is down: what is needed to log again (`PendingLog`, with
     `invocation`, the id in the job keys outside CI) is written beside `path` first and removed
-    only once every run is logged; `mlci sync` replays it, into the same runs."""
+    only once every run is logged; `mlci sync` replays it, into the same runs.
+
+    Each build that passed is logged as an MLflow model too, and registered as
+    ``mlci-MODEL-TARGET`` when `registers` says so for `register` (``[tracking] register``; None:
+    what the pending file beside `path` recorded, when `mlci sync` replays one, else true)."""
+    if register is None:
+        register = _recorded_register(pending_path(path))
     if deadline is None:
         deadline, problem = tracking_deadline()
         if problem:
@@ -498,13 +631,14 @@ def log_results(
     pending = pending_path(path)
     PendingLog(uri=uri, experiment=experiment, artifact_root=str(artifact_root.resolve()),
                artifacts_dir=str(artifacts_dir.resolve()), params=json_safe_params(params),
-               invocation=invocation).write(pending)
+               invocation=invocation, register=register).write(pending)
     handover = _Handover(progress)
     outcome: list[str | None] = []
     worker = threading.Thread(
         target=lambda: outcome.append(_log_results(results, path, uri=uri, experiment=experiment,
                                                    artifact_root=artifact_root, artifacts_dir=artifacts_dir,
-                                                   params=params, handover=handover, invocation=invocation)),
+                                                   params=params, handover=handover, invocation=invocation,
+                                                   register=register)),
         name="mlci-mlflow", daemon=True,  # daemon: a server that never answers must not keep mlci alive
     )
     worker.start()
@@ -523,6 +657,13 @@ def log_results(
     return outcome[0] + kept
 
 
+def _recorded_register(pending: Path) -> bool | str:
+    try:
+        return PendingLog.read(pending).register if pending.exists() else True
+    except ValueError:
+        return True
+
+
 def json_safe_params(params: dict[str, Any]) -> dict[str, Any]:
     """`params` as JSON keeps them: MLflow logs every value as its string anyway."""
     return {k: v if isinstance(v, str | int | float | bool) or v is None else str(v) for k, v in params.items()}
@@ -539,6 +680,7 @@ def _log_results(
     params: dict[str, Any],
     handover: _Handover,
     invocation: str,
+    register: bool | str = True,
 ) -> str | None:
     """`log_results`' work, on a copy of `results`: each finished step goes back through `handover`."""
     work = copy.deepcopy(results)
@@ -572,8 +714,14 @@ def _log_results(
                 artifacts=[
                     (results_json, None),
                     (out_dir / "tuning_records.json", "tuning"),
-                    (out_dir / f"{model.name}.so", "compiled"),
                 ],
+                servable=Servable(
+                    library=out_dir / f"{model.name}.so",
+                    interface=out_dir / INTERFACE_FILE,
+                    # Only a build that passed its numerics check is worth serving.
+                    register_as=registered_model_name(model.name, work.target.name)
+                    if model.ok and registers(git, register) else None,
+                ) if model.status not in _NOT_BUILT else None,  # a library left by an earlier run is not this one
             )
             model.mlflow_url = tracker.run_url(model.mlflow_run_id)
 

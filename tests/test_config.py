@@ -240,3 +240,20 @@ def test_warnings_reach_stderr_as_well_as_the_log_file(tmp_path: Path, capsys: p
         handler.flush()
     logged = (tmp_path / ".mlci" / "logs" / "mlci.log").read_text()
     assert "an info line" in logged and logged.count("is damaged") == 1
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, True), ("false", False), ("true", True),
+                                                 ('"release"', "release")])
+def test_tracking_register_names_a_branch_or_switches_registering(tmp_path: Path, value: str | None,
+                                                                  expected: bool | str) -> None:
+    body = f"[tracking]\nregister = {value}\n" if value is not None else ""
+    cfg = parse_config(body + '[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    assert cfg.tracking.register == expected
+
+
+@pytest.mark.parametrize(("value", "shown"), [("1", "got int 1"), ('""', "got an empty string"),
+                                              ('["main"]', "got list ['main']")])
+def test_a_tracking_register_that_is_no_branch_or_flag_is_named(tmp_path: Path, value: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f'[tracking]\nregister = {value}\n[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    assert err.value.problems == [f"tracking.register: expected a branch name, true (the default branch) or false, {shown}"]

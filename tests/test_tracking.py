@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 from pathlib import Path
+
+import pytest
 
 from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, PeerInfo, Results, TargetInfo
 
@@ -95,3 +98,34 @@ def test_a_vacuous_numerics_check_is_tagged() -> None:
     assert tags["mlci.numerics_vacuous"] == "true" and tags["mlci.numerics_note"].startswith("the check proves")
     m.numerics = dataclasses.replace(m.numerics, vacuous=None)
     assert model_tags(results, m, job_key="k")["mlci.numerics_vacuous"] == "false"
+
+
+@pytest.mark.parametrize(("git_info", "register", "expected"), [
+    (GitInfo(branch="main"), True, True),
+    (GitInfo(branch="master", default_branch="master"), True, True),
+    (GitInfo(branch="main", default_branch="master"), True, False),
+    (GitInfo(branch="release"), "release", True),
+    (GitInfo(branch="main"), "release", False),
+    (GitInfo(branch="main"), False, False),
+    (GitInfo(branch="main", pr=3), True, False),  # a pull request from a fork's main
+    (GitInfo(branch=None), True, False),  # a detached HEAD outside CI
+])
+def test_which_runs_register_their_build(git_info: GitInfo, register: bool | str, expected: bool) -> None:
+    from mlci.tracking import registers
+
+    assert registers(git_info, register) is expected
+
+
+def test_mlci_sync_registers_as_the_run_was_configured_to(tmp_path: Path) -> None:
+    """The pending file keeps `[tracking] register`; one written before the key existed means the default."""
+    from mlci.tracking import PendingLog, _recorded_register
+
+    pending = tmp_path / "cpu.json.mlflow-pending"
+    PendingLog(uri="sqlite://", experiment="mlci", artifact_root="a", artifacts_dir="w", params={},
+               invocation="i", register=False).write(pending)
+    assert PendingLog.read(pending).register is False and _recorded_register(pending) is False
+    older = json.loads(pending.read_text())
+    del older["register"]
+    pending.write_text(json.dumps(older))
+    assert PendingLog.read(pending).register is True
+    assert _recorded_register(tmp_path / "none") is True
