@@ -139,6 +139,29 @@ def test_the_model_itself_refuses_a_wrong_shape_by_input_name(loaded) -> None:  
 
 
 @pytest.mark.slow
+def test_an_interface_that_does_not_match_the_library_is_an_error_not_a_wrong_answer(loaded) -> None:  # noqa: ANN001
+    inner = loaded.unwrap_python_model()
+    outputs = inner.interface["outputs"]
+    inner.interface["outputs"] = outputs + outputs
+    try:
+        with pytest.raises(RuntimeError, match="the library returned 1 outputs, its interface names 2"):
+            inner.predict(None, {"x": np.zeros((1, 32), np.float32)})
+    finally:
+        inner.interface["outputs"] = outputs
+
+
+@pytest.mark.slow
+def test_loading_on_a_device_this_machine_lacks_says_so(store: Store) -> None:
+    from mlflow.artifacts import download_artifacts
+    from mlflow.pyfunc import load_model
+
+    [v] = store.client().search_model_versions(f"name = '{NAME}'")
+    model_dir = download_artifacts(f"runs:/{v.run_id}/model", tracking_uri=store.uri)
+    with pytest.raises(Exception, match=r"this model runs on metal:0 .*this machine has no such device"):
+        load_model(model_dir, model_config={"device": "metal"})
+
+
+@pytest.mark.slow
 def test_a_pull_request_run_logs_its_model_but_registers_nothing(store: Store, tmp_path: Path) -> None:
     root = store.root
     git(root, "checkout", "-qb", "feature")
@@ -229,6 +252,13 @@ def test_register_false_logs_the_model_in_the_run_and_registers_nothing(store: S
 def test_a_build_that_failed_its_numerics_check_is_not_registered(store: Store, tmp_path: Path) -> None:
     _log_as(store, tmp_path, "wrong", status=Status.NUMERICS_FAILED)
     assert _versions(store, "mlci-wrong-cpu") == []
+
+
+@pytest.mark.slow
+def test_a_build_that_failed_logs_no_model_even_with_an_earlier_library_beside_it(store: Store, tmp_path: Path) -> None:
+    results = _log_as(store, tmp_path, "broken", status=Status.COMPILE_FAILED)
+    assert [a.path for a in store.client().list_artifacts(results.models[0].mlflow_run_id)] == ["results.json",
+                                                                                               "tuning"]
 
 
 @pytest.mark.slow
