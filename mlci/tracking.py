@@ -385,21 +385,22 @@ class Tracker:
 
         try:
             self.client.create_registered_model(
-                name, description="Tuned TVM builds logged by mlci, one version per commit of the default branch.")
+                name, description="Tuned TVM builds logged by mlci: one version per commit of the registering branch.")
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
         mine = self.client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{_quote(run_id)}'")
         if mine:
-            return min(mine, key=lambda v: int(v.version)).version
+            return str(min(int(v.version) for v in mine))
         git = results.git
         tags = {"mlci.commit": git.commit or "", "mlci.branch": git.branch or "",
                 "mlci.fingerprint": results.target.fingerprint.hash or "", "mlci.library_sha256": library_sha256}
         if git.repository:
             tags["mlci.repository"] = git.repository
         run = self.client.get_run(run_id)
-        return self.client.create_model_version(name, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
-                                                tags=tags, description=f"commit {git.commit or 'unknown'}").version
+        created = self.client.create_model_version(name, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+                                                   tags=tags, description=f"commit {git.commit or 'unknown'}")
+        return str(created.version)
 
     def run_url(self, run_id: str) -> str | None:
         """A web address for the run when the tracking server has one (not for sqlite/files)."""
