@@ -113,6 +113,8 @@ class Cmd:
     wall_seconds: float
     returncode: int
     output_tail: str = ""
+    cpu_seconds: float | None = None
+    """User + system time of the process and the workers it waited for (the tuning builder and runner)."""
 
 
 def base_env(s3_url: str) -> dict[str, str]:
@@ -125,17 +127,19 @@ def base_env(s3_url: str) -> dict[str, str]:
 
 def start(cwd: Path, env: dict[str, str], args: list[str], cpu: int | None = None) -> subprocess.Popen:
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-    log = open(cwd / f"mlci-{args[0]}.log", "w")  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen([sys.executable, "-m", "mlci.cli", *args], cwd=cwd, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+    with open(cwd / f"mlci-{args[0]}.log", "w") as log:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "mlci.cli", *args], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
 
 
 def finish(label: str, proc: subprocess.Popen, started: float, cwd: Path, args: list[str]) -> Cmd:
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
+    cpu = usage.ru_utime + usage.ru_stime
     tail = (cwd / f"mlci-{args[0]}.log").read_text()[-3000:]
-    _say(label, f"{wall:.1f} s, exit {proc.returncode}")
-    return Cmd(label, round(wall, 3), proc.returncode, tail)
+    _say(label, f"{wall:.1f} s ({cpu:.1f} CPU s), exit {proc.returncode}")
+    return Cmd(label, round(wall, 3), proc.returncode, tail, round(cpu, 3))
 
 
 def mlci(label: str, cwd: Path, env: dict[str, str], *args: str) -> Cmd:
@@ -199,6 +203,8 @@ class ShardRun:
     wall_seconds: float
     returncodes: list[int]
     shard_seconds: list[float]
+    shard_cpu_seconds: list[float | None]
+    """Each shard's CPU time: with one runner per shard (CI), its wall time is about this plus waiting."""
     shard_trials: list[int]
     kernels: int
     owned_once: bool
@@ -298,6 +304,7 @@ def part_b(work: Path, s3: Any, s3_url: str, trials: int, samples: int, tvm_targ
         row = ShardRun(
             shards=n, wall_seconds=round(wall, 3), returncodes=[c.returncode for c in cmds],
             shard_seconds=[r["seconds"] for r in reports],
+            shard_cpu_seconds=[c.cpu_seconds for c in cmds],
             shard_trials=[sum(k["searched"] for k in r["kernels"]) for r in reports],
             kernels=kernels_in_run,
             owned_once=len(owned) == len(set(owned)) == kernels_in_run > 0,
@@ -423,14 +430,15 @@ def table_a(a: dict[str, Any]) -> Table:
 def table_b(b: dict[str, Any]) -> Table:
     table = Table(title=f"b. sharded tuning of {SHARDED_MODEL}, one core per shard; then a fresh runner",
                   title_justify="left")
-    for header in ("shards", "wall s", "trials per shard", "kernels", "each once", "S3 entries",
+    for header in ("shards", "wall s", "CPU s per shard", "trials per shard", "kernels", "each once", "S3 entries",
                    "fresh: wall s", "fresh: new trials", "same best record", "same build key"):
         table.add_column(header, justify="right")
     for r in b["runs"]:
         fresh = r["fresh_run"]
         same = (f"{fresh.get('kernels_same_best_record')}/{fresh.get('kernels')}" if "kernels" in fresh
                 else f"[red]{fresh.get('compare_error', '-')}[/red]")
-        table.add_row(str(r["shards"]), f"{r['wall_seconds']:.1f}", " ".join(map(str, r["shard_trials"])),
+        cpu = " ".join(f"{c:.0f}" for c in r["shard_cpu_seconds"] if c is not None)
+        table.add_row(str(r["shards"]), f"{r['wall_seconds']:.1f}", cpu, " ".join(map(str, r["shard_trials"])),
                       str(r["kernels"]), _ok(r["owned_once"] and r["searched_to_plan"] and r["one_entry_each"]),
                       f"{r['entries']}/{r['kernels_with_trials']}", f"{fresh['wall_seconds']:.1f}",
                       str(fresh["trials_new"]), same, _ok(bool(fresh.get("build_key_same"))))
