@@ -19,7 +19,7 @@ LAYERS: dict[str, set[str]] = {
     "adapters": {"mlci.models", "mlci.converters", "mlci.converters.rnn", "mlci.converters.quantized",
                  "mlci.compile", "mlci.schedules", "mlci.build_cache", "mlci.tuning", "mlci.remote_cache", "mlci.targets",
                  "mlci.measure", "mlci.pipeline", "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github",
-                 "mlci.delivery", "mlci.history"},
+                 "mlci.delivery", "mlci.history", "mlci.serving"},
     "commands": {"mlci.commands", "mlci.commands.run", "mlci.commands.compare", "mlci.commands.init",
                  "mlci.commands.matrix", "mlci.commands.cache_key", "mlci.commands.doctor", "mlci.commands.sync",
                  "mlci.commands.tune", "mlci.commands.history"},

@@ -88,7 +88,9 @@ def test_mlci_run_logs_one_run_to_the_server_with_its_artifacts_in_s3(ci_run, se
     keys = _objects(moto)
     mine = [k for k in keys if f"/{run.info.run_id}/artifacts/" in k]
     names = sorted(k.split("/artifacts/", 1)[1] for k in mine)
-    assert names == ["compiled/tiny.so", "results.json", "tuning/tuning_records.json"], keys
+    assert names == ["model/MLmodel", "model/artifacts/interface.json", "model/artifacts/tiny.so", "model/conda.yaml",
+                     "model/python_env.yaml", "model/requirements.txt", "model/serving.py", "results.json",
+                     "tuning/tuning_records.json"], keys
 
 
 # --- idempotent runs (the tracking library against the same server) ----------------------------

@@ -32,4 +32,4 @@ def test_readme_first_command_runs_the_example(quickstart: Quickstart) -> None:
     for run_ in runs:
         assert run_.info.status == "FINISHED"
         assert run_.data.metrics["latency_ms_median"] > 0
-        assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"results.json", "compiled", "tuning"}
+        assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"results.json", "model", "tuning"}

@@ -279,6 +279,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
             artifacts_dir=runner.work_dir,
             params={"samples": config.measure.samples},
             progress=reporter,
+            register=config.tracking.register,
         )
         write_results(results, path)  # now with the MLflow run ids and history baselines
     return outcome
