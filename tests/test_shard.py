@@ -155,6 +155,22 @@ def test_several_shards_without_a_shared_cache_exit_2_saying_their_records_would
     assert "may not write the shared tuning cache" in done.output and "local_writes = false" in done.output
 
 
+def test_a_shard_on_a_machine_without_the_targets_device_exits_2_rather_than_search_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tvm
+
+    if tvm.device("cuda", 0).exist:
+        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setenv("MLCI_CACHE_URL", "s3://bucket/team")
+    _project(tmp_path)
+    config = (tmp_path / "mlci.toml").read_text()
+    (tmp_path / "mlci.toml").write_text(config.replace('tvm = { kind = "llvm", num-cores = 1 }',
+                                                       'tvm = { kind = "cuda", arch = "sm_80" }'))
+    done = CliRunner().invoke(app, ["tune", "-c", str(tmp_path / "mlci.toml"), "--shard", "1/1"])
+    assert done.exit_code == 2, done.output
+    assert "needs a cuda device to time tuning candidates on" in " ".join(done.output.split())
+
+
 # --- two shards, one bucket, then the run --------------------------------------------------
 
 

@@ -198,6 +198,9 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
     cache = TuningCache(cache_directory(config.cache_dir, target.name, fingerprint))
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
                         progress=reporter, root=config.root)
+    if not pipeline.device.exist:  # a shard times candidates: without the hardware it would search nothing
+        raise ShardError(f"target {target.name!r} needs a {target.kind} device to time tuning candidates on, and "
+                         "none is visible on this machine: run its shards on the target's runners")
     outcome = TuneOutcome(shard=shard, target=target.name, cache_dir=cache.dir,
                           report_path=report_path(config, target.name, shard),
                           remote_url=remote.url if remote else None)
