@@ -24,8 +24,8 @@ esac
 pip_install() { python -m pip install --disable-pip-version-check --quiet "$@"; }
 
 case "${MLCI_COMMAND:-run}" in
-  matrix | compare | sync)
-    # The pinned specs of mlci's light dependencies (and sync's), read from its own pyproject.toml.
+  matrix | compare | sync | history)
+    # The pinned specs of mlci's light dependencies (and sync's and history's), read from its own pyproject.toml.
     mapfile -t light < <(python - "$MLCI_ACTION_PATH/pyproject.toml" "${MLCI_COMMAND:-run}" <<'PY'
 import re
 import sys
@@ -34,8 +34,10 @@ import tomllib
 with open(sys.argv[1], "rb") as f:
     dependencies = tomllib.load(f)["project"]["dependencies"]
 wanted = {"typer", "rich", "jinja2", "numpy"}
-if sys.argv[2] == "sync":
+if sys.argv[2] in ("sync", "history"):
     wanted |= {"mlflow", "filelock", "boto3"}
+if sys.argv[2] == "history":
+    wanted |= {"matplotlib"}
 for spec in dependencies:
     if re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() in wanted:
         print(spec)

@@ -71,6 +71,14 @@ case "${MLCI_COMMAND:-run}" in
       exit 0
     fi
     ;;
+  history)
+    # The branch's trend report as one self-contained HTML file, for the workflow to upload.
+    report=.mlci/history.html
+    args=(history --config "$MLCI_CONFIG" --format html --output "$report")
+    if [ -n "${MLCI_BRANCH:-}" ]; then args+=(--branch "$MLCI_BRANCH"); fi
+    if [ -n "${MLCI_TRACKING_URI:-}" ]; then args+=(--tracking-uri "$MLCI_TRACKING_URI"); fi
+    if [ -n "${GITHUB_OUTPUT:-}" ]; then echo "history-path=$report" >> "$GITHUB_OUTPUT"; fi
+    ;;
   matrix)
     args=(matrix --config "$MLCI_CONFIG")
     if [ -n "${MLCI_SHARDS:-}" ] && [ "$MLCI_SHARDS" != "0" ]; then args+=(--shards "$MLCI_SHARDS"); fi
@@ -82,7 +90,7 @@ case "${MLCI_COMMAND:-run}" in
     args=(doctor)
     ;;
   *)
-    echo "::error title=mlci::the command input must be run, compare, matrix, tune, sync, init or doctor"
+    echo "::error title=mlci::the command input must be run, compare, matrix, tune, sync, history, init or doctor"
     exit 2
     ;;
 esac

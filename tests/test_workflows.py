@@ -437,7 +437,7 @@ def test_shards_tune_before_the_bench_which_then_builds_without_searching_again(
     assert credentials("bench", "schedule", tune_result="failure", shards=2, **ROLES)["progressive"] == "auto"
 
 
-def test_the_action_takes_tune_and_sync_and_names_them_when_the_command_is_unknown(tmp_path: Path):
+def test_the_action_takes_tune_sync_and_history_and_names_them_when_the_command_is_unknown(tmp_path: Path):
     """run.sh builds each command line from MLCI_* variables; a stand-in `mlci` on PATH echoes it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -468,8 +468,33 @@ def test_the_action_takes_tune_and_sync_and_names_them_when_the_command_is_unkno
     matrix = run_sh(MLCI_COMMAND="matrix", MLCI_SHARDS="2")
     assert matrix.stdout.split() == ["matrix", "--config", "mlci.toml", "--shards", "2"]
     assert run_sh(MLCI_COMMAND="matrix", MLCI_SHARDS="0").stdout.split() == ["matrix", "--config", "mlci.toml"]
+    output = tmp_path / "github-output"
+    history = run_sh(MLCI_COMMAND="history", MLCI_BRANCH="trunk", MLCI_TRACKING_URI="http://mlflow:5000",
+                     GITHUB_OUTPUT=str(output))
+    assert history.stdout.split() == ["history", "--config", "mlci.toml", "--format", "html", "--output",
+                                      ".mlci/history.html", "--branch", "trunk", "--tracking-uri", "http://mlflow:5000"]
+    assert output.read_text() == "history-path=.mlci/history.html\n"
     unknown = run_sh(MLCI_COMMAND="bogus")
-    assert unknown.returncode == 2 and "run, compare, matrix, tune, sync, init or doctor" in unknown.stdout
+    assert unknown.returncode == 2 and "run, compare, matrix, tune, sync, history, init or doctor" in unknown.stdout
+
+
+def test_the_history_report_is_uploaded_after_the_report_job_on_the_default_branch_only_with_a_server():
+    jobs = load(REUSABLE)["jobs"]
+    history = jobs["history"]
+    assert history["needs"] == ["plan", "report"] and history["permissions"] == {"contents": "read"}
+    mlci = step(history, uses=f"{MLCI_REPO}@")
+    assert mlci["with"]["command"] == "history" and mlci["continue-on-error"] is True  # informational
+    upload = step(history, uses="actions/upload-artifact@")
+    assert upload["with"]["name"] == "mlci-history"
+    inputs = {"tracking-uri": "https://mlflow.example"}
+    for event, runs in (("push", True), ("schedule", True), ("workflow_dispatch", True), ("pull_request", False)):
+        context = {"needs": {"plan": {"result": "success"}}, "inputs": inputs, "github": {"event_name": event}}
+        assert condition(history["if"], context, status="success") is runs, event
+    no_server = {"needs": {"plan": {"result": "success"}}, "inputs": {"tracking-uri": ""},
+                 "github": {"event_name": "push"}}
+    assert not condition(history["if"], no_server, status="success")  # a throwaway store has one run
+    schedule = {"github": {"event": {"schedule": "17 3 * * *"}, "ref_name": "main"}}
+    assert render(mlci["with"]["branch"], schedule) == "main"
 
 
 def test_the_action_exports_the_cache_url_only_when_given(tmp_path: Path):
