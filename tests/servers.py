@@ -3,6 +3,7 @@ at it by endpoint URL) and `mlflow_server` (an MLflow tracking server that keeps
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -10,9 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 # Credentials that only moto accepts: never a real account's.
@@ -129,3 +131,46 @@ def mlflow_server(tmp_path: Path, artifacts_destination: str = "s3://bucket/mlar
         yield MlflowServer(url, proc, log)
     finally:
         stop(proc)
+
+
+class ForwardingHandler(BaseHTTPRequestHandler):
+    """Forwards each request to the server `upstream()` names (http://host:port) and its reply back;
+    a subclass may drop a reply (`drop_reply`): the request reaches the server, the connection closes."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: Callable[[], str]
+
+    def drop_reply(self) -> bool:
+        return False
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        address = type(self).upstream().removeprefix("http://")
+        host, port = address.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers={**headers, "Host": address})
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        if self.drop_reply():
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def forwarding_to(upstream: Callable[[], str], base: type[ForwardingHandler] = ForwardingHandler,
+                  **attributes: object) -> type[ForwardingHandler]:
+    """A handler class for ThreadingHTTPServer that forwards to `upstream()`."""
+    return type("Forward", (base,), {"upstream": staticmethod(upstream), **attributes})

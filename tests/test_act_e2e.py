@@ -23,7 +23,6 @@ while the bench jobs run and back for the report job, which logs what they could
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ import yaml
 
 from .conftest import git, new_git_repo, save, tiny_mlp
 from .github_server import FakeGitHub
-from .servers import FAKE_AWS, MlflowServer, MotoServer, free_port, mlflow_server, moto_server
+from .servers import FAKE_AWS, MlflowServer, MotoServer, forwarding_to, free_port, mlflow_server, moto_server
 
 pytestmark = pytest.mark.slow
 
@@ -304,36 +303,6 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
     assert any((world["tmp"] / "actions-cache").iterdir()), tail(done)
 
 
-class _Forward(BaseHTTPRequestHandler):
-    """Forwards each request to the server `upstream()` names (http://host:port) and its reply back."""
-
-    protocol_version = "HTTP/1.1"
-    upstream: Callable[[], str]
-
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        address = type(self).upstream().removeprefix("http://")
-        host, port = address.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        conn.request(self.command, self.path, body=body, headers={**headers, "Host": address})
-        reply = conn.getresponse()
-        data = reply.read()
-        conn.close()
-        self.send_response(reply.status)
-        for key, value in reply.getheaders():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
 @contextmanager
 def mlflow_server_starting(tmp: Path, s3: MotoServer) -> Iterator[Callable[[], MlflowServer]]:
     """An MLflow server (artifacts on `s3`) started in the background while the test goes on; the
@@ -379,7 +348,7 @@ def server_back_once(upstream: Callable[[], str], port: int, back: Callable[[], 
             time.sleep(0.1)
         if stop.is_set():
             return
-        proxy = ThreadingHTTPServer(("127.0.0.1", port), type("Forward", (_Forward,), {"upstream": staticmethod(upstream)}))
+        proxy = ThreadingHTTPServer(("127.0.0.1", port), forwarding_to(upstream))
         servers.append(proxy)
         is_back.set()
         proxy.serve_forever(poll_interval=0.1)

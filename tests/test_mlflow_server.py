@@ -7,7 +7,6 @@ job and a create request whose reply is lost (a proxy drops it) still leave one 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo
 
 from .conftest import quick_project
-from .servers import MlflowServer, MotoServer, free_port, mlflow_server, moto_server
+from .servers import ForwardingHandler, MlflowServer, MotoServer, forwarding_to, free_port, mlflow_server, moto_server
 
 BUCKET = "bucket"
 
@@ -135,39 +134,17 @@ def test_another_workflow_run_of_the_same_commit_is_another_run(server, tmp_path
     assert len(_runs(server, "tags.`mlci.repository` = 'acme/other'")) == 2
 
 
-class _DropFirstCreateReply(BaseHTTPRequestHandler):
-    """Forwards every request to `upstream`; the first `runs/create` reaches the server, but its
-    reply never comes back: the connection is closed instead, as a proxy that times out does."""
+class _DropFirstCreateReply(ForwardingHandler):
+    """The first `runs/create` reaches the server, but its reply never comes back: the connection is
+    closed instead, as a proxy that times out does."""
 
-    protocol_version = "HTTP/1.1"
-    upstream: str = ""
     dropped: list[str]
 
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        host, port = self.upstream.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        conn.request(self.command, self.path, body=body, headers={**headers, "Host": self.upstream})
-        reply = conn.getresponse()
-        data = reply.read()
-        conn.close()
+    def drop_reply(self) -> bool:
         if self.path.endswith("/runs/create") and not self.dropped:
             self.dropped.append(self.path)
-            self.close_connection = True
-            return
-        self.send_response(reply.status)
-        for key, value in reply.getheaders():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
+            return True
+        return False
 
 
 @contextmanager
@@ -175,8 +152,7 @@ def _proxy(server: MlflowServer, port: int = 0, drop_a_create: bool = True) -> I
     """A forwarding proxy in front of `server` on 127.0.0.1 (`port` 0: any free one); the paths
     whose reply it dropped."""
     dropped: list[str] = [] if drop_a_create else ["(none: dropping is off)"]
-    handler = type("Handler", (_DropFirstCreateReply,),
-                   {"upstream": server.url.removeprefix("http://"), "dropped": dropped})
+    handler = forwarding_to(lambda: server.url, _DropFirstCreateReply, dropped=dropped)
     proxy = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
