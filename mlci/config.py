@@ -122,6 +122,8 @@ class TargetConfig:
     """``"host"`` (detect this machine's CPU) or a TVM Target JSON object."""
     runs_on: list[str] | None = None
     """GitHub Actions runner labels for this target's bench job (None: chosen from the target's kind)."""
+    price_per_hour: float | None = None
+    """USD per hour of this target's machine: prices a million inferences in the report (None: no cost shown)."""
 
 
 DISTRIBUTIONS = ("normal", "uniform")
@@ -252,7 +254,7 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
 }
 _INPUT_KEYS = {"shape", "value", "range", "distribution"}
-_TARGET_KEYS = {"tvm", "runs_on"}
+_TARGET_KEYS = {"tvm", "runs_on", "price_per_hour"}
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_NAME = _TARGET_NAME
 """A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
@@ -469,6 +471,11 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
             f"[\"self-hosted\", \"gpu\"], got {raw['runs_on']!r}"
         )
         return None
+    price = raw.get("price_per_hour")
+    if price is not None and not (_type_ok(price, _NUM) and math.isfinite(price) and price > 0):
+        problems.append(f"{where}price_per_hour: expected the machine's price in USD per hour, a number greater "
+                        f"than 0 such as 0.36, got {price!r}")
+        return None
     tvm = raw.get("tvm", HOST_TARGET)
     if isinstance(tvm, str):
         if tvm != HOST_TARGET:
@@ -484,7 +491,8 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
     else:
         problems.append(f"{where}tvm: expected \"host\" or a table, got {type(tvm).__name__}")
         return None
-    return TargetConfig(name=name, tvm=tvm, runs_on=runs_on)
+    return TargetConfig(name=name, tvm=tvm, runs_on=runs_on,
+                        price_per_hour=float(price) if price is not None else None)
 
 
 def parse_config(text: str, path: Path) -> Config:

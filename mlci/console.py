@@ -22,7 +22,15 @@ from rich.table import Table
 from rich.text import Text
 
 from mlci.config import seconds_from_env
-from mlci.formatting import format_change, format_faster, format_kernels, format_ms, status_word
+from mlci.formatting import (
+    format_change,
+    format_cost,
+    format_cost_change,
+    format_faster,
+    format_kernels,
+    format_ms,
+    status_word,
+)
 from mlci.results import Results
 
 if TYPE_CHECKING:
@@ -181,6 +189,9 @@ def results_table(results: Results) -> Table:
     if ab:
         table.add_column("vs base", justify="right")
     table.add_column("ORT", justify="right")
+    priced = results.target.price_per_hour is not None
+    if priced:
+        table.add_column(f"$ per 1M inferences (at ${results.target.price_per_hour:g}/h)", justify="right")
     table.add_column("faster", justify="right")
     table.add_column("kernels tuned", justify="right")
     table.add_column("trials new/cached", justify="right")
@@ -199,8 +210,10 @@ def results_table(results: Results) -> Table:
             cells += [format_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
         else:
             cells.append(format_ms(head_ms))
-        cells += [format_ms(m.peer.onnxruntime_median_ms if m.peer else None),
-                  format_faster(m.peer.speedup if m.peer else None), format_kernels(m.compile), trials]
+        cells.append(format_ms(m.peer.onnxruntime_median_ms if m.peer else None))
+        if priced:
+            cells.append(format_cost(m.cost.per_million_usd, m.cost.onnxruntime_per_million_usd) if m.cost else "—")
+        cells += [format_faster(m.peer.speedup if m.peer else None), format_kernels(m.compile), trials]
         table.add_row(*cells)
     return table
 
@@ -242,22 +255,25 @@ def terminal_table(decision: Decision) -> Table:
         title=Text(f"mlci {status}: {decision.headline}", style="bold red" if status == "FAIL" else "bold"),
         caption=Text(_gate_line(decision)),
     )
-    for header, justify in (("model", "left"), ("target", "left"), ("base", "right"), ("head", "right"),
-                            ("change [interval]", "right"), ("faster", "right"), ("verdict", "left")):
+    priced = any(c.price_per_hour is not None for c in decision.cells)
+    columns = [("model", "left"), ("target", "left"), ("base", "right"), ("head", "right"),
+               ("change [interval]", "right"), ("faster", "right"), ("verdict", "left")]
+    if priced:
+        columns.insert(5, ("$ per 1M inferences", "right"))
+    for header, justify in columns:
         table.add_column(Text(header), justify=justify, overflow="fold")  # Text: "[interval]" is no console markup
     for cell in decision.cells:
         style = VERDICT_STYLES.get(cell.verdict, "")
         word = cell.verdict + (" (known)" if cell.known_failure else "") + (" *" if cell.blocking else "")
-        change = Text(format_change(cell), style=style if cell.verdict in ("regression", "improvement") else "")
-        table.add_row(
-            Text(cell.model),
-            Text(cell.target),
-            format_ms(cell.base_ms),
-            format_ms(cell.head_ms),
-            change,
-            format_faster(cell.speedup_vs_ort),
-            Text(word, style=style + (" reverse" if cell.blocking else "")),
-        )
+        changed = cell.verdict in ("regression", "improvement")
+        change = Text(format_change(cell), style=style if changed else "")
+        if changed and cell.cost_change is not None:
+            change.append(f", {format_cost_change(cell.cost_change)}")
+        row = [Text(cell.model), Text(cell.target), format_ms(cell.base_ms), format_ms(cell.head_ms), change,
+               format_faster(cell.speedup_vs_ort), Text(word, style=style + (" reverse" if cell.blocking else ""))]
+        if priced:
+            row.insert(5, format_cost(cell.head_cost, cell.ort_cost))
+        table.add_row(*row)
     return table
 
 

@@ -245,6 +245,51 @@ def format_kernels(compile_info: CompileInfo | None) -> str:
     return text + " (default build)" if compile_info.build == "default" else text
 
 
+def format_usd(value: float | None) -> str:
+    """Money in US dollars: cents from $1 up (``$12.34``, ``$1,234.50``), two significant digits below
+    (``$0.42``, ``$0.0051``: a small model's cost per million inferences is a fraction of a cent); ``—`` when missing."""
+    if not finite(value):
+        return "—"
+    sign = "-" if value < 0 else ""
+    amount = abs(value)
+    if amount == 0:
+        return "$0"
+    if round(amount, 2) >= 1:
+        return f"{sign}${amount:,.2f}"
+    digits = max(2, 1 - math.floor(math.log10(amount)))
+    if digits > 2 and round(amount, digits - 1) >= 10 ** (1 - digits + 1):  # 0.0999 -> 0.10, not 0.100
+        digits -= 1
+    return f"{sign}${amount:.{digits}f}"
+
+
+def format_cost(head_cost: float | None, ort_cost: float | None = None) -> str:
+    """A cost per million inferences for TVM, with ONNX Runtime's beside it: ``$0.31 (ORT $0.95)``; ``—`` when missing."""
+    if not finite(head_cost):
+        return "—" if not finite(ort_cost) else f"— (ORT {format_usd(ort_cost)})"
+    text = format_usd(head_cost)
+    return f"{text} (ORT {format_usd(ort_cost)})" if finite(ort_cost) else text
+
+
+def format_cost_change(delta: float | None) -> str:
+    """What a change costs: ``+$0.42 per million inferences``, ``-$0.0031 per million inferences``; empty when unknown."""
+    if not finite(delta):
+        return ""
+    sign = "-" if delta < 0 else "+"
+    return f"{sign}{format_usd(abs(delta))} per million inferences"
+
+
+def format_us(value: float | None) -> str:
+    """A kernel time given in microseconds, in the unit `format_ms` picks (``812 µs``, ``1.20 ms``)."""
+    return format_ms(value / 1e3) if finite(value) else "—"
+
+
+def format_us_change(delta_us: float | None) -> str:
+    """A kernel's growth in microseconds, signed: ``+73.1 µs``, ``-1.20 ms``."""
+    if not finite(delta_us):
+        return "—"
+    return ("-" if delta_us < 0 else "+") + format_us(abs(delta_us))
+
+
 def format_ratio(ratio: float | None) -> str:
     """A head/base ratio as a relative change: 1.032 -> ``+3.2%``."""
     return _pct(ratio - 1) if finite(ratio) else "—"

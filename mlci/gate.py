@@ -25,6 +25,7 @@ from mlci.results import (
     CompileInfo,
     FailOn,
     GitInfo,
+    KernelProfile,
     Latency,
     ModelResult,
     NumericsInfo,
@@ -34,7 +35,7 @@ from mlci.results import (
     TuningInfo,
     Verdict,
 )
-from mlci.stats import RatioEstimate, cell_confidence, classify, median_ratio_ci, speedup
+from mlci.stats import RatioEstimate, cell_confidence, classify, cost_per_million, median_ratio_ci, speedup
 
 DEFAULT_THRESHOLD = GateConfig.threshold
 DEFAULT_CONFIDENCE = GateConfig.confidence
@@ -54,6 +55,60 @@ class HistoryNote:
     fingerprint_diff: dict[str, list[Any]]
     ratio: float | None
     trend: list[TrendPoint]
+
+
+TOP_KERNELS = 5
+"""Kernels named per slower cell: those whose time grew most."""
+
+
+@dataclass(frozen=True)
+class KernelChange:
+    """One kernel's time per inference in the base build and in the head build (µs; None: not in that build)."""
+
+    name: str
+    base_us: float | None
+    head_us: float | None
+    base_calls: int | None = None
+    head_calls: int | None = None
+
+    @property
+    def growth_us(self) -> float:
+        """head - base; a kernel only in the head grew by all its time, one only in the base shrank by all of it."""
+        return (self.head_us or 0.0) - (self.base_us or 0.0)
+
+    @property
+    def change(self) -> float | None:
+        """Relative change (+0.5: 50% slower); None for a kernel on one side only."""
+        if self.base_us is None or self.head_us is None or self.base_us <= 0:
+            return None
+        return self.head_us / self.base_us - 1.0
+
+    @property
+    def side(self) -> str | None:
+        """``new`` (head only), ``gone`` (base only) or None (in both)."""
+        if self.base_us is None:
+            return "new"
+        if self.head_us is None:
+            return "gone"
+        return None
+
+
+def kernel_growth(base: KernelProfile | None, head: KernelProfile | None, limit: int = TOP_KERNELS) -> list[KernelChange]:
+    """The kernels whose time per inference grew most from base to head, most first (at most `limit`):
+    those that grew or are new, then those gone from the head (a renamed kernel shows on both lists).
+    Empty unless both builds were profiled."""
+    if base is None or head is None or not (base.kernels or head.kernels):
+        return []
+    before = {k.name: k for k in base.kernels}
+    after = {k.name: k for k in head.kernels}
+    changes = []
+    for name in {**before, **after}:
+        b, h = before.get(name), after.get(name)
+        changes.append(KernelChange(name, b.total_us if b else None, h.total_us if h else None,
+                                    b.calls if b else None, h.calls if h else None))
+    grown = sorted((c for c in changes if c.growth_us > 0), key=lambda c: (-c.growth_us, c.name))
+    gone = sorted((c for c in changes if c.side == "gone"), key=lambda c: (c.growth_us, c.name))
+    return (grown + gone)[:limit]
 
 
 @dataclass(frozen=True)
@@ -84,11 +139,28 @@ class Cell:
     mlflow_run_id: str | None = None
     mlflow_url: str | None = None
     history: HistoryNote | None = None
+    price_per_hour: float | None = None
+    """The target's price (USD per hour); None: no costs for this cell."""
+    head_cost: float | None = None
+    """USD per million inferences of the head build (from its median)."""
+    base_cost: float | None = None
+    """The same for the baseline's median."""
+    ort_cost: float | None = None
+    """The same for ONNX Runtime's median."""
+    kernels: tuple[KernelChange, ...] = ()
+    """The kernels that grew most, when the run profiled both builds (a cell it measured slower)."""
 
     @property
     def change(self) -> float | None:
         """Relative change of the median latency, head vs base (+0.07 = 7% slower)."""
         return self.estimate.ratio - 1.0 if self.estimate else None
+
+    @property
+    def cost_change(self) -> float | None:
+        """USD per million inferences, head minus base (positive: dearer)."""
+        if self.head_cost is None or self.base_cost is None:
+            return None
+        return self.head_cost - self.base_cost
 
 
 @dataclass(frozen=True)
@@ -308,6 +380,8 @@ def _history_note(model: ModelResult) -> HistoryNote | None:
 
 def _cell(res: Results, model: ModelResult, threshold: float, confidence: float) -> Cell:
     base = model.base
+    price = res.target.price_per_hour
+    ort_ms = model.peer.onnxruntime_median_ms if model.peer else None
     common: dict[str, Any] = dict(
         model=model.name,
         target=res.target.name,
@@ -324,6 +398,10 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
         speedup_vs_ort=speedup(model.peer.onnxruntime_median_ms if model.peer else None, _median(model.latency_ms)),
         base_commit=base.commit if base else (model.history.commit if model.history else None),
         rounds=base.rounds if base else 0,
+        price_per_hour=price,
+        head_cost=cost_per_million(price, _median(model.latency_ms)),
+        ort_cost=cost_per_million(price, ort_ms),
+        kernels=tuple(kernel_growth(base.profile if base else None, model.profile)),
     )
     if not model.ok:
         if model.status == Status.NUMERICS_FAILED:
@@ -354,7 +432,8 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
     verdict = classify(estimate, threshold)
     base_ms = base.latency_ms.median if kind == "ab" and base and base.latency_ms else _median(model.history.latency_ms)
     reason = _reason(verdict, estimate, threshold, kind)
-    return Cell(verdict=verdict, reason=reason, baseline=kind, base_ms=base_ms, estimate=estimate, **common)
+    return Cell(verdict=verdict, reason=reason, baseline=kind, base_ms=base_ms, estimate=estimate,
+                base_cost=cost_per_million(price, base_ms), **common)
 
 
 def _reason(verdict: Verdict, est: RatioEstimate, threshold: float, kind: str) -> str:

@@ -36,12 +36,17 @@ from mlci.formatting import (
     fenced,
     finite,
     format_change,
+    format_cost,
+    format_cost_change,
     format_faster,
     format_kernels,
     format_ms,
     format_number,
     format_percent,
     format_ratio,
+    format_us,
+    format_us_change,
+    format_usd,
     format_value,
     plain_number,
     safe_url,
@@ -59,8 +64,8 @@ MAX_SUMMARY_BYTES = SUMMARY_LIMIT
 """GitHub's limit for one step's job summary ($GITHUB_STEP_SUMMARY, 1 MiB)."""
 MAX_CHARTS = 6
 
-SECTIONS = ("environment", "tuning", "numerics", "history", "trends", "errors")
-DROP_ORDER = ("errors", "trends", "tuning", "numerics", "history", "environment")
+SECTIONS = ("kernels", "environment", "tuning", "numerics", "history", "trends", "errors")
+DROP_ORDER = ("errors", "trends", "tuning", "numerics", "history", "environment", "kernels")
 """Which details go first when a rendering is too large: the bulkiest, least needed first."""
 REASONED = ("failed", "regression", "inconclusive")
 """Verdicts whose reason is listed under the table."""
@@ -147,6 +152,11 @@ def environment() -> jinja2.Environment:
             kernels=format_kernels,
             percent=format_percent,
             ratio=format_ratio,
+            usd=format_usd,
+            cost=format_cost,
+            cost_change=format_cost_change,
+            us=format_us,
+            us_change=format_us_change,
             plain=plain_number,
             num=format_number,
             value=format_value,
@@ -256,6 +266,10 @@ class ReportView:
     charts_hidden: int
     compared: int
     """Cells with a head/base estimate (the Bonferroni family)."""
+    priced: bool
+    """Some target states a price per hour: the table gets a cost column."""
+    kernel_cells: list[Cell]
+    """Shown cells whose profiled kernels say what grew."""
 
     def variables(self) -> dict[str, Any]:
         """The fields as template variables (shallow: the Decision and its cells are passed as they are)."""
@@ -281,6 +295,7 @@ def build_view(
     charts = _charts(rows, "this PR" if pr else (short_sha(head_sha) or "head"))
     targets, fingerprint_keys = _targets(decision)
     content = {
+        "kernels": [c for c in rows if c.kernels],
         "environment": targets,
         "tuning": [c for c in rows if c.tuning],
         "numerics": [c for c in rows if c.numerics],
@@ -289,6 +304,7 @@ def build_view(
         "errors": [c for c in rows if c.error],
     }
     had = {  # what the full rendering has: the sections a size-limited one says it left out
+        "kernels": any(c.kernels for c in cells),
         "environment": targets,
         "tuning": any(c.tuning for c in cells),
         "numerics": any(c.numerics for c in cells),
@@ -324,6 +340,8 @@ def build_view(
         charts=charts[:MAX_CHARTS],
         charts_hidden=max(0, len(charts) - MAX_CHARTS),
         compared=sum(1 for c in cells if c.estimate is not None),
+        priced=any(c.price_per_hour is not None for c in cells),
+        kernel_cells=content["kernels"],
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from mlci import __version__
 
 SCHEMA = "mlci.results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped when a field changes meaning or shape; every older version has a migration below."""
 MAX_BYTES = 64 * 2**20
 """A results file larger than this is refused unread (they come from untrusted runs too)."""
@@ -123,6 +123,8 @@ class TargetInfo:
     tvm_target: dict[str, Any]
     """TVM Target JSON, e.g. {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}."""
     fingerprint: Fingerprint
+    price_per_hour: float | None = None
+    """What an hour of this machine costs (USD), from the config; prices each model's inferences."""
 
 
 @dataclass
@@ -218,6 +220,40 @@ class PeerInfo:
 
 
 @dataclass
+class CostInfo:
+    """USD per million inferences at the target's price per hour, from the measured medians, with
+    the machine busy with one inference at a time: price x median seconds x 1e6 / 3600."""
+
+    per_million_usd: float | None = None
+    """The TVM build's."""
+    onnxruntime_per_million_usd: float | None = None
+    """ONNX Runtime's, on the same machine."""
+
+
+@dataclass
+class KernelTime:
+    """One kernel's share of an inference, from TVM's VM instrumented call by call."""
+
+    name: str
+    """The kernel's symbol in the built library (e.g. ``fused_matmul_add_relu``)."""
+    calls: int
+    """Invocations per inference."""
+    total_us: float
+    """Microseconds spent in it per inference (over all its calls), averaged over the profiled inferences."""
+
+
+@dataclass
+class KernelProfile:
+    """Per-kernel time of one build: taken only for a cell the run's own A/B flagged as slower, to
+    say which kernels grew. Informational: no verdict depends on it."""
+
+    kernels: list[KernelTime] = field(default_factory=list)
+    """Slowest first; the VM's own builtins (allocation, shape checks) are left out."""
+    inferences: int = 0
+    """Profiled inferences the times are averaged over."""
+
+
+@dataclass
 class GateSettings:
     """The config's gate settings, recorded for `mlci compare`."""
 
@@ -241,6 +277,8 @@ class Baseline:
     rounds: int = 0
     """Measuring rounds; more than one when an inconclusive or flagged cell was re-measured."""
     same_model: bool = False
+    profile: KernelProfile | None = None
+    """Per-kernel time of the base build, when the head measured slower (see ModelResult.profile)."""
 
 
 @dataclass
@@ -286,6 +324,11 @@ class ModelResult:
     """Relative change that counts as a regression or improvement (from the config)."""
     base: Baseline | None = None
     history: History | None = None
+    cost: CostInfo | None = None
+    """What a million inferences cost on this target; None when the target states no price."""
+    profile: KernelProfile | None = None
+    """Per-kernel time of the head build, when the A/B measured it slower than the base (base.profile
+    holds the base's): which kernels grew."""
 
     @property
     def ok(self) -> bool:
@@ -365,7 +408,13 @@ def update_to_2(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2}
+def update_to_3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 adds the target's price per hour, each model's cost per million inferences and the
+    per-kernel profiles of slower cells; a version 2 file has none of them (all optional)."""
+    return {**data, "schema_version": 3}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2, 2: update_to_3}
 """version -> the function that lifts a file of that version to the next."""
 
 
@@ -381,6 +430,9 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
 def _check_consistency(results: Results, check: _Checker) -> None:
     """What the type hints cannot say but `mlci compare` relies on (`mlci run` never writes otherwise)."""
     gate = results.gate
+    price = results.target.price_per_hour
+    if price is not None and not price > 0:
+        check.problem("target.price_per_hour", f"expected a price greater than 0, got {_show(price)}")
     for key in ("threshold", "confidence"):
         value = getattr(gate, key) if gate else None
         if value is not None and not 0 < value < 1:
@@ -395,6 +447,15 @@ def _check_consistency(results: Results, check: _Checker) -> None:
                           (".history", m.history and m.history.latency_ms)):
             if lat is not None and lat.n != len(lat.samples):
                 check.problem(f"{where}{part}.latency_ms.n", f"{lat.n}, but there are {len(lat.samples)} samples")
+        for key in ("per_million_usd", "onnxruntime_per_million_usd"):
+            value = getattr(m.cost, key) if m.cost else None
+            if value is not None and value < 0:
+                check.problem(f"{where}.cost.{key}", f"expected a cost of at least 0, got {_show(value)}")
+        for part, profile in (("", m.profile), (".base", m.base and m.base.profile)):
+            for j, kernel in enumerate(profile.kernels if profile else ()):
+                if kernel.calls < 0 or kernel.total_us < 0:
+                    check.problem(f"{where}{part}.profile.kernels[{j}]",
+                                  f"expected calls and total_us of at least 0, got {kernel.calls} and {kernel.total_us}")
         for key, pair in (m.history.fingerprint_diff.items() if m.history else ()):
             if len(pair) != 2:
                 check.problem(_join(f"{where}.history.fingerprint_diff", key), "expected [baseline, this run]")

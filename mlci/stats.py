@@ -179,3 +179,13 @@ def cell_confidence(cells: int, family_confidence: float = 0.95) -> float:
     false alarm across the whole model x target matrix at most alpha."""
     alpha = 1.0 - family_confidence
     return 1.0 - alpha / max(cells, 1)
+
+
+def cost_per_million(price_per_hour: float | None, median_ms: float | None) -> float | None:
+    """USD per million inferences on a machine that costs `price_per_hour` and runs one inference at a
+    time, each taking `median_ms`: price x median seconds x 1e6 / 3600. None without both numbers."""
+    if price_per_hour is None or median_ms is None:
+        return None
+    if not (math.isfinite(price_per_hour) and math.isfinite(median_ms)) or price_per_hour <= 0 or median_ms < 0:
+        return None
+    return price_per_hour * (median_ms / 1e3) * 1e6 / 3600.0

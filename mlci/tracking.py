@@ -104,6 +104,9 @@ def model_metrics(model: ModelResult) -> dict[str, float]:
     if model.peer:
         metrics["onnxruntime_median_ms"] = model.peer.onnxruntime_median_ms
         metrics["speedup_vs_onnxruntime"] = model.peer.speedup
+    if model.cost:
+        metrics["cost_per_million_usd"] = model.cost.per_million_usd
+        metrics["onnxruntime_cost_per_million_usd"] = model.cost.onnxruntime_per_million_usd
     if model.compile and not model.compile.build_cached:  # loading a cached build is not compiling
         metrics["compile_s"] = model.compile.seconds
     if model.tuning:

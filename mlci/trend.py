@@ -24,7 +24,7 @@ from typing import Any
 from mlci.formatting import format_ms, short_sha
 from mlci.gate import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD
 from mlci.results import Verdict
-from mlci.stats import cell_confidence, classify, median_ratio_ci
+from mlci.stats import cell_confidence, classify, cost_per_million, median_ratio_ci
 
 INTERVAL_CONFIDENCE = 0.95
 """Of the interval shown around each median (the verdicts use the gate's own confidence)."""
@@ -69,6 +69,8 @@ class RunRecord:
     """The relative change that counted for this model when it ran (its config's, recorded in results.json)."""
     confidence: float | None = None
     """The gate's family confidence when it ran."""
+    price_per_hour: float | None = None
+    """The target's price (USD per hour) the run recorded in results.json; None: no cost for this run."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class TrendRow:
     samples: int
     onnxruntime_median_ms: float | None
     speedup_vs_onnxruntime: float | None
+    cost_per_million_usd: float | None
+    """USD per million inferences at the run's price per hour (`stats.cost_per_million`); None without a price."""
+    onnxruntime_cost_per_million_usd: float | None
     trials_new: int | None
     fingerprint: str | None
     tvm_version: str | None
@@ -182,7 +187,11 @@ def series_rows(records: Sequence[RunRecord], confidence: float = DEFAULT_CONFID
             created_at=record.created_at, run_id=record.run_id, run_url=record.run_url, status=record.status,
             median_ms=_finite(record.median_ms), median_low_ms=None, median_high_ms=None,
             samples=len(samples or []), onnxruntime_median_ms=_finite(record.onnxruntime_median_ms),
-            speedup_vs_onnxruntime=_finite(record.speedup), trials_new=record.trials_new,
+            speedup_vs_onnxruntime=_finite(record.speedup),
+            cost_per_million_usd=cost_per_million(record.price_per_hour, _finite(record.median_ms)),
+            onnxruntime_cost_per_million_usd=cost_per_million(record.price_per_hour,
+                                                              _finite(record.onnxruntime_median_ms)),
+            trials_new=record.trials_new,
             fingerprint=record.fingerprint, tvm_version=record.tvm_version, segment=segment,
             environment_changed=changed, environment_diff=diff, previous_commit=None, change=None,
             change_low=None, change_high=None, verdict=None,

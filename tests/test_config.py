@@ -257,3 +257,18 @@ def test_a_tracking_register_that_is_no_branch_or_flag_is_named(tmp_path: Path, 
     with pytest.raises(ConfigError) as err:
         parse_config(f'[tracking]\nregister = {value}\n[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
     assert err.value.problems == [f"tracking.register: expected a branch name, true (the default branch) or false, {shown}"]
+
+
+def test_a_target_states_its_price_per_hour(tmp_path: Path) -> None:
+    cfg = parse_config('[targets.cpu]\nprice_per_hour = 0.36\n[targets.gpu]\ntvm = { kind = "cuda" }\n'
+                       'price_per_hour = 1\n[targets.arm]\n[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    assert {name: t.price_per_hour for name, t in cfg.targets.items()} == {"cpu": 0.36, "gpu": 1.0, "arm": None}
+
+
+@pytest.mark.parametrize("value", ["0", "-0.36", "nan", "inf", '"0.36"', "true"])
+def test_a_price_that_is_no_positive_finite_number_is_named(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f'[targets.cpu]\nprice_per_hour = {value}\n[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    text = str(err.value)
+    assert "mlci.toml" in text
+    assert "targets.cpu.price_per_hour: expected the machine's price in USD per hour, a number greater than 0" in text

@@ -46,6 +46,8 @@ from mlci.results import (
     GateSettings,
     GitInfo,
     History,
+    KernelProfile,
+    KernelTime,
     Latency,
     ModelResult,
     NumericsInfo,
@@ -236,6 +238,31 @@ def inconclusive_decision() -> Decision:
     ])])
 
 
+def priced(res: Results, price: float) -> Results:
+    return dataclasses.replace(res, target=dataclasses.replace(res.target, price_per_hour=price))
+
+
+def kernels(*rows: tuple[str, int, float]) -> KernelProfile:
+    return KernelProfile([KernelTime(name, calls, us) for name, calls, us in rows], inferences=3)
+
+
+def cost_decision() -> Decision:
+    """Priced targets (AWS on-demand c7i.large and g5.xlarge): a regression whose kernels were profiled, an improvement."""
+    slower = model("resnet50", base=1.0, head=1.25, ort=3.4)
+    slower.profile = kernels(("fused_conv2d_add_relu", 16, 905.0), ("fused_conv2d1_add1", 4, 210.0),
+                             ("fused_dense_add", 1, 41.5), ("fused_softmax_v2", 1, 12.0), ("fused_max_pool2d", 1, 30.0),
+                             ("fused_transpose", 1, 5.0), ("fused_reshape", 1, 1.1))
+    assert slower.base is not None
+    slower.base.profile = kernels(("fused_conv2d_add_relu", 16, 700.0), ("fused_conv2d1_add1", 4, 200.0),
+                                  ("fused_dense_add", 1, 40.0), ("fused_softmax", 1, 14.0), ("fused_max_pool2d", 1, 30.0),
+                                  ("fused_transpose", 1, 5.0), ("fused_reshape", 1, 1.2))
+    return decide([
+        priced(results("cpu-x86", [model("bert-tiny", base=2.5, head=2.0, ort=3.9),
+                                   model("resnet50", base=4.1, head=4.12, ort=12.9)]), 0.089),
+        priced(results("gpu-cuda", [slower]), 1.006),
+    ])
+
+
 def trend(*points: tuple[str, float]) -> list[TrendPoint]:
     return [TrendPoint(commit=c, median=m, created_at=f"2025-01-0{i + 1}T00:00:00+00:00") for i, (c, m) in enumerate(points)]
 
@@ -290,6 +317,38 @@ def test_inconclusive_comment_snapshot():
     assert "### mlci PASS: No significant change; 1 inconclusive" in text
     assert "whisper-tiny-encoder** on arm64, inconclusive: too noisy to tell" in text
     assert_snapshot("inconclusive.md", text)
+
+
+def test_cost_regression_comment_snapshot():
+    """Priced targets: a cost column, the cost change next to the percent, and the kernels that grew."""
+    decision = cost_decision()
+    assert [c.verdict for c in decision.cells] == ["regression", "improvement", "unchanged"]
+    text = render_comment(decision, CONTEXT)
+    assert "| change [interval] | cost per 1M inferences | faster: TVM or ORT |" in text
+    rows = {cells_of(r)[0] + "@" + cells_of(r)[1]: cells_of(r) for r in table_rows(text)}
+    slower = rows["resnet50@gpu-cuda"]
+    # 0.25 ms more per inference at $1.006/h: +$0.070 per million inferences
+    assert slower[4].startswith("+25.") and slower[4].endswith(", +$0.070 per million inferences")
+    assert slower[5] == "$0.35 (ORT $0.95)"
+    assert rows["bert-tiny@cpu-x86"][4].endswith(", -$0.012 per million inferences")
+    assert "per million" not in rows["resnet50@cpu-x86"][4]  # unchanged: no money talk
+    assert "the machine busy with one inference at a time" in text
+    kernels_part = text.split("<summary>Kernels that grew (1 cell)</summary>")[1].split("</details>")[0]
+    assert "**resnet50** on gpu-cuda, regression" in kernels_part
+    lines = [line for line in kernels_part.splitlines() if line.startswith("| fused")]
+    assert lines[0] == "| fused_conv2d_add_relu | 16 | 700 µs | 905 µs | +205 µs | +29.3% |"
+    assert lines[1] == "| fused_softmax_v2 | 1 | — | 12.0 µs | +12.0 µs | new |"
+    assert len(lines) == 5 and "fused_softmax |" in lines[-1] and lines[-1].endswith("| gone |")
+    assert "fused_max_pool2d" not in kernels_part  # unchanged kernels are not named
+    assert_snapshot("cost-regression.md", text)
+
+
+def test_kernels_go_last_when_the_comment_must_shrink():
+    decision = cost_decision()
+    full = render_comment(decision, CONTEXT)
+    text = render_comment(decision, CONTEXT, max_chars=len(full.split("<summary>Environment")[0]) + 400)
+    assert "<summary>Kernels that grew" in text and "<summary>Environment" not in text
+    assert "Not shown, to fit GitHub's size limit: environment, tuning, numerics;" in text
 
 
 def test_summary_is_the_comment_without_the_marker():

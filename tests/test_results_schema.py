@@ -19,10 +19,13 @@ from mlci.results import (
     SCHEMA_VERSION,
     Baseline,
     CompileInfo,
+    CostInfo,
     Fingerprint,
     GateSettings,
     GitInfo,
     History,
+    KernelProfile,
+    KernelTime,
     Latency,
     ModelResult,
     NumericsInfo,
@@ -50,7 +53,8 @@ def good() -> Results:
     return Results(
         git=GitInfo(commit="h" * 40, branch="feature", base_commit="b" * 40, pr=7, repository="o/r", run_id="1",
                     default_branch="main"),
-        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint=Fingerprint(hash="f", cpu="x")),
+        target=TargetInfo(name="cpu", tvm_target={"kind": "llvm", "num-cores": 2}, fingerprint=Fingerprint(hash="f", cpu="x"),
+                          price_per_hour=0.36),
         models=[
             ModelResult(
                 name="mlp", path="m.onnx", sha256="00", status="ok",
@@ -62,10 +66,14 @@ def good() -> Results:
                 peer=PeerInfo(onnxruntime_median_ms=2.0, onnxruntime_samples=[2.0, 2.1], speedup=1.8),
                 threshold=0.05,
                 base=Baseline(commit="b" * 40, path="m.onnx", sha256="01", latency_ms=lat([1.0, 1.1, 1.0, 1.2, 1]),
-                              rounds=2, same_model=False),
+                              rounds=2, same_model=False,
+                              profile=KernelProfile([KernelTime("fused_matmul_add_relu", 1, 410.5)], inferences=3)),
                 history=History(commit="c" * 40, branch="main", run_id="r1", created_at="2024-01-01T00:00:00+00:00",
                                 fingerprint="g", fingerprint_match=False, fingerprint_diff={"cpu": ["y", "x"]},
                                 latency_ms=lat([1.0, 1.2]), trend=[TrendPoint(commit="c", median=1.1)]),
+                cost=CostInfo(per_million_usd=0.11, onnxruntime_per_million_usd=0.2),
+                profile=KernelProfile([KernelTime("fused_matmul_add_relu", 1, 520.25), KernelTime("fused_add", 2, 3.0)],
+                                      inferences=3),
             ),
             ModelResult(name="lstm", path="l.onnx", status="import_failed", error="unsupported: LSTM",
                         base=Baseline(commit="b" * 40, status="missing")),
@@ -174,9 +182,17 @@ HOSTILE = [
     (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
     (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
     (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
-    (_set("schema_version", 3), "results schema version 3 is newer than this mlci reads (2): upgrade mlci"),
+    (_set("schema_version", 4), "results schema version 4 is newer than this mlci reads (3): upgrade mlci"),
     (_set("schema_version", "2"), "unsupported results schema 'mlci.results' version '2'"),
-    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 2)"),
+    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 3)"),
+    (_set("target.price_per_hour", "0.36"), "target.price_per_hour: expected a number, got '0.36'"),
+    (_set("target.price_per_hour", 0), "target.price_per_hour: expected a price greater than 0, got 0"),
+    (_set("models.0.cost.per_million_usd", -0.5), "models[0].cost.per_million_usd: expected a cost of at least 0, got -0.5"),
+    (_set("models.0.profile.kernels", {"fused": 1}), "models[0].profile.kernels: expected a list, got an object"),
+    (_set("models.0.base.profile.kernels.0.calls", "1"),
+     "models[0].base.profile.kernels[0].calls: expected an integer, got '1'"),
+    (_set("models.0.profile.kernels.0.total_us", -3.0),
+     "models[0].profile.kernels[0]: expected calls and total_us of at least 0, got 1 and -3.0"),
     # consistent types, but values `mlci run` never writes and `mlci compare` would trip over
     (_set("gate.fail_on", 5), "gate.fail_on: expected one of regression, failure, never, got 5"),
     (_set("gate.fail_on", "sometimes"), "gate.fail_on: unknown fail_on 'sometimes' (expected one of regression, failure, never)"),
@@ -333,6 +349,20 @@ def test_a_results_file_of_an_earlier_version_still_loads(path: Path, tmp_path: 
     decide([results])  # the gate takes it
     again = read_results(write_results(results, tmp_path / "cpu.json"))  # and it is written as the current version
     assert again == results and json.loads((tmp_path / "cpu.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_version_2_file_loads_without_price_costs_or_kernel_profiles() -> None:
+    """Version 3 added the target's price, each model's cost and the kernel profiles; a file written before has none."""
+    path = GOLDEN / "v2-ab-with-history.json"
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 2 and "price_per_hour" not in raw["target"] and "cost" not in raw["models"][0]
+    results = read_results(path)
+    assert results.schema_version == SCHEMA_VERSION == 3
+    assert results.target.price_per_hour is None
+    assert [(m.cost, m.profile) for m in results.models] == [(None, None), (None, None)]
+    assert results.models[0].base is not None and results.models[0].base.profile is None
+    cell = next(c for c in decide([results]).cells if c.model == "mlp")
+    assert cell.head_cost is None and cell.cost_change is None and cell.kernels == ()
 
 
 def test_the_readme_schema_section_is_generated_from_the_code() -> None:
