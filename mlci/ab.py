@@ -44,8 +44,14 @@ class RemeasurePolicy:
 
     def settled(self, base: list[float], head: list[float]) -> bool:
         """Only an `unchanged` interval is settled: an inconclusive or flagged cell gets more data."""
-        estimate = median_ratio_ci(base, head, paired=True, confidence=self.confidence)
-        return classify(estimate, self.threshold) == Verdict.UNCHANGED
+        return self.verdict(base, head) == Verdict.UNCHANGED
+
+    def slower(self, base: list[float], head: list[float]) -> bool:
+        """The gate's own rule says regression: worth timing each kernel to say which ones grew."""
+        return self.verdict(base, head) == Verdict.REGRESSION
+
+    def verdict(self, base: list[float], head: list[float]) -> Verdict:
+        return classify(median_ratio_ci(base, head, paired=True, confidence=self.confidence), self.threshold)
 
 
 @dataclass

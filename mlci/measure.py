@@ -20,7 +20,7 @@ import numpy as np
 
 from mlci.config import MeasureConfig
 from mlci.models import InputSpec
-from mlci.results import NumericsInfo
+from mlci.results import KernelProfile, KernelTime, NumericsInfo
 
 log = logging.getLogger("mlci")
 
@@ -232,6 +232,7 @@ class TvmModel:
     def __init__(self, executable: Any, device: Any):
         from tvm import relax
 
+        self.executable = executable
         self.device = device
         self.vm = relax.VirtualMachine(executable, device)
         self.main = self.vm["main"]
@@ -252,6 +253,89 @@ class TvmModel:
 
     def sync(self) -> None:
         self.device.sync()
+
+
+PROFILE_INFERENCES = 5
+"""Inferences per build a kernel profile takes the median over: attribution needs the big movers, not fine timing."""
+PROFILE_WARMUP = 2
+"""Inferences run on the instrumented VM first, uncounted (memory pool, caches, other threads settling)."""
+PROFILE_SECONDS = 2.0
+"""Cap on profiling a pair of builds (at least one inference each is profiled)."""
+VM_BUILTIN = "vm.builtin."
+"""The VM's own calls (allocation, shape checks): not kernels, left out of a profile."""
+
+
+class _KernelTimer:
+    """A separate VirtualMachine on a build's executable whose every call is timed (the device
+    synchronised before and after each, so an asynchronous GPU kernel is charged to itself). The VM
+    that measured latency is never instrumented. The Python callback per call adds a few
+    microseconds to every kernel alike."""
+
+    def __init__(self, model: TvmModel, inputs: dict[str, np.ndarray], names: list[str]):
+        from tvm import relax
+
+        self.vm = relax.VirtualMachine(model.executable, model.device)
+        self.main = self.vm["main"]
+        self.args = model._args(inputs, names)
+        self.sync = model.sync
+        self.inferences: list[dict[str, list[float]]] = []
+        """Per profiled inference: kernel -> [calls, seconds]."""
+        self._current: dict[str, list[float]] | None = None
+        self._started: list[float] = []
+        self.vm.set_instrument(self._instrument)
+
+    def _instrument(self, func: Any, symbol: str, before_run: bool, ret_value: Any, *args: Any) -> int:
+        self.sync()
+        now = time.perf_counter()
+        if before_run:
+            self._started.append(now)
+        elif self._started:
+            t0 = self._started.pop()
+            if self._current is not None:
+                entry = self._current.setdefault(symbol, [0, 0.0])
+                entry[0] += 1
+                entry[1] += now - t0
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+    def run(self, counted: bool = True) -> None:
+        self._current = {} if counted else None
+        self.main(*self.args)
+        self.sync()
+        if self._current is not None:
+            self.inferences.append(self._current)
+        self._current = None
+
+    def profile(self) -> KernelProfile:
+        """Each kernel's median time per inference over the profiled inferences (a one-off stall in one
+        inference does not count), slowest first."""
+        names = {name for inference in self.inferences for name in inference if not name.startswith(VM_BUILTIN)}
+        kernels = []
+        for name in names:
+            seconds = sorted(inference.get(name, [0, 0.0])[1] for inference in self.inferences)
+            calls = sorted(inference.get(name, [0, 0.0])[0] for inference in self.inferences)
+            kernels.append(KernelTime(name=name, calls=int(calls[len(calls) // 2]),
+                                      total_us=round(float(np.median(seconds)) * 1e6, 3)))
+        kernels.sort(key=lambda k: (-k.total_us, k.name))
+        return KernelProfile(kernels=kernels, inferences=len(self.inferences))
+
+
+def profile_kernels(models: list[TvmModel], inputs: dict[str, np.ndarray], names: list[str], *,
+                    inferences: int = PROFILE_INFERENCES, warmup: int = PROFILE_WARMUP,
+                    max_seconds: float = PROFILE_SECONDS) -> list[KernelProfile]:
+    """Time per inference of each kernel of each build in `models` (base and head), on the same inputs.
+    Their inferences alternate, as the latency harness alternates them, so that whatever else the
+    machine does hits both builds alike; stops early at `max_seconds` (keeping one inference each)."""
+    timers = [_KernelTimer(model, inputs, names) for model in models]
+    for timer in timers:
+        for _ in range(max(warmup, 1)):  # the first call of a new VM allocates its memory pool
+            timer.run(counted=False)
+    deadline = time.perf_counter() + max_seconds
+    for i in range(max(inferences, 1)):
+        for timer in timers if i % 2 == 0 else reversed(timers):
+            timer.run()
+        if time.perf_counter() > deadline:
+            break
+    return [timer.profile() for timer in timers]
 
 
 def _flatten(result: Any) -> list[Any]:

@@ -45,7 +45,7 @@ from mlci.config import (
     relative_to_root,
 )
 from mlci.models import ModelError, PreparedModel, prepare_model
-from mlci.results import CompileInfo, PeerInfo, Status
+from mlci.results import CompileInfo, KernelProfile, PeerInfo, Status
 from mlci.stats import faster_backend, speedup, summarize
 from mlci.targets import ResolvedTarget, tvm_target_object
 
@@ -191,6 +191,10 @@ class Measured:
     rounds: int = 1
     """A/B rounds: more than one when an unsettled cell was measured again."""
     ort_threads: int | None = None
+    head_profile: KernelProfile | None = None
+    """Per-kernel time of the head build, taken when the A/B samples say it got slower ..."""
+    base_profile: KernelProfile | None = None
+    """... and of the base build then."""
 
     def peer_info(self) -> PeerInfo:
         ort_median = summarize(self.ort_ms).median
@@ -278,6 +282,27 @@ def library_interface(prepared: PreparedModel) -> dict[str, list[dict[str, Any]]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else np.dtype(object)
         outputs.append({"name": value.name, "dtype": np.dtype(dtype).name, "shape": dims})
     return {"inputs": inputs, "outputs": outputs}
+
+
+def profile_pair(head: measure.TvmModel, base: measure.TvmModel, inputs: dict[str, np.ndarray], names: list[str],
+                 label: str) -> tuple[KernelProfile | None, KernelProfile | None]:
+    """Per-kernel time of the head and the base build, (head, base); (None, None) and one warning
+    naming `label` when profiling fails: it only explains a slowdown, no verdict depends on it."""
+    try:
+        base_profile, head_profile = measure.profile_kernels([base, head], inputs, names)
+        return head_profile, base_profile
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        log.warning("%s: could not time its kernels one by one (%s: %s); the report names no kernels",
+                    label, type(exc).__name__, _error_line(exc))
+        return None, None
+
+
+def _error_line(exc: BaseException) -> str:
+    """The message of an error, without the C++ traceback TVM puts before it."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 # --- the chain ----------------------------------------------------------------------------
@@ -550,9 +575,11 @@ class Pipeline:
         base: measure.TvmModel | None = None,
         settled: Callable[[list[float], list[float]], bool] = lambda base, head: True,
         max_rounds: int = 1,
+        profile_if: Callable[[list[float], list[float]], bool] | None = None,
     ) -> Measured:
         """TVM and ONNX Runtime by the same harness; with `base`, the base build and the head
-        interleaved in rounds until `settled` says the samples decide (at most `max_rounds`)."""
+        interleaved in rounds until `settled` says the samples decide (at most `max_rounds`), and
+        when `profile_if(base, head)` says the head got slower, both builds' kernels timed one by one."""
         name = checked.compiled.prepared.name if checked.compiled.prepared else ""
         self.progress.stage(name, "measuring")
         args = measure.timing_args(timing)
@@ -572,8 +599,16 @@ class Pipeline:
                 )
             else:
                 tvm_ms = measure.time_callable(head_timer, sync=checked.model.sync, **args)
+            profiles: tuple[KernelProfile | None, KernelProfile | None] = (None, None)
+            if base is not None and base_ms and profile_if is not None and profile_if(base_ms, tvm_ms):
+                # Before ONNX Runtime runs: its threads spin on after a run, and a kernel timed
+                # alone then waits milliseconds for a core.
+                self.progress.stage(name, "timing each kernel (slower than the base)")
+                profiles = profile_pair(checked.model, base, checked.inputs, checked.input_names, name)
             ort_ms = measure.time_callable(checked.reference.timer(checked.inputs), **args)
-        return Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=checked.reference.threads)
+        measured = Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=checked.reference.threads)
+        measured.head_profile, measured.base_profile = profiles
+        return measured
 
     def evaluate(
         self,
@@ -585,6 +620,7 @@ class Pipeline:
         base_model_for: BaseModelFor | None = None,
         settled: Callable[[list[float], list[float]], bool] = lambda base, head: True,
         max_rounds: int = 1,
+        profile_if: Callable[[list[float], list[float]], bool] | None = None,
     ) -> Evaluation:
         """The whole chain for one model; a model's own failure ends up in the Evaluation's
         status and error. `out_dir` receives the tuning records and the library."""
@@ -600,7 +636,7 @@ class Pipeline:
                 raise ModelError(Status.NUMERICS_FAILED, numerics.message)
             base = base_model_for(evaluation.compiled) if base_model_for is not None else None
             evaluation.measured = self.measure(evaluation.checked, timing, base=base, settled=settled,
-                                               max_rounds=max_rounds)
+                                               max_rounds=max_rounds, profile_if=profile_if)
         except ModelError as exc:
             evaluation.status, evaluation.error = exc.status, str(exc)
             if exc.partial is not None:

@@ -1,10 +1,12 @@
 """The regression gate end to end on a tiny git repository made here.
 
 main records a baseline in MLflow; a pull-request branch makes the model really
-slower (a 4x wider hidden layer); another only edits the README. `mlci run --base
-main` builds the merge-base's model in a worktree and measures both interleaved;
-`mlci compare` then decides, renders, and talks to a local GitHub that validates
-every call against GitHub's OpenAPI description.
+slower (a 16x wider hidden layer); another only edits the README. `mlci run --base
+main` builds the merge-base's model in a worktree and measures both interleaved
+(timing each kernel of both builds when the head measured slower); `mlci compare`
+then decides, renders, and talks to a local GitHub that validates every call
+against GitHub's OpenAPI description. The target states a price per hour, so the
+results and the comment carry what a million inferences cost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ pytestmark = pytest.mark.slow
 CONFIG = """
     [tuning]
     trials = 0
+    [targets.cpu]
+    price_per_hour = 0.36
     [[models]]
     name = "net"
     path = "models/net.onnx"
@@ -53,7 +57,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
 
     git(root, "checkout", "-qb", "slower")
-    save(tiny_mlp((64, 1024, 64)), root / "models" / "net.onnx")
+    save(tiny_mlp((64, 4096, 64)), root / "models" / "net.onnx")
     git(root, "commit", "-qam", "wider hidden layer")
     git(root, "checkout", "-q", "main")
     git(root, "checkout", "-qb", "docs")
@@ -90,6 +94,16 @@ def test_slower_head_fails_the_gate_and_the_comment_says_so(repo: Path):
     assert model["base"]["latency_ms"]["n"] == model["latency_ms"]["n"]  # paired
     assert model["history"]["commit"] == git(repo, "rev-parse", "main") and model["history"]["fingerprint_match"]
     assert not git(repo, "worktree", "list").count("\n"), "the base worktree was left behind"
+    # priced: 0.36 USD per hour x the median
+    assert results["target"]["price_per_hour"] == 0.36
+    assert model["cost"]["per_million_usd"] == pytest.approx(0.36 * model["latency_ms"]["median"] / 3.6)
+    assert model["cost"]["onnxruntime_per_million_usd"] > 0
+    # measured slower in the run's own A/B: both builds' kernels were timed, and the wider layer's grew
+    head_kernels = {k["name"]: k["total_us"] for k in model["profile"]["kernels"]}
+    base_kernels = {k["name"]: k["total_us"] for k in model["base"]["profile"]["kernels"]}
+    assert head_kernels and base_kernels and not any(name.startswith("vm.builtin.") for name in head_kernels)
+    grown = max(head_kernels, key=lambda name: head_kernels[name] - base_kernels.get(name, 0.0))
+    assert grown in base_kernels and head_kernels[grown] > base_kernels[grown]
 
     with FakeGitHub() as gh:
         compare = mlci("compare", ".mlci/results", cwd=repo, env=github_env(gh, repo, 7))
@@ -105,6 +119,10 @@ def test_slower_head_fails_the_gate_and_the_comment_says_so(repo: Path):
     outputs = (repo / ".mlci" / "output.txt").read_text()
     assert "verdict=regression\n" in outputs and "regressions=1\n" in outputs
     assert "1 regression on cpu" in (repo / ".mlci" / "summary.md").read_text()
+    assert "| cost per 1M inferences |" in body and " per million inferences |" in body
+    kernels = body.split("<summary>Kernels that grew (1 cell)</summary>")[1].split("</details>")[0]
+    first = next(line for line in kernels.splitlines() if line.startswith("| ") and not line.startswith(("| kernel", "| ---")))
+    assert first.startswith(f"| {grown} | 1 | ")  # the kernel that grew most, named first
 
 
 def test_unchanged_head_passes(repo: Path):
@@ -113,6 +131,7 @@ def test_unchanged_head_passes(repo: Path):
     assert run.returncode == 0, run.stdout + run.stderr
     model = json.loads((repo / ".mlci" / "results" / "cpu.json").read_text())["models"][0]
     assert model["base"]["same_model"]
+    assert model["profile"] is None and model["base"]["profile"] is None  # not slower: no kernels timed
     compare = mlci("compare", cwd=repo)
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert "gate passed" in compare.stdout

@@ -34,7 +34,8 @@ from tests.servers import free_port, mlflow_server
 
 ROW_KEYS = {
     "model", "target", "commit", "short_sha", "created_at", "run_id", "run_url", "status", "median_ms",
-    "median_low_ms", "median_high_ms", "samples", "onnxruntime_median_ms", "speedup_vs_onnxruntime", "trials_new",
+    "median_low_ms", "median_high_ms", "samples", "onnxruntime_median_ms", "speedup_vs_onnxruntime",
+    "cost_per_million_usd", "onnxruntime_cost_per_million_usd", "trials_new",
     "fingerprint", "tvm_version", "segment", "environment_changed", "environment_diff", "previous_commit", "change",
     "change_low", "change_high", "verdict", "threshold", "note",
 }
@@ -162,6 +163,22 @@ def test_an_unknown_model_is_refused_naming_the_known_ones(project: Project) -> 
     assert "--model tinny: no such model" in done.output and "known: tiny" in done.output
     done = mlci("history", "-c", project.config, "--target", "gpu")
     assert done.exit_code == 2 and "--target gpu: no such target" in done.output and "known: cpu" in done.output
+
+
+# --- cost per million inferences (pure: rows from run records) ------------------------------------
+
+
+def test_rows_price_a_million_inferences_at_the_price_each_run_recorded() -> None:
+    from mlci.trend import RunRecord, series_rows
+
+    def record(commit: str, started: int, price: float | None) -> RunRecord:
+        return RunRecord(run_id=commit, model="m", target="cpu", commit=commit, started_ms=started, fingerprint="fp",
+                         samples=_steady(10.0), median_ms=10.0, onnxruntime_median_ms=20.0, price_per_hour=price)
+
+    rows = series_rows([record("c1", 1, 0.36), record("c2", 2, None), record("c3", 3, 1.006)])
+    assert [r.cost_per_million_usd for r in rows] == [pytest.approx(1.0), None, pytest.approx(1.006 * 10 / 3.6)]
+    assert [r.onnxruntime_cost_per_million_usd for r in rows] == [pytest.approx(2.0), None, pytest.approx(1.006 * 20 / 3.6)]
+    assert rows[0].as_dict()["cost_per_million_usd"] == pytest.approx(1.0)  # `--format json` carries it
 
 
 # --- environment changes, regressions, missing samples (runs logged as mlci run logs them) ----

@@ -27,8 +27,18 @@ from mlci.gitinfo import detect_git, toplevel
 from mlci.measure import TvmModel, use_threads
 from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
 from mlci.remote_cache import SHARED_TIER, RemoteCache
-from mlci.results import GateSettings, GitInfo, Latency, ModelResult, Results, Status, TargetInfo, write_results
-from mlci.stats import summarize
+from mlci.results import (
+    CostInfo,
+    GateSettings,
+    GitInfo,
+    Latency,
+    ModelResult,
+    Results,
+    Status,
+    TargetInfo,
+    write_results,
+)
+from mlci.stats import cost_per_million, summarize
 from mlci.targets import environment_fingerprint, select_target
 from mlci.tuning import TuningCache, cache_directory
 
@@ -75,6 +85,8 @@ class ModelRunner:
         self.base_builds = ab.BaseBuilds(base, pipeline) if base is not None else None
         self.policy = ab.RemeasurePolicy.from_gate(config.gate, cells)
         self.work_dir = config.state_dir / "work" / pipeline.target.name
+        target = config.targets.get(pipeline.target.name)
+        self.price_per_hour = target.price_per_hour if target else None
 
     def run(self, cfg: ModelConfig, progress: RunReporter) -> ModelResult:
         settings = ModelSettings.resolve(self.config, cfg, trials=self.options.trials, seconds=self.options.tune_seconds,
@@ -87,28 +99,33 @@ class ModelRunner:
             base_record, model = self.base_builds.build_for(cfg, settings, head)
             return model
 
+        def slower(base: list[float], head: list[float]) -> bool:  # one build measured twice has no kernel to blame
+            return not (base_record is not None and base_record.same_model) and policy.slower(base, head)
+
         evaluation = self.pipeline.evaluate(
             cfg, settings, self.config.measure,
             out_dir=self.work_dir / cfg.name,
             base_model_for=base_model_for if self.base_builds else None,
-            settled=policy.settled, max_rounds=policy.max_rounds,
+            settled=policy.settled, max_rounds=policy.max_rounds, profile_if=slower,
         )
         if self.base_builds is not None and base_record is None and evaluation.status not in (Status.OK, Status.NUMERICS_FAILED):
             # The head failed before A/B: whether the base builds here decides "stopped working" vs "already broken".
             base_record = self.base_builds.check_builds(cfg, settings, evaluation.status)
-        result = model_result(cfg, self.config.root, settings, evaluation)
+        result = model_result(cfg, self.config.root, settings, evaluation, self.price_per_hour)
         result.base = base_record
         if base_record is not None and evaluation.measured is not None and evaluation.measured.base_ms is not None:
             base_record.latency_ms = latency(evaluation.measured.base_ms)
             base_record.rounds = evaluation.measured.rounds
+            base_record.profile = evaluation.measured.base_profile
         progress.finish(cfg.name, result.status)
         return result
 
 
-def model_result(cfg: ModelConfig, root: Path, settings: ModelSettings, evaluation: Evaluation) -> ModelResult:
+def model_result(cfg: ModelConfig, root: Path, settings: ModelSettings, evaluation: Evaluation,
+                 price_per_hour: float | None = None) -> ModelResult:
     """The results file's record of one model's evaluation."""
     compiled, checked, measured = evaluation.compiled, evaluation.checked, evaluation.measured
-    return ModelResult(
+    result = ModelResult(
         name=cfg.name,
         path=str(relative_to_root(cfg.path, root)),
         sha256=compiled.prepared.sha256 if compiled.prepared else None,
@@ -120,7 +137,15 @@ def model_result(cfg: ModelConfig, root: Path, settings: ModelSettings, evaluati
         latency_ms=latency(measured.tvm_ms) if measured else None,
         peer=measured.peer_info() if measured else None,
         threshold=settings.threshold,
+        profile=measured.head_profile if measured else None,
     )
+    if price_per_hour is not None and result.latency_ms is not None:
+        result.cost = CostInfo(
+            per_million_usd=cost_per_million(price_per_hour, result.latency_ms.median),
+            onnxruntime_per_million_usd=cost_per_million(
+                price_per_hour, result.peer.onnxruntime_median_ms if result.peer else None),
+        )
+    return result
 
 
 def latency(samples: list[float]) -> Latency:
@@ -257,7 +282,8 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
         cache_before = pipeline.cache.state()
         results = Results(
             git=git,
-            target=TargetInfo(name=target.name, tvm_target=target.tvm_target, fingerprint=fingerprint),
+            target=TargetInfo(name=target.name, tvm_target=target.tvm_target, fingerprint=fingerprint,
+                              price_per_hour=runner.price_per_hour),
             config=_config_key(config),
             base_ref=base_ref,
             removed_models=base.removed_models(config) if base and not options.models else [],
