@@ -140,6 +140,7 @@ def with_results(record: RunRecord, stored: dict[str, Any] | None) -> RunRecord:
         tvm_version=fingerprint.tvm or record.tvm_version,
         threshold=model.threshold if model.threshold is not None else (gate.threshold if gate else None),
         confidence=gate.confidence if gate else None,
+        price_per_hour=results.target.price_per_hour,
     )
 
 

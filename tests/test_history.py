@@ -185,7 +185,7 @@ def test_rows_price_a_million_inferences_at_the_price_each_run_recorded() -> Non
 
 
 def _log(tracker, tmp: Path, commit: str, samples: list[float] | None, *, fingerprint: str = "fp", tvm: str = "0.27",
-         model: str = "m", pr: int | None = None) -> str:
+         model: str = "m", pr: int | None = None, price: float | None = None) -> str:
     """One run of `commit` as `mlci run` logs it: tags, metrics, and a results.json (unless `samples` is None)."""
     median = sorted(samples)[len(samples) // 2] if samples else 1.0
     m = ModelResult(name=model, path=f"{model}.onnx", sha256="0" * 64, threshold=0.05,
@@ -194,7 +194,8 @@ def _log(tracker, tmp: Path, commit: str, samples: list[float] | None, *, finger
                     peer=PeerInfo(onnxruntime_median_ms=2.0, speedup=2.0 / median))
     results = Results(git=GitInfo(commit=commit, branch="main", pr=pr),
                       target=TargetInfo(name="cpu", tvm_target={"kind": "llvm"},
-                                        fingerprint=Fingerprint(hash=fingerprint, tvm=tvm, cpu="znver5")),
+                                        fingerprint=Fingerprint(hash=fingerprint, tvm=tvm, cpu="znver5"),
+                                        price_per_hour=price),
                       models=[m])
     artifacts = []
     if samples is not None:
@@ -492,3 +493,14 @@ def _silent_server() -> Iterator[str]:
         for conn in server.conns:
             conn.close()
         server.sock.close()
+
+
+def test_the_history_prices_each_commit_at_the_price_its_run_recorded(store) -> None:
+    config, tracker, root = store
+    for commit, price in (("c1", None), ("c2", 0.36)):
+        _log(tracker, root, commit, _steady(10.0), price=price)
+    [series] = _json(config)["series"]
+    assert [r["cost_per_million_usd"] for r in series["rows"]] == [None, pytest.approx(0.36 * 10.0 / 3.6, rel=0.01)]
+    assert series["rows"][1]["onnxruntime_cost_per_million_usd"] == pytest.approx(0.36 * 2.0 / 3.6)
+    table = mlci("history", "-c", config, env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "$ per 1M inferences" in table.output and "$1.00 (ORT $0.20)" in table.output

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlci.config import Config
-from mlci.formatting import format_ms, format_speedup
+from mlci.formatting import format_cost, format_ms, format_speedup
 from mlci.gitinfo import default_branch
 from mlci.history import StoreRuns, read_runs, without_credentials
 from mlci.trend import Series, build_series, format_change, format_median, history_json, render_html
@@ -111,10 +111,13 @@ def tables(outcome: HistoryOutcome) -> list[Table]:
         table = Table(title=title, title_justify="left",
                       caption=Text(f"branch {outcome.branch}, oldest first; ┊ and 'env' mark a change of "
                                    "environment (not compared across)"), caption_justify="left")
-        for header, justify, wrap in (("commit", "left", False), ("date", "left", True),
-                                      ("TVM median [95%]", "right", True), ("ORT", "right", True),
-                                      ("TVM speedup", "right", True), ("trials", "right", True),
-                                      ("vs previous [interval]", "right", True), ("verdict", "left", False)):
+        priced = any(row.cost_per_million_usd is not None for row in series.rows)
+        columns = [("commit", "left", False), ("date", "left", True), ("TVM median [95%]", "right", True),
+                   ("ORT", "right", True), ("TVM speedup", "right", True), ("trials", "right", True),
+                   ("vs previous [interval]", "right", True), ("verdict", "left", False)]
+        if priced:
+            columns.insert(5, ("$ per 1M inferences", "right", True))
+        for header, justify, wrap in columns:
             table.add_column(Text(header), justify=justify, no_wrap=not wrap)
         for row in series.rows:
             commit = Text(row.short_sha or (row.commit or "?")[:12])
@@ -122,11 +125,14 @@ def tables(outcome: HistoryOutcome) -> list[Table]:
                 commit.append(" env", style="bold magenta")
             verdict = Text(row.verdict or ("failed" if row.status == "FAILED" else "—"),
                            style=VERDICT_STYLES.get(row.verdict or "", "red" if row.status == "FAILED" else "dim"))
-            table.add_row(
+            cells = [
                 commit, Text((row.created_at or "")[:10]), Text(format_median(row)),
                 Text(format_ms(row.onnxruntime_median_ms)), Text(format_speedup(row.speedup_vs_onnxruntime)),
                 Text("—" if row.trials_new is None else str(row.trials_new)), Text(format_change(row)), verdict,
-            )
+            ]
+            if priced:
+                cells.insert(5, Text(format_cost(row.cost_per_million_usd, row.onnxruntime_cost_per_million_usd)))
+            table.add_row(*cells)
         out.append(table)
     return out
 
