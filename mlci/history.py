@@ -13,14 +13,22 @@ import logging
 import math
 import os
 import threading
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlci.results import Results, ResultsError
-from mlci.tracking import _HTTP_DEFAULTS, DEADLINE_ENV, Tracker, _iso, _quote, _sqlite_path, tracking_deadline
+from mlci.tracking import (
+    _HTTP_DEFAULTS,
+    DEADLINE_ENV,
+    Tracker,
+    _iso,
+    _quote,
+    _sqlite_path,
+    tracking_deadline,
+    without_credentials,
+)
 from mlci.trend import RunRecord, latest_commits
 
 MAX_RUNS = 20_000
@@ -43,14 +51,6 @@ class StoreRuns:
     store_exists: bool = True
     """False when the sqlite file or the experiment does not exist (nothing logged yet)."""
     truncated: bool = False
-
-
-def without_credentials(uri: str) -> str:
-    """`uri` without a user name or password in it, for links and messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.scheme.startswith("http") or "@" not in parts.netloc:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 class HistoryStore(Tracker):

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +58,14 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):])
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without a user name or password in it, for links and messages (a PR comment is public)."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme.startswith("http") or "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def run_name(model: str, target: str) -> str:
@@ -409,7 +418,7 @@ class Tracker:
         """A web address for the run when the tracking server has one (not for sqlite/files)."""
         if not self.uri.startswith(("http://", "https://")):
             return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def history(
         self,
@@ -440,6 +449,8 @@ class Tracker:
         for run in recent:
             commit = run.data.tags.get("mlci.commit", "")
             if commit == exclude_commit or commit in seen or "latency_ms_median" not in run.data.metrics:
+                continue
+            if run.data.tags.get("mlci.pr"):  # a pull request's run (a fork's own main, say) is no baseline
                 continue
             seen.add(commit)
             trend_runs.append(run)
@@ -499,11 +510,8 @@ class Tracker:
 def _file_sha256(path: Path) -> str:
     import hashlib
 
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _iso(millis: int | None) -> str | None:

@@ -201,6 +201,17 @@ def test_two_jobs_that_raced_past_the_lookup_go_on_with_the_first_run(server) ->
     assert [r.info.run_id for r in _runs(server, "tags.`mlci.job_key` = 'acme/race/1/c1/cpu/m'")] == [first]
 
 
+def test_a_run_link_never_carries_the_tracking_uris_password(server) -> None:
+    """Run links go into the public PR comment: credentials in the tracking URI stay out of them."""
+    from mlci.tracking import Tracker
+
+    with_password = server.url.replace("http://", "http://ci-bot:s3cret@")
+    tracker = Tracker(with_password, "mlci")
+    url = tracker.run_url("0123abcd")
+    assert url == f"{server.url}/#/experiments/{tracker.experiment_id}/runs/0123abcd"
+    assert "s3cret" not in url and "ci-bot" not in url
+
+
 # --- nothing lost: a run while the server is down, synced later ------------------------------
 
 

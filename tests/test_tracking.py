@@ -75,6 +75,13 @@ def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None
         stored.write_text(json.dumps(results.to_dict()))
         tracker.log_model(results, m, job_key=f"j/{commit}", params={}, artifacts=[(stored.rename(tmp_path / "results.json"), None)])
 
+    # A fork's pull request from its own main: tagged branch main, but no baseline and no trend point.
+    results, m = _results("m")
+    results.git = GitInfo(commit="fork1", branch="main", pr=9)
+    results.target.fingerprint = fingerprint
+    m.latency_ms = Latency(samples=[9.0, 9.1], median=9.05, mean=9.05, std=0.05, min=9.0, p90=9.1, n=2)
+    tracker.log_model(results, m, job_key="j/fork1", params={}, artifacts=[])
+
     newest = tracker.history("m", "cpu", fingerprint, base_commit=None, default_branch="main", exclude_commit="c4")
     assert newest.commit == "c3" and newest.fingerprint_match and newest.latency_ms.samples == [3.0, 3.1]
     assert [p.commit for p in newest.trend] == ["c1", "c2", "c3"]

@@ -18,7 +18,8 @@ from rich.text import Text
 from mlci.config import Config
 from mlci.formatting import format_cost, format_ms, format_speedup
 from mlci.gitinfo import default_branch
-from mlci.history import StoreRuns, read_runs, without_credentials
+from mlci.history import StoreRuns, read_runs
+from mlci.tracking import without_credentials
 from mlci.trend import Series, build_series, format_change, format_median, history_json, render_html
 
 FORMATS = ("table", "json", "html")
