@@ -55,6 +55,8 @@ class HistoryNote:
     fingerprint_diff: dict[str, list[Any]]
     ratio: float | None
     trend: list[TrendPoint]
+    trend_url: str | None = None
+    """The trend's runs side by side on the MLflow server, linked from a regressed cell."""
 
 
 TOP_KERNELS = 5
@@ -375,7 +377,7 @@ def _history_note(model: ModelResult) -> HistoryNote | None:
     if hist.fingerprint_match and model.latency_ms and hist.latency_ms and hist.latency_ms.median:
         ratio = model.latency_ms.median / hist.latency_ms.median
     return HistoryNote(hist.commit, hist.branch, hist.run_id, hist.fingerprint_match,
-                       hist.fingerprint_diff, ratio, hist.trend)
+                       hist.fingerprint_diff, ratio, hist.trend, hist.trend_url)
 
 
 def _cell(res: Results, model: ModelResult, threshold: float, confidence: float) -> Cell:

@@ -303,6 +303,8 @@ class History:
     latency_ms: Latency | None = None
     trend: list[TrendPoint] = field(default_factory=list)
     """Recent default-branch runs, oldest first."""
+    trend_url: str | None = None
+    """The trend's runs side by side on the MLflow server (None: no web UI, e.g. a sqlite store)."""
 
 
 @dataclass

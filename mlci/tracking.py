@@ -420,6 +420,16 @@ class Tracker:
             return None
         return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
+    def compare_url(self, run_ids: list[str]) -> str | None:
+        """MLflow's page comparing `run_ids` side by side (None when the server has no web UI)."""
+        base = self.run_url("")
+        if base is None or not run_ids:
+            return None
+        server = base.split("/#/", 1)[0]
+        runs = urllib.parse.quote(json.dumps(run_ids), safe="")
+        experiments = urllib.parse.quote(json.dumps([self.experiment_id]), safe="")
+        return f"{server}/#/compare-runs?runs={runs}&experiments={experiments}"
+
     def history(
         self,
         model: str,
@@ -491,6 +501,7 @@ class Tracker:
                            created_at=_iso(r.info.start_time))
                 for r in reversed(trend_runs)
             ],
+            trend_url=self.compare_url([r.info.run_id for r in reversed(trend_runs)]) if len(trend_runs) > 1 else None,
         )
 
     def _stored_results(self, run_id: str) -> dict[str, Any] | None:

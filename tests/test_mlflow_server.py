@@ -201,7 +201,7 @@ def test_two_jobs_that_raced_past_the_lookup_go_on_with_the_first_run(server) ->
     assert [r.info.run_id for r in _runs(server, "tags.`mlci.job_key` = 'acme/race/1/c1/cpu/m'")] == [first]
 
 
-def test_a_run_link_never_carries_the_tracking_uris_password(server) -> None:
+def test_run_and_trend_links_never_carry_the_tracking_uris_password(server) -> None:
     """Run links go into the public PR comment: credentials in the tracking URI stay out of them."""
     from mlci.tracking import Tracker
 
@@ -210,6 +210,9 @@ def test_a_run_link_never_carries_the_tracking_uris_password(server) -> None:
     url = tracker.run_url("0123abcd")
     assert url == f"{server.url}/#/experiments/{tracker.experiment_id}/runs/0123abcd"
     assert "s3cret" not in url and "ci-bot" not in url
+    experiments = f"%5B%22{tracker.experiment_id}%22%5D"
+    assert tracker.compare_url(["a", "b"]) == (
+        f"{server.url}/#/compare-runs?runs=%5B%22a%22%2C%20%22b%22%5D&experiments={experiments}")
 
 
 # --- nothing lost: a run while the server is down, synced later ------------------------------

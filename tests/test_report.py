@@ -435,6 +435,25 @@ def test_trend_chart():
     assert_snapshot("trend.md", text)
 
 
+def test_a_regressed_cell_links_its_trend_on_this_runs_mlflow_server_only():
+    compare = "http://127.0.0.1:5000/#/compare-runs?runs=%5B%22r1%22%2C%20%22r2%22%5D&experiments=%5B%221%22%5D"
+    with_trend = History(commit=BASE, branch="main", run_id="r2", trend=trend((BASE, 1.0), (HEAD, 1.01)),
+                         trend_url=compare)
+    elsewhere = dataclasses.replace(with_trend, trend_url="https://evil.example/#/compare-runs")
+    decision = decide([results("cpu-x86", [
+        model("slower", base=1.0, head=1.3, history=with_trend),
+        model("faster", base=1.0, head=0.7, history=with_trend),
+        model("phished", base=1.0, head=1.3, history=elsewhere),
+    ])])
+    rows: dict[str, str] = {}
+    for line in render_comment(decision, CONTEXT).splitlines():  # the main table's rows come first
+        if line.startswith(("| slower |", "| faster |", "| phished |")):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    assert f"([trend]({compare}))" in rows["slower"]
+    assert "trend" not in rows["faster"]  # only a regression sends the reviewer to its history
+    assert "evil.example" not in rows["phished"] and "(trend)" in rows["phished"]  # another host: text, no link
+
+
 def test_trend_needs_two_points_and_charts_are_capped():
     one_point = History(commit=BASE, branch="main", run_id="r", trend=trend((BASE, 1.0)))
     models = [model(f"m{i}", history=History(commit=BASE, branch="main", run_id=f"r{i}",

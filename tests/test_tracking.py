@@ -92,7 +92,8 @@ def test_history_baseline_trend_and_fingerprint_mismatch(tmp_path: Path) -> None
     other = tracker.history("m", "cpu", upgraded, base_commit=None, default_branch="main", exclude_commit=None)
     assert not other.fingerprint_match and other.fingerprint_diff == {"tvm": ["0.27", "0.28"]}
     assert tracker.history("m", "gpu", fingerprint, base_commit=None, default_branch="main", exclude_commit=None) is None
-    assert tracker.run_url("abc") is None  # sqlite: no web address to link
+    assert tracker.run_url("abc") is None and tracker.compare_url(["a", "b"]) is None  # sqlite: no web UI
+    assert newest.trend_url is None
 
 
 def test_a_vacuous_numerics_check_is_tagged() -> None:
