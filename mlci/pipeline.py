@@ -308,6 +308,13 @@ def _error_line(exc: BaseException) -> str:
 # --- the chain ----------------------------------------------------------------------------
 
 
+def target_device(target: ResolvedTarget) -> Any:
+    """The device a target's builds run on here (`.exist` says whether this machine has it)."""
+    import tvm
+
+    return tvm.device("cpu" if target.kind == "llvm" else target.kind, 0)
+
+
 class Pipeline:
     """The chain on one target, with the tuning cache and device its models share."""
 
@@ -332,9 +339,7 @@ class Pipeline:
 
     @property
     def device(self) -> Any:
-        import tvm
-
-        return tvm.device("cpu" if self.target.kind == "llvm" else self.target.kind, 0)
+        return target_device(self.target)
 
     def require_device(self) -> Any:
         device = self.device

@@ -31,7 +31,7 @@ from mlci.console import RunReporter
 from mlci.gitinfo import detect_git
 from mlci.measure import use_threads
 from mlci.models import ModelError
-from mlci.pipeline import Imported, ModelSettings, Pipeline, run_prepare
+from mlci.pipeline import Imported, ModelSettings, Pipeline, run_prepare, target_device
 from mlci.remote_cache import RemoteCache
 from mlci.results import Status
 from mlci.targets import environment_fingerprint, select_target
@@ -192,15 +192,15 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
     run_prepare(config)
     check_model_files(dataclasses.replace(config, models=selected))
     target = select_target(config, options.target)
+    if not target_device(target).exist:  # a shard times candidates: without the hardware it would search nothing
+        raise ShardError(f"target {target.name!r} needs a {target.kind} device to time tuning candidates on, and "
+                         "none is visible on this machine: run its shards on the target's runners")
     setup_logging(config)
 
     fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
     cache = TuningCache(cache_directory(config.cache_dir, target.name, fingerprint))
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
                         progress=reporter, root=config.root)
-    if not pipeline.device.exist:  # a shard times candidates: without the hardware it would search nothing
-        raise ShardError(f"target {target.name!r} needs a {target.kind} device to time tuning candidates on, and "
-                         "none is visible on this machine: run its shards on the target's runners")
     outcome = TuneOutcome(shard=shard, target=target.name, cache_dir=cache.dir,
                           report_path=report_path(config, target.name, shard),
                           remote_url=remote.url if remote else None)
