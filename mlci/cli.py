@@ -260,7 +260,10 @@ def init(
         "         if the server needs authentication.",
         "       secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and variable MLFLOW_S3_ENDPOINT_URL:",
         "         when the server keeps its artifacts on S3.",
-        f"  {step + 2}. GPU and Arm targets (examples in mlci.toml) need runners with the labels given in their runs_on.",
+        f"  {step + 2}. A tuning cache every runner shares (optional): variable MLCI_CACHE_URL (s3://bucket/prefix),",
+        "       with the AWS roles in variables MLCI_AWS_ROLE (default branch) and MLCI_AWS_PR_ROLE (pull requests);",
+        "       see the README, \"Sharing the tuning cache on S3\".",
+        f"  {step + 3}. GPU and Arm targets (examples in mlci.toml) need runners with the labels given in their runs_on.",
     ]
     for line in lines:
         out.print(escape(line), soft_wrap=True, highlight=False)

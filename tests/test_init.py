@@ -106,6 +106,9 @@ def _init(*args: str):
 def test_init_configures_the_repository(repo: Path, workflows: list[str]) -> None:
     result = _init("--root", str(repo))
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    for variable in ("MLFLOW_TRACKING_URI", "MLCI_CACHE_URL", "MLCI_AWS_ROLE", "MLCI_AWS_PR_ROLE"):
+        assert variable in said  # what to set next, for history and for a shared tuning cache
 
     cfg = load_config(repo / "mlci.toml")
     assert [(m.name, m.path.relative_to(repo).as_posix()) for m in cfg.models] == [
