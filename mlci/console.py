@@ -29,6 +29,7 @@ from mlci.formatting import (
     format_faster,
     format_kernels,
     format_ms,
+    ort_header,
     status_word,
 )
 from mlci.results import Results
@@ -188,7 +189,7 @@ def results_table(results: Results) -> Table:
     table.add_column("TVM", justify="right")
     if ab:
         table.add_column("vs base", justify="right")
-    table.add_column("ORT", justify="right")
+    table.add_column(escape(ort_header([m.peer.provider for m in results.models if m.peer])), justify="right")
     priced = results.target.price_per_hour is not None
     if priced:
         table.add_column(f"$ per 1M inferences (at ${results.target.price_per_hour:g}/h)", justify="right")
@@ -210,7 +211,8 @@ def results_table(results: Results) -> Table:
             cells += [format_ms(head_ms), f"{(head_ms / base_ms - 1) * 100:+.1f}%" if head_ms and base_ms else "-"]
         else:
             cells.append(format_ms(head_ms))
-        cells.append(format_ms(m.peer.onnxruntime_median_ms if m.peer else None))
+        untimed = m.peer is not None and m.peer.onnxruntime_median_ms is None and m.peer.note
+        cells.append("n/a" if untimed else format_ms(m.peer.onnxruntime_median_ms if m.peer else None))
         if priced:
             cells.append(format_cost(m.cost.per_million_usd, m.cost.onnxruntime_per_million_usd) if m.cost else "—")
         cells += [format_faster(m.peer.speedup if m.peer else None), format_kernels(m.compile), trials]
@@ -232,6 +234,8 @@ def failure_lines(results: Results) -> list[str]:
             )
         if m.numerics and m.numerics.vacuous:
             lines.append(f"[yellow]{escape(m.name)}[/yellow]: numerics vacuous: {escape(m.numerics.vacuous)}")
+    notes = dict.fromkeys(m.peer.note for m in results.models if m.peer and m.peer.note)
+    lines += [f"ORT n/a: {escape(note)}" for note in notes]  # once: every model of a target shares it
     return lines
 
 

@@ -236,6 +236,20 @@ def format_faster(speedup_vs_ort: float | None) -> str:
     return f"{BACKEND_NAMES[backend]} by {format_speedup(factor)}"
 
 
+def provider_label(provider: str | None) -> str | None:
+    """ONNX Runtime's execution provider as a column names it: ``CUDA`` for ``CUDAExecutionProvider``;
+    None for the CPU (the plain ``ORT``) or no provider."""
+    if not provider or provider == "CPUExecutionProvider":
+        return None
+    return provider.removesuffix("ExecutionProvider") or provider
+
+
+def ort_header(providers: list[str | None]) -> str:
+    """``ORT``, or ``ORT (CUDA)`` when the peer ran on another provider than the CPU (several: joined)."""
+    labels = list(dict.fromkeys(label for p in providers if (label := provider_label(p))))
+    return f"ORT ({', '.join(labels)})" if labels else "ORT"
+
+
 def format_kernels(compile_info: CompileInfo | None) -> str:
     """Kernels with a tuned schedule out of all kernels, so a silent fallback to untuned code shows:
     ``26/29``, with ``(default build)`` when the build with default schedules only was faster."""

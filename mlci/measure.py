@@ -194,6 +194,31 @@ def measure_ab(
     return base_samples, head_samples, rounds
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def peer_provider(kind: str, available: list[str] | tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The ONNX Runtime execution provider that times the peer on a target of `kind`, or None and why not.
+
+    The peer is compared with TVM on the same device: ONNX Runtime on the CPU beside a TVM build on a
+    GPU would say nothing about either, so a GPU target without a matching provider gets no peer timing."""
+    if kind == "llvm":
+        return CPU_PROVIDER, None
+    if kind == "cuda":
+        if CUDA_PROVIDER in available:
+            return CUDA_PROVIDER, None
+        return None, ("ONNX Runtime here has no CUDA execution provider (install onnxruntime-gpu): "
+                      "not compared with the CPU")
+    return None, f"ONNX Runtime is not run on {kind} devices here: not compared with the CPU"
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
 @dataclass
 class OrtModel:
     """ONNX Runtime on the original model: the reference outputs and the peer latency."""
@@ -203,26 +228,43 @@ class OrtModel:
     threads: int
     """Intra-op threads (ONNX Runtime's own default is one per physical core)."""
 
+    provider: str = CPU_PROVIDER
+    """The execution provider the session runs on (its first)."""
+
     @classmethod
-    def load(cls, model: bytes | str, threads: int) -> OrtModel:
-        """From the model's bytes, or its path (external weights are found beside it)."""
+    def load(cls, model: bytes | str, threads: int, provider: str = CPU_PROVIDER) -> OrtModel:
+        """From the model's bytes, or its path (external weights are found beside it), on `provider`
+        (the CPU as the fallback for operators a GPU provider lacks)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return cls(session, [o.name for o in session.get_outputs()], threads)
+        providers = [provider] if provider == CPU_PROVIDER else [provider, CPU_PROVIDER]
+        session = ort.InferenceSession(model, options, providers=providers)
+        used = session.get_providers()[0]
+        if used != provider:  # ONNX Runtime falls back to the CPU silently when a provider fails to load
+            raise RuntimeError(f"ONNX Runtime did not start its {provider} (the session runs on {used})")
+        return cls(session, [o.name for o in session.get_outputs()], threads, used)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(self.output_names, inputs))
 
     def timer(self, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+        """One call on inputs and outputs already on the provider's device, as TVM's timer has them."""
+        import onnxruntime as ort
+
         binding = self.session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_cpu_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name)
+        if self.provider == CUDA_PROVIDER:
+            for name, value in inputs.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+        else:
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, value)
+            for name in self.output_names:
+                binding.bind_output(name)
         return lambda: self.session.run_with_iobinding(binding)
 
 

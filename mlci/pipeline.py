@@ -191,12 +191,18 @@ class Measured:
     rounds: int = 1
     """A/B rounds: more than one when an unsettled cell was measured again."""
     ort_threads: int | None = None
+    ort_provider: str | None = None
+    """The execution provider ONNX Runtime was timed on (None: not timed) ..."""
+    peer_note: str | None = None
+    """... and why not."""
     head_profile: KernelProfile | None = None
     """Per-kernel time of the head build, taken when the A/B samples say it got slower ..."""
     base_profile: KernelProfile | None = None
     """... and of the base build then."""
 
     def peer_info(self) -> PeerInfo:
+        if not self.ort_ms:
+            return PeerInfo(onnxruntime_median_ms=None, note=self.peer_note or "ONNX Runtime was not timed")
         ort_median = summarize(self.ort_ms).median
         ratio = speedup(ort_median, summarize(self.tvm_ms).median)
         faster, faster_by = faster_backend(ratio) or (None, None)
@@ -207,6 +213,7 @@ class Measured:
             threads=self.ort_threads,
             faster=faster,
             faster_by=faster_by,
+            provider=self.ort_provider,
         )
 
 
@@ -572,6 +579,18 @@ class Pipeline:
             log.warning("%s: %s", prepared.name, numerics.vacuous)
         return Checked(compiled, model, reference, input_sets[0], input_names, numerics)
 
+    def peer(self, checked: Checked) -> tuple[measure.OrtModel | None, str | None]:
+        """ONNX Runtime on this target's kind of device, or None and why not: the numerics
+        reference on the CPU doubles as the peer of a CPU target; a CUDA target's peer is a
+        second session on ONNX Runtime's CUDA provider."""
+        provider, note = measure.peer_provider(self.target.kind, measure.available_providers())
+        if provider is None:
+            return None, note
+        if provider == checked.reference.provider:
+            return checked.reference, None
+        assert checked.compiled.prepared is not None
+        return measure.OrtModel.load(checked.compiled.prepared.reference, self.threads, provider), None
+
     def measure(
         self,
         checked: Checked,
@@ -610,8 +629,10 @@ class Pipeline:
                 # alone then waits milliseconds for a core.
                 self.progress.stage(name, "timing each kernel (slower than the base)")
                 profiles = profile_pair(checked.model, base, checked.inputs, checked.input_names, name)
-            ort_ms = measure.time_callable(checked.reference.timer(checked.inputs), **args)
-        measured = Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=checked.reference.threads)
+            peer, note = self.peer(checked)
+            ort_ms = measure.time_callable(peer.timer(checked.inputs), **args) if peer else []
+        measured = Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=peer.threads if peer else None,
+                            ort_provider=peer.provider if peer else None, peer_note=note)
         measured.head_profile, measured.base_profile = profiles
         return measured
 

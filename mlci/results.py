@@ -207,16 +207,22 @@ class NumericsInfo:
 class PeerInfo:
     """ONNX Runtime on the same machine, same inputs, same harness."""
 
-    onnxruntime_median_ms: float
+    onnxruntime_median_ms: float | None
+    """None: not timed on this target (`note` says why)."""
     onnxruntime_samples: list[float] = field(default_factory=list)
     speedup: float | None = None
+    """ONNX Runtime's median over TVM's: above 1, TVM is faster."""
     threads: int | None = None
     """ONNX Runtime's intra-op threads: the same count as TVM's, so the comparison is fair."""
     faster: str | None = None
     """What to ship on this target: ``tvm`` or ``onnxruntime``, whichever ran faster ..."""
     faster_by: float | None = None
     """... and how many times faster than the other."""
-    """ONNX Runtime's median over TVM's: above 1, TVM is faster."""
+    provider: str | None = None
+    """ONNX Runtime's execution provider (``CPUExecutionProvider``, ``CUDAExecutionProvider``): the
+    target's kind of device, never the CPU beside a GPU build."""
+    note: str | None = None
+    """Why ONNX Runtime was not timed on this target (a GPU target without a matching provider)."""
 
 
 @dataclass
