@@ -48,6 +48,7 @@ from mlci.formatting import (
     format_us_change,
     format_usd,
     format_value,
+    ort_header,
     plain_number,
     safe_url,
     short_sha,
@@ -270,10 +271,35 @@ class ReportView:
     """Some target states a price per hour: the table gets a cost column."""
     kernel_cells: list[Cell]
     """Shown cells whose profiled kernels say what grew."""
+    ort_label: str
+    """ONNX Runtime as the table names it: ``ORT (CUDA)`` when a shown peer ran on another provider than the CPU."""
+    peer_notes: list[tuple[str, str]]
+    """(target, why ONNX Runtime was not timed there), once per target of the shown rows."""
+    ort_na: Callable[[Cell], bool]
+    """Whether a cell has no ONNX Runtime timing for a stated reason (its faster cell reads ``n/a``)."""
 
     def variables(self) -> dict[str, Any]:
         """The fields as template variables (shallow: the Decision and its cells are passed as they are)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def peer_of(cell: Cell) -> tuple[str | None, str | None]:
+    """The cell's ONNX Runtime provider and the note on why it was not timed (None, None: a gate
+    that does not carry them)."""
+    return getattr(cell, "peer_provider", None), getattr(cell, "peer_note", None)
+
+
+def _peer_notes(rows: list[Cell]) -> list[tuple[str, str]]:
+    notes: dict[tuple[str, str], None] = {}
+    for cell in rows:
+        note = peer_of(cell)[1]
+        if note:
+            notes[(cell.target, note)] = None
+    return list(notes)
+
+
+def _ort_na(cell: Cell) -> bool:
+    return cell.speedup_vs_ort is None and bool(peer_of(cell)[1])
 
 
 def build_view(
@@ -342,6 +368,9 @@ def build_view(
         compared=sum(1 for c in cells if c.estimate is not None),
         priced=any(c.price_per_hour is not None for c in cells),
         kernel_cells=content["kernels"],
+        ort_label=ort_header([peer_of(c)[0] for c in rows]),
+        peer_notes=_peer_notes(rows),
+        ort_na=_ort_na,
     )
 
 
