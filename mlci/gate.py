@@ -128,6 +128,10 @@ class Cell:
     head_ms: float | None = None
     estimate: RatioEstimate | None = None
     speedup_vs_ort: float | None = None
+    peer_provider: str | None = None
+    """ONNX Runtime's execution provider when it was timed (``CUDAExecutionProvider`` on a CUDA target) ..."""
+    peer_note: str | None = None
+    """... and why it was not, where it was not (the comment then reads ``n/a``)."""
     blocking: bool = False
     """Whether this cell fails the build under the decision's fail-on policy."""
     known_failure: bool = False
@@ -398,6 +402,8 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
         history=_history_note(model),
         head_ms=_median(model.latency_ms),
         speedup_vs_ort=speedup(model.peer.onnxruntime_median_ms if model.peer else None, _median(model.latency_ms)),
+        peer_provider=model.peer.provider if model.peer else None,
+        peer_note=model.peer.note if model.peer else None,
         base_commit=base.commit if base else (model.history.commit if model.history else None),
         rounds=base.rounds if base else 0,
         price_per_hour=price,

@@ -283,23 +283,17 @@ class ReportView:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def peer_of(cell: Cell) -> tuple[str | None, str | None]:
-    """The cell's ONNX Runtime provider and the note on why it was not timed (None, None: a gate
-    that does not carry them)."""
-    return getattr(cell, "peer_provider", None), getattr(cell, "peer_note", None)
-
-
 def _peer_notes(rows: list[Cell]) -> list[tuple[str, str]]:
     notes: dict[tuple[str, str], None] = {}
     for cell in rows:
-        note = peer_of(cell)[1]
+        note = cell.peer_note
         if note:
             notes[(cell.target, note)] = None
     return list(notes)
 
 
 def _ort_na(cell: Cell) -> bool:
-    return cell.speedup_vs_ort is None and bool(peer_of(cell)[1])
+    return cell.speedup_vs_ort is None and bool(cell.peer_note)
 
 
 def build_view(
@@ -368,7 +362,7 @@ def build_view(
         compared=sum(1 for c in cells if c.estimate is not None),
         priced=any(c.price_per_hour is not None for c in cells),
         kernel_cells=content["kernels"],
-        ort_label=ort_header([peer_of(c)[0] for c in rows]),
+        ort_label=ort_header([c.peer_provider for c in rows]),
         peer_notes=_peer_notes(rows),
         ort_na=_ort_na,
     )

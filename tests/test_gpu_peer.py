@@ -3,8 +3,6 @@ CUDA build, and nothing (with the reason shown) where ONNX Runtime has no provid
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +11,7 @@ from rich.console import Console
 
 from mlci import measure
 from mlci.console import failure_lines, results_table
-from mlci.gate import Cell, decide
+from mlci.gate import decide
 from mlci.pipeline import Measured
 from mlci.report import ReportContext, render_comment
 from mlci.results import PeerInfo, Results
@@ -118,22 +116,18 @@ def test_the_run_table_names_a_cuda_peer():
     assert "ORT (CUDA)" in console.export_text()
 
 
-@dataclasses.dataclass(frozen=True)
-class PeerCell(Cell):
-    """A gate cell that carries its peer (the gate's Cell itself once it has these fields)."""
-
-    peer_provider: str | None = None
-    peer_note: str | None = None
-
-
-def _with_peer(decision, **peer):
-    cells = [PeerCell(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Cell)}, **peer) for c in decision.cells]
-    return dataclasses.replace(decision, cells=cells)
+def _with_peer(target: str, models: list, **peer) -> Results:
+    """Results whose every model's ONNX Runtime peer is `peer` (as `mlci run` writes it): the comment
+    reads it through the gate's cells."""
+    res = results(target, models)
+    for m in res.models:
+        m.peer = PeerInfo(**{"onnxruntime_median_ms": m.peer.onnxruntime_median_ms if m.peer else None, **peer})
+    return res
 
 
 def test_the_comment_shows_n_a_and_the_reason_once_for_an_untimed_cuda_peer():
-    decision = decide([results("gpu-cuda", [model("resnet"), model("bert")])])
-    text = render_comment(_with_peer(decision, peer_note=NO_CUDA + " *x*"), ReportContext())
+    decision = decide([_with_peer("gpu-cuda", [model("resnet"), model("bert")], note=NO_CUDA + " *x*")])
+    text = render_comment(decision, ReportContext())
     rows = [line for line in text.splitlines() if " | 1.00 ms | 1.00 ms | " in line]
     assert len(rows) == 2 and all(row.endswith("| n/a | unchanged |") for row in rows)
     assert text.count("no CUDA execution provider") == 1
@@ -141,8 +135,8 @@ def test_the_comment_shows_n_a_and_the_reason_once_for_an_untimed_cuda_peer():
 
 
 def test_the_comment_names_a_cuda_peer():
-    decision = decide([results("gpu-cuda", [model("resnet", ort=2.0)])])
-    text = render_comment(_with_peer(decision, peer_provider="CUDAExecutionProvider"), ReportContext())
+    decision = decide([_with_peer("gpu-cuda", [model("resnet", ort=2.0)], provider="CUDAExecutionProvider")])
+    text = render_comment(decision, ReportContext())
     assert "faster: TVM or ORT (CUDA)" in text
     assert "| n/a |" not in text
 
