@@ -589,7 +589,10 @@ class Pipeline:
         if provider == checked.reference.provider:
             return checked.reference, None
         assert checked.compiled.prepared is not None
-        return measure.OrtModel.load(checked.compiled.prepared.reference, self.threads, provider), None
+        try:
+            return measure.OrtModel.load(checked.compiled.prepared.reference, self.threads, provider), None
+        except Exception as exc:  # the peer is a comparison, never a reason to fail the model
+            return None, f"ONNX Runtime's {provider} could not run the model ({str(exc).strip()[:300]}): not compared"
 
     def measure(
         self,

@@ -68,6 +68,23 @@ def test_a_cuda_session_that_falls_back_to_the_cpu_is_refused():
         measure.OrtModel.load(_relu_model(), threads=1, provider="CUDAExecutionProvider")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")
+@pytest.mark.skipif("CUDAExecutionProvider" in measure.available_providers(), reason="this ONNX Runtime has CUDA")
+def test_a_cuda_peer_that_cannot_start_is_a_note_not_a_failed_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime lists a CUDA provider that then does not start (no driver, no device): the model is
+    still measured, its peer column says why it is empty."""
+    from types import SimpleNamespace
+
+    from mlci.pipeline import Pipeline
+
+    monkeypatch.setattr(measure, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    reference = measure.OrtModel.load(_relu_model(), threads=1)
+    checked = SimpleNamespace(reference=reference, compiled=SimpleNamespace(prepared=SimpleNamespace(reference=_relu_model())))
+    here = SimpleNamespace(target=SimpleNamespace(kind="cuda"), threads=1)
+    peer, note = Pipeline.peer(here, checked)  # type: ignore[arg-type]
+    assert peer is None and "CUDAExecutionProvider could not run the model" in note and "not compared" in note
+
+
 def test_an_untimed_peer_records_why_and_no_latency():
     peer = Measured(tvm_ms=[1.0, 1.1], ort_ms=[], peer_note=NO_CUDA).peer_info()
     assert peer.onnxruntime_median_ms is None and peer.speedup is None and peer.faster is None
