@@ -418,6 +418,14 @@ class Pipeline:
                 outcome.kernels_from_remote = len(pulled.kernels_from_remote)
             return outcome
 
+    def no_candidate_ran(self, outcome: tuning.TuningOutcome) -> ModelError | None:
+        """Tuning that measured candidates of which none built and ran is broken (a compiler or runner
+        problem), not merely unlucky: the error names the logs."""
+        if not outcome.trials_new or outcome.trials_valid_new:
+            return None
+        logs = relative_to_root(self.log_dir, self.root) if self.root else self.log_dir
+        return ModelError(Status.TUNE_FAILED, f"0 of {outcome.trials_new} tuning candidates built and ran; see {logs}")
+
     def build(self, imported: Imported) -> tuple[Any, tvm_compile.BuildReport, float]:
         """The executable with the best cached schedule of every kernel, how each kernel was
         scheduled, and the seconds it took."""
@@ -447,11 +455,8 @@ class Pipeline:
         compiled = Compiled(prepared=imported.prepared, imported=imported)
         with _stage(Status.TUNE_FAILED, "tuning", compiled):
             compiled.tuning = self.tune(imported, settings, label)
-        if compiled.tuning.trials_new and not compiled.tuning.trials_valid_new:
-            logs = relative_to_root(self.log_dir, self.root) if self.root else self.log_dir
-            error = ModelError(
-                Status.TUNE_FAILED, f"0 of {compiled.tuning.trials_new} tuning candidates built and ran; see {logs}"
-            )
+        error = self.no_candidate_ran(compiled.tuning)
+        if error is not None:
             error.partial = compiled
             raise error
         key = None

@@ -227,3 +227,31 @@ def test_two_shards_search_every_kernel_once_and_the_run_then_searches_nothing(t
         for kernel in pipeline.load_and_import(model).kernels:
             assert merged.best_record_json(kernel) == shard_caches[owner[kernel.key]].best_record_json(kernel)
             assert merged.ledger()[kernel.key] == 1
+
+
+def test_a_model_name_the_config_lacks_is_refused_by_run_and_tune_alike(tmp_path: Path) -> None:
+    from mlci.commands.run import select_models
+    from mlci.config import ConfigError, load_config
+
+    config = load_config(_project(tmp_path) / "mlci.toml")
+    assert [m.name for m in select_models(config, [])] == ["a", "b"]
+    assert [m.name for m in select_models(config, ["b"])] == ["b"]
+    with pytest.raises(ConfigError, match="--model c: no such model in models"):
+        select_models(config, ["b", "c"])
+    done = CliRunner().invoke(app, ["tune", "-c", str(tmp_path / "mlci.toml"), "--shard", "1/1", "--model", "c"])
+    assert done.exit_code == 2 and "--model c: no such model" in " ".join(done.output.split())
+
+
+def test_tuning_whose_candidates_all_failed_is_a_tune_failure_naming_the_logs(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mlci.pipeline import Pipeline
+    from mlci.results import Status
+    from mlci.tuning import TuningOutcome
+
+    here = SimpleNamespace(log_dir=tmp_path / "logs", root=tmp_path)
+    broken = Pipeline.no_candidate_ran(here, TuningOutcome(4, 60.0, trials_new=4, trials_valid_new=0))  # type: ignore[arg-type]
+    assert broken is not None and broken.status == Status.TUNE_FAILED
+    assert str(broken).endswith("0 of 4 tuning candidates built and ran; see logs")
+    assert Pipeline.no_candidate_ran(here, TuningOutcome(4, 60.0, trials_new=4, trials_valid_new=1)) is None  # type: ignore[arg-type]
+    assert Pipeline.no_candidate_ran(here, TuningOutcome(4, 60.0, trials_new=0)) is None  # type: ignore[arg-type]

@@ -251,14 +251,19 @@ def check_output_paths(config: Config, options: RunOptions) -> None:
         raise ConfigError(config.path, problems)
 
 
+def select_models(config: Config, names: list[str]) -> list[ModelConfig]:
+    """The models `--model` names (all of them when none is named); ConfigError for a name the config lacks."""
+    unknown = sorted(set(names) - {m.name for m in config.models})
+    if unknown:
+        raise ConfigError(config.path, [f"--model {n}: no such model in models[].name" for n in unknown])
+    return [m for m in config.models if not names or m.name in names]
+
+
 def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOutcome:
     """The whole command; raises ConfigError for problems that stop everything."""
     check_output_paths(config, options)
     run_prepare(config)
-    selected = [m for m in config.models if not options.models or m.name in options.models]
-    unknown = sorted(set(options.models) - {m.name for m in config.models})
-    if unknown:
-        raise ConfigError(config.path, [f"--model {n}: no such model in models[].name" for n in unknown])
+    selected = select_models(config, options.models)
     check_model_files(dataclasses.replace(config, models=selected))  # only the models this run uses
     target = select_target(config, options.target)
     setup_logging(config)

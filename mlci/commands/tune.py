@@ -25,15 +25,14 @@ from rich.table import Table
 from mlci import remote_cache
 from mlci.actions import GitHubContext
 from mlci.budget import ShardKernel, allocate_trials, assign_shards
-from mlci.commands.run import RunOptions, check_output_paths, remote_cache_for, setup_logging
-from mlci.config import Config, ConfigError, check_model_files
+from mlci.commands.run import RunOptions, check_output_paths, remote_cache_for, select_models, setup_logging
+from mlci.config import Config, check_model_files
 from mlci.console import RunReporter
 from mlci.gitinfo import detect_git
 from mlci.measure import use_threads
 from mlci.models import ModelError
 from mlci.pipeline import Imported, ModelSettings, Pipeline, run_prepare, target_device
 from mlci.remote_cache import RemoteCache
-from mlci.results import Status
 from mlci.targets import environment_fingerprint, select_target
 from mlci.tuning import TuningCache, cache_directory
 
@@ -185,10 +184,7 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
     shard = options.shard
     check_output_paths(config, RunOptions())
     remote = shared_remote(config, shard)  # before any work: without it sharding is pointless
-    selected = [m for m in config.models if not options.models or m.name in options.models]
-    unknown = sorted(set(options.models) - {m.name for m in config.models})
-    if unknown:
-        raise ConfigError(config.path, [f"--model {n}: no such model in models[].name" for n in unknown])
+    selected = select_models(config, options.models)
     run_prepare(config)
     check_model_files(dataclasses.replace(config, models=selected))
     target = select_target(config, options.target)
@@ -251,9 +247,9 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
         started = time.monotonic()
         try:
             tuned = pipeline.tune(model, settings, only=keys)
-            if tuned.trials_new and not tuned.trials_valid_new:
-                raise ModelError(Status.TUNE_FAILED, f"0 of {tuned.trials_new} tuning candidates built and ran; "
-                                                f"see {config.state_dir / 'logs' / 'tuning' / target.name}")
+            error = pipeline.no_candidate_ran(tuned)
+            if error is not None:
+                raise error
         except ModelError as exc:
             result.status, result.error = str(exc.status), str(exc)
         else:
