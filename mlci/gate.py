@@ -23,6 +23,7 @@ from mlci.config import GateConfig
 from mlci.results import (
     BaseStatus,
     CompileInfo,
+    Execution,
     FailOn,
     GitInfo,
     KernelProfile,
@@ -31,6 +32,7 @@ from mlci.results import (
     NumericsInfo,
     Results,
     Status,
+    TargetInfo,
     TrendPoint,
     TuningInfo,
     Verdict,
@@ -233,13 +235,19 @@ class Decision:
         if not parts:
             if any(c.verdict == Verdict.UNCHANGED for c in self.cells):
                 parts.append("No significant change")
-            elif not any(c.verdict == Verdict.INCONCLUSIVE for c in self.cells):
+            elif not any(c.verdict in (Verdict.INCONCLUSIVE, Verdict.COMPILED, Verdict.INTERRUPTED) for c in self.cells):
                 parts.append("Nothing compared")
         if known:
             parts.append(f"{known} still failing as at the base")
         inconclusive = self.counts[Verdict.INCONCLUSIVE]
         if inconclusive:
             parts.append(f"{inconclusive} inconclusive")
+        interrupted = sorted({c.target for c in self.cells if c.verdict == Verdict.INTERRUPTED})
+        if interrupted:
+            parts.append(f"{', '.join(interrupted)} interrupted: not measured")
+        compiled = sorted({c.target for c in self.cells if c.verdict == Verdict.COMPILED})
+        if compiled:
+            parts.append(f"{', '.join(compiled)} compiled only, not timed")
         if self.problems:
             parts.append(f"{len(self.problems)} missing or unreadable results file{'s' if len(self.problems) > 1 else ''}")
         return "; ".join(parts)
@@ -411,6 +419,10 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
         ort_cost=cost_per_million(price, ort_ms),
         kernels=tuple(kernel_growth(base.profile if base else None, model.profile)),
     )
+    if model.status == Status.INTERRUPTED:
+        why = res.interrupted or "the machine went away"
+        return Cell(verdict=Verdict.INTERRUPTED, reason=f"not measured: {why}; neither a regression nor a failure "
+                    "of the model (rerun the job)", **common)
     if not model.ok:
         if model.status == Status.NUMERICS_FAILED:
             return Cell(verdict=Verdict.FAILED, reason=f"wrong numbers: {model.error}", **common)
@@ -421,6 +433,8 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
                         known_failure=True, **common)
         return Cell(verdict=Verdict.FAILED, reason=f"{model.status}: {model.error}", **common)
 
+    if res.target.execution != Execution.NATIVE:
+        return Cell(verdict=Verdict.COMPILED, reason=_not_native_reason(res.target, model), **common)
     if base is not None and base.status == BaseStatus.MISSING:
         return Cell(verdict=Verdict.NEW, reason="not in the base commit", **common)
     if base is not None and base.status != BaseStatus.OK:
@@ -442,6 +456,17 @@ def _cell(res: Results, model: ModelResult, threshold: float, confidence: float)
     reason = _reason(verdict, estimate, threshold, kind)
     return Cell(verdict=verdict, reason=reason, baseline=kind, base_ms=base_ms, estimate=estimate,
                 base_cost=cost_per_million(price, base_ms), **common)
+
+
+def _not_native_reason(target: TargetInfo, model: ModelResult) -> str:
+    """What a runner without the target's hardware vouches for: that the model compiles for it and,
+    under emulation, that its numbers are right; never its speed."""
+    if target.execution == Execution.EMULATED and model.numerics is not None:
+        done = "compiled; numerics right under emulation"
+    else:
+        done = "compiled"
+    note = f" ({target.execution_note})" if target.execution_note else ""
+    return f"{done}, not timed: this runner lacks the target's hardware{note}"
 
 
 def _reason(verdict: Verdict, est: RatioEstimate, threshold: float, kind: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from mlci import __version__
 
 SCHEMA = "mlci.results"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped when a field changes meaning or shape; every older version has a migration below."""
 MAX_BYTES = 64 * 2**20
 """A results file larger than this is refused unread (they come from untrusted runs too)."""
@@ -46,6 +46,8 @@ class Status(StrEnum):
     TUNE_FAILED = "tune_failed"
     NUMERICS_FAILED = "numerics_failed"
     RUN_FAILED = "run_failed"
+    INTERRUPTED = "interrupted"
+    """The target's machine went away mid-run (a spot interruption): nothing known about the model."""
 
 
 class BaseStatus(StrEnum):
@@ -66,10 +68,23 @@ class Verdict(StrEnum):
     FAILED = "failed"
     REGRESSION = "regression"
     INCONCLUSIVE = "inconclusive"
+    INTERRUPTED = "interrupted"
     IMPROVEMENT = "improvement"
     NEW = "new"
+    COMPILED = "compiled"
     REMOVED = "removed"
     UNCHANGED = "unchanged"
+
+
+class Execution(StrEnum):
+    """How a target's builds were exercised: on its own hardware, or on a runner without it."""
+
+    NATIVE = "native"
+    """Tuned, checked and timed on the target's hardware."""
+    EMULATED = "emulated"
+    """Cross-compiled; numerics checked under user-mode emulation; never timed."""
+    COMPILE_ONLY = "compile_only"
+    """Cross-compiled (the portability gate); not run here."""
 
 
 class FailOn(StrEnum):
@@ -125,6 +140,9 @@ class TargetInfo:
     fingerprint: Fingerprint
     price_per_hour: float | None = None
     """What an hour of this machine costs (USD), from the config; prices each model's inferences."""
+    execution: Execution = Execution.NATIVE
+    execution_note: str | None = None
+    """Why the target was not native here and what was done instead (one line)."""
 
 
 @dataclass
@@ -201,6 +219,8 @@ class NumericsInfo:
     vacuous: str | None = None
     """Why the check proves nothing, when it does not: no output changed (beyond the tolerance)
     between different input sets, so a build that ignored its inputs would pass too."""
+    emulated: bool = False
+    """The build ran under user-mode emulation (the target's CPU is not on this runner)."""
 
 
 @dataclass
@@ -355,6 +375,9 @@ class Results:
     removed_models: list[str] = field(default_factory=list)
     """Models configured at the base commit that the head no longer has."""
     gate: GateSettings | None = None
+    interrupted: str | None = None
+    """Why the target's machine went away before the run finished (a spot interruption): its models
+    are `interrupted`, which is neither a regression nor a failure of theirs."""
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
     mlci_version: str = __version__
@@ -422,7 +445,13 @@ def update_to_3(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "schema_version": 3}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2, 2: update_to_3}
+def update_to_4(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 adds how a target was exercised (native, emulated, compile only), emulated numerics
+    and interrupted runs; every version 3 file was a native run that finished."""
+    return {**data, "schema_version": 4}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2, 2: update_to_3, 3: update_to_4}
 """version -> the function that lifts a file of that version to the next."""
 
 

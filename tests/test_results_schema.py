@@ -20,6 +20,7 @@ from mlci.results import (
     Baseline,
     CompileInfo,
     CostInfo,
+    Execution,
     Fingerprint,
     GateSettings,
     GitInfo,
@@ -152,7 +153,7 @@ HOSTILE = [
     (_set("models.1.status", "great"), "models[1].status: unknown status 'great'"),
     (_set("models.0.base.status", "fine"), "models[0].base.status: unknown status 'fine'"),
     (_set("models.0.status", 1), "models[0].status: expected one of ok, import_failed, compile_failed, tune_failed, "
-                                 "numerics_failed, run_failed, got 1"),
+                                 "numerics_failed, run_failed, interrupted, got 1"),
     (_set("models.0.latency_ms.median", True), "models[0].latency_ms.median: expected a number, got True"),
     (_set("models.0.latency_ms.samples.0", None), "models[0].latency_ms.samples[0]: expected a number, got null"),
     (_set("models.0.latency_ms.samples.0", 10**400), "models[0].latency_ms.samples[0]: expected a number"),
@@ -182,9 +183,9 @@ HOSTILE = [
     (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
     (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
     (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
-    (_set("schema_version", 4), "results schema version 4 is newer than this mlci reads (3): upgrade mlci"),
+    (_set("schema_version", 5), "results schema version 5 is newer than this mlci reads (4): upgrade mlci"),
     (_set("schema_version", "2"), "unsupported results schema 'mlci.results' version '2'"),
-    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 3)"),
+    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 4)"),
     (_set("target.price_per_hour", "0.36"), "target.price_per_hour: expected a number, got '0.36'"),
     (_set("target.price_per_hour", 0), "target.price_per_hour: expected a price greater than 0, got 0"),
     (_set("models.0.cost.per_million_usd", -0.5), "models[0].cost.per_million_usd: expected a cost of at least 0, got -0.5"),
@@ -357,7 +358,7 @@ def test_a_version_2_file_loads_without_price_costs_or_kernel_profiles() -> None
     raw = json.loads(path.read_text())
     assert raw["schema_version"] == 2 and "price_per_hour" not in raw["target"] and "cost" not in raw["models"][0]
     results = read_results(path)
-    assert results.schema_version == SCHEMA_VERSION == 3
+    assert results.schema_version == SCHEMA_VERSION == 4
     assert results.target.price_per_hour is None
     assert [(m.cost, m.profile) for m in results.models] == [(None, None), (None, None)]
     assert results.models[0].base is not None and results.models[0].base.profile is None
@@ -374,3 +375,11 @@ def test_the_readme_schema_section_is_generated_from_the_code() -> None:
         "README.md's results schema is out of date: replace the text between the results-schema markers "
         "with the output of `python -m mlci.results`"
     )
+
+
+def test_a_version_3_file_is_a_native_run_that_finished() -> None:
+    """Version 4 added how a target was exercised and interrupted runs; a version 3 file was always native."""
+    results = read_results(GOLDEN / "v3-priced.json")
+    assert results.target.execution == Execution.NATIVE and results.target.execution_note is None
+    assert results.interrupted is None and results.target.price_per_hour == 0.5
+    assert all(m.numerics is None or m.numerics.emulated is False for m in results.models)
