@@ -115,6 +115,38 @@ def s3_url_problem(url: str) -> str | None:
     return None
 
 
+LAUNCH_PROVIDERS = ("aws",)
+MAX_LAUNCH_MINUTES = 24 * 60
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a target's bench job gets its machine: one ephemeral cloud instance per job (`mlci runner start`)."""
+
+    region: str
+    instance_type: str
+    image: str
+    """The machine image (an AMI id); it must have the GitHub Actions runner installed in `runner_dir`."""
+    subnets: tuple[str, ...]
+    """Tried in order (spot in each, then on-demand in each): more subnets in more zones, more capacity."""
+    provider: str = "aws"
+    spot: bool = True
+    """Try spot capacity first; on-demand of the same type and image when no subnet has any."""
+    max_minutes: int = 60
+    """The machine powers itself off this long after it boots, whatever the job is doing."""
+    security_groups: tuple[str, ...] = ()
+    instance_profile: str | None = None
+    """An IAM instance profile name or ARN for the machine (e.g. to read the tuning cache); none by default."""
+    volume_gb: int | None = None
+    """Root volume size in GiB (None: the image's)."""
+    runner_group_id: int = 1
+    """The runner group the just-in-time runner joins (1: the repository's default group)."""
+    runner_dir: str = "/opt/actions-runner"
+    """Where the image has the runner unpacked (run.sh)."""
+    runner_user: str = "runner"
+    """The user the runner runs as (the runner refuses root unless told; root when the image has no such user)."""
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     name: str
@@ -124,6 +156,8 @@ class TargetConfig:
     """GitHub Actions runner labels for this target's bench job (None: chosen from the target's kind)."""
     price_per_hour: float | None = None
     """USD per hour of this target's machine: prices a million inferences in the report (None: no cost shown)."""
+    launch: LaunchConfig | None = None
+    """How to get this target's machine for one job (None: the job runs on `runs_on` as it is)."""
 
 
 DISTRIBUTIONS = ("normal", "uniform")
@@ -254,7 +288,15 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "threshold": (_NUM, "a fraction between 0 and 1, such as 0.05"),
 }
 _INPUT_KEYS = {"shape", "value", "range", "distribution"}
-_TARGET_KEYS = {"tvm", "runs_on", "price_per_hour"}
+_TARGET_KEYS = {"tvm", "runs_on", "price_per_hour", "launch"}
+_LAUNCH_REQUIRED = ("region", "instance_type", "image", "subnets")
+_LAUNCH_KEYS = {*_LAUNCH_REQUIRED, "provider", "spot", "max_minutes", "security_groups", "instance_profile", "volume_gb",
+                "runner_group_id", "runner_dir", "runner_user"}
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+")
+_AWS_ID = {"image": re.compile(r"ami-[0-9a-f]{8,17}"), "subnets": re.compile(r"subnet-[0-9a-f]{8,17}"),
+           "security_groups": re.compile(r"sg-[0-9a-f]{8,17}")}
+_INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+")
+_UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_NAME = _TARGET_NAME
 """A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
@@ -476,6 +518,12 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
         problems.append(f"{where}price_per_hour: expected the machine's price in USD per hour, a number greater "
                         f"than 0 such as 0.36, got {price!r}")
         return None
+    launch = None
+    if "launch" in raw:
+        n_before = len(problems)
+        launch = _check_launch(raw["launch"], f"{where}launch", problems)
+        if len(problems) > n_before:
+            return None
     tvm = raw.get("tvm", HOST_TARGET)
     if isinstance(tvm, str):
         if tvm != HOST_TARGET:
@@ -492,7 +540,81 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
         problems.append(f"{where}tvm: expected \"host\" or a table, got {type(tvm).__name__}")
         return None
     return TargetConfig(name=name, tvm=tvm, runs_on=runs_on,
-                        price_per_hour=float(price) if price is not None else None)
+                        price_per_hour=float(price) if price is not None else None, launch=launch)
+
+
+def _check_launch(raw: Any, where: str, problems: list[str]) -> LaunchConfig | None:
+    """`[targets.NAME.launch]`: every problem named `targets.NAME.launch.KEY`."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table such as {{ provider = \"aws\", region = \"us-east-1\", "
+                        f"instance_type = \"g5.xlarge\", image = \"ami-...\", subnets = [\"subnet-...\"] }}, "
+                        f"got {type(raw).__name__}")
+        return None
+    n_before = len(problems)
+    for key in raw:
+        if key == "key_name":
+            problems.append(f"{where}.key_name: mlci's runners take no SSH key: they are reached by nobody and "
+                            "power off after one job (debug with a step in the job instead)")
+        elif key not in _LAUNCH_KEYS:
+            problems.append(_unknown(key, f"{where}.", _LAUNCH_KEYS))
+    for key in _LAUNCH_REQUIRED:
+        if key not in raw:
+            problems.append(f"{where}.{key}: required key is missing")
+    values: dict[str, Any] = {}
+
+    def text(key: str, pattern: re.Pattern[str] | None, example: str) -> None:
+        if key not in raw:
+            return
+        value = raw[key]
+        if not isinstance(value, str) or not value.strip() or (pattern is not None and not pattern.fullmatch(value)):
+            problems.append(f"{where}.{key}: expected {example}, got {value!r}")
+        else:
+            values[key] = value
+
+    def ids(key: str, example: str, *, required: bool) -> None:
+        if key not in raw:
+            return
+        value = raw[key]
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and (value or not required)
+                and all(isinstance(v, str) and _AWS_ID[key].fullmatch(v) for v in value)):
+            problems.append(f"{where}.{key}: expected a list of {example}, got {raw[key]!r}")
+        elif len(set(value)) != len(value):
+            problems.append(f"{where}.{key}: lists an id twice: {raw[key]!r}")
+        else:
+            values[key] = tuple(value)
+
+    def integer(key: str, low: int, high: int, meaning: str) -> None:
+        if key not in raw:
+            return
+        value = raw[key]
+        if not _type_ok(value, (int,)) or not low <= value <= high:
+            problems.append(f"{where}.{key}: expected {meaning}, an integer from {low} to {high}, got {value!r}")
+        else:
+            values[key] = value
+
+    if "provider" in raw and raw["provider"] not in LAUNCH_PROVIDERS:
+        problems.append(f"{where}.provider: expected one of " + ", ".join(f'"{p}"' for p in LAUNCH_PROVIDERS)
+                        + f", got {raw['provider']!r}")
+    text("region", _AWS_REGION, 'an AWS region such as "us-east-1"')
+    text("instance_type", _INSTANCE_TYPE, 'an EC2 instance type such as "g5.xlarge"')
+    text("image", _AWS_ID["image"], 'an AMI id such as "ami-0123456789abcdef0"')
+    text("instance_profile", None, "an IAM instance profile name or ARN")
+    text("runner_dir", re.compile(r"/[A-Za-z0-9._/-]*"), 'an absolute path such as "/opt/actions-runner"')
+    text("runner_user", _UNIX_NAME, 'a user name such as "runner"')
+    ids("subnets", 'subnet ids such as ["subnet-0123456789abcdef0"]', required=True)
+    ids("security_groups", 'security group ids such as ["sg-0123456789abcdef0"]', required=False)
+    if "spot" in raw:
+        if not isinstance(raw["spot"], bool):
+            problems.append(f"{where}.spot: expected true or false, got {raw['spot']!r}")
+        else:
+            values["spot"] = raw["spot"]
+    integer("max_minutes", 5, MAX_LAUNCH_MINUTES, "the minutes after which the machine powers itself off")
+    integer("volume_gb", 8, 16384, "the root volume's size in GiB")
+    integer("runner_group_id", 1, 2**31 - 1, "a runner group id")
+    if len(problems) > n_before:
+        return None
+    return LaunchConfig(**values)
 
 
 def parse_config(text: str, path: Path) -> Config:

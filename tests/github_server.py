@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import itertools
@@ -168,6 +169,13 @@ class FakeGitHub:
         self._rate_limits: list[dict[str, Any]] = []
         self._lose_writes = 0  # writes that are applied, then answered 502 (the reply was lost)
         self._ids = itertools.count(1_000_001)
+        # self-hosted runners (actions/runners): id -> runner object, and the JIT config handed out for each
+        self.runners: dict[int, dict] = {}
+        self.jit_configs: dict[int, str] = {}
+        self.online_after_polls: int | None = None
+        """A registered runner turns online at its Nth GET (None: only when a test says `runner_comes_online`)."""
+        self._runner_polls: dict[int, int] = {}
+        self._runner_ids = itertools.count(41)
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -292,6 +300,74 @@ class FakeGitHub:
             self.pull_objects[number] = full
         return simple
 
+    # -- self-hosted runners -----------------------------------------------------------------------------------
+    def add_runner(self, name: str, labels: list[str] | None = None, *, status: str = "offline", busy: bool = False) -> dict:
+        """Seed a registered runner (one an earlier job left behind, or another team's)."""
+        with self._lock:
+            rid = next(self._runner_ids)
+            runner = {
+                "id": rid, "runner_group_id": 1, "name": name, "os": "Linux" if status == "online" else "unknown",
+                "status": status, "busy": busy, "ephemeral": True, "version": "2.323.0" if status == "online" else None,
+                "labels": [{"id": 1, "name": "self-hosted", "type": "read-only"}, {"id": 2, "name": "X64", "type": "read-only"},
+                           {"id": 3, "name": "Linux", "type": "read-only"}]
+                + [{"id": 100 + i, "name": label, "type": "custom"} for i, label in enumerate(labels or [])],
+            }
+            self.runners[rid] = runner
+            return runner
+
+    def runner_named(self, name: str) -> dict | None:
+        with self._lock:
+            return next((r for r in self.runners.values() if r["name"] == name), None)
+
+    def runner_comes_online(self, name: str | None = None) -> None:
+        """The runner called `name` (every registered runner when None) connects, as its machine's runner would."""
+        with self._lock:
+            for runner in self.runners.values():
+                if name is None or runner["name"] == name:
+                    runner.update(status="online", os="Linux", version="2.323.0")
+
+    def set_busy(self, name: str, busy: bool = True) -> None:
+        """The runner called `name` takes (or finishes) a job."""
+        with self._lock:
+            runner = self.runner_named(name)
+            assert runner is not None, f"no runner {name!r}"
+            runner["busy"] = busy
+
+    def _runners_route(self, method: str, path: str, rest: str, query: dict[str, str], body: Any) -> _Reply | None:
+        docs = f"{DOCS}/actions/self-hosted-runners"
+        if rest == "actions/runners" and method == "GET":
+            items = [r for r in self.runners.values() if "name" not in query or r["name"] == query["name"]]
+            reply = self._list(path, query, items)
+            reply.body = {"total_count": len(items), "runners": reply.body}
+            return reply
+        if rest == "actions/runners/generate-jitconfig" and method == "POST":
+            if self.runner_named(body["name"]) is not None:
+                return _error(409, "Already exists - A runner with the name " + body["name"] + " already exists.", docs)
+            runner = self.add_runner(body["name"], list(body["labels"]))
+            runner["runner_group_id"] = body["runner_group_id"]
+            # What the runner binary needs: a secret credential the job's machine must never show.
+            secret = {".runner": f"runner-{runner['id']}", ".credentials": f"jit-secret-{runner['id']}-{next(self._ids)}"}
+            encoded = base64.b64encode(json.dumps(secret).encode()).decode()
+            self.jit_configs[runner["id"]] = encoded
+            return _Reply(201, {"runner": copy.deepcopy(runner), "encoded_jit_config": encoded})
+        if m := re.fullmatch(r"actions/runners/(\d+)", rest):
+            rid = int(m.group(1))
+            runner = self.runners.get(rid)
+            if runner is None:
+                return _error(404, "Not Found", docs)
+            if method == "GET":
+                self._runner_polls[rid] = polls = self._runner_polls.get(rid, 0) + 1
+                if self.online_after_polls is not None and polls >= self.online_after_polls and runner["status"] != "online":
+                    runner.update(status="online", os="Linux", version="2.323.0")
+                return _Reply(200, copy.deepcopy(runner))
+            if method == "DELETE":
+                if runner["busy"]:
+                    return _Reply(422, {"message": f"Bad request - Runner \"{runner['name']}\" is still running a job\"",
+                                        "documentation_url": docs})
+                del self.runners[rid]
+                return _Reply(204)
+        return None
+
     # -- request handling --------------------------------------------------------------------------------------
     def handle(self, method: str, target: str, headers: Headers, body: bytes) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
@@ -392,6 +468,8 @@ class FakeGitHub:
         if not path.startswith(prefix):
             return _error(404, "Not Found")
         rest = path[len(prefix):]
+        if rest.startswith("actions/runners") and (reply := self._runners_route(method, path, rest, query, body)) is not None:
+            return reply
         if m := re.fullmatch(r"issues/(\d+)/comments", rest):
             number = int(m.group(1))
             if method == "GET":
