@@ -484,9 +484,15 @@ def build(mod: Any, tvm_target: Any, database: Any, default_schedule: DefaultSch
     return executable, report
 
 
-def export_library(executable: Any, path: Path) -> Path:
+def export_library(executable: Any, path: Path, cc: str | None = None) -> Path:
+    """Link the executable into a shared library; `cc` links it for another CPU (a cross compiler)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(path))
+    if cc is None:
+        executable.export_library(str(path))
+    else:
+        from tvm.contrib import cc as tvm_cc
+
+        executable.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
     return path
 
 

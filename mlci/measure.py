@@ -400,11 +400,13 @@ class NumericsReport:
     input_sets: int = 1
     vacuous: str | None = None
     """Why passing proves nothing (see `input_dependence`); None when the outputs depend on the inputs."""
+    emulated: bool = False
+    """The build's outputs came from user-mode emulation of the target's CPU."""
 
     def info(self) -> NumericsInfo:
         """The results file's numerics section."""
         return NumericsInfo(self.max_abs_err, self.max_rel_err, self.atol, self.rtol, self.passed,
-                            input_sets=self.input_sets, vacuous=self.vacuous)
+                            input_sets=self.input_sets, vacuous=self.vacuous, emulated=self.emulated)
 
 
 VACUOUS_HINT = ("give the model real inputs (inputs_file = \"samples/x.npz\") or value rules "

@@ -45,9 +45,9 @@ from mlci.config import (
     relative_to_root,
 )
 from mlci.models import ModelError, PreparedModel, prepare_model
-from mlci.results import CompileInfo, KernelProfile, PeerInfo, Status
+from mlci.results import CompileInfo, Execution, KernelProfile, PeerInfo, Status
 from mlci.stats import faster_backend, speedup, summarize
-from mlci.targets import ResolvedTarget, tvm_target_object
+from mlci.targets import ResolvedTarget, foreign_arch, machine_arch, tvm_target_object
 
 log = logging.getLogger("mlci")
 
@@ -171,13 +171,15 @@ class Checked:
     """The build loaded on its device, run once on seeded inputs and compared with ONNX Runtime."""
 
     compiled: Compiled
-    model: measure.TvmModel
+    model: measure.TvmModel | None
+    """None when the build ran under emulation (nothing here to time)."""
     reference: measure.OrtModel
     inputs: dict[str, np.ndarray]
     input_names: list[str]
     numerics: measure.NumericsReport
 
     def tvm_timer(self) -> Callable[[], Any]:
+        assert self.model is not None, "an emulated build is never timed"
         return self.model.timer(self.inputs, self.input_names)
 
 
@@ -322,13 +324,47 @@ def target_device(target: ResolvedTarget) -> Any:
     return tvm.device("cpu" if target.kind == "llvm" else target.kind, 0)
 
 
+def hardware_missing(target: ResolvedTarget) -> str | None:
+    """Why this machine cannot run the target's builds natively (None: it can): an LLVM target for
+    another CPU architecture, or a device kind with no device here."""
+    arch = foreign_arch(target)
+    if arch is not None:
+        return f"no {arch} CPU on this {machine_arch()} runner"
+    if not target_device(target).exist:
+        return f"no {target.kind} device on this runner"
+    return None
+
+
+class Emulator(Protocol):
+    """Runs a cross-compiled library under user-mode emulation: outputs only, never timed."""
+
+    description: str
+    """What runs the build, for the results (e.g. ``qemu-aarch64``)."""
+
+    def run(self, library: Path, input_sets: list[dict[str, np.ndarray]],
+            input_names: list[str]) -> list[list[np.ndarray]]: ...
+
+
 class Pipeline:
-    """The chain on one target, with the tuning cache and device its models share."""
+    """The chain on one target, with the tuning cache and device its models share.
+
+    On a runner without the target's hardware (`missing_hardware`), the chain still builds and
+    exports every model (the portability gate), with what the tuning cache holds and nothing
+    searched; with an `emulator` it checks numerics under emulation; it never measures."""
 
     def __init__(self, target: ResolvedTarget, cache: tuning.TuningCache, *, log_dir: Path,
                  progress: Progress | None = None, root: Path | None = None,
-                 remote: remote_cache.RemoteCache | None = None):
+                 remote: remote_cache.RemoteCache | None = None,
+                 emulator: Emulator | None = None, cross_cc: str | None = None,
+                 emulation_problem: str | None = None):
         self.target = target
+        self.missing_hardware = hardware_missing(target)
+        """Why the target's builds cannot run here (None: they can)."""
+        self.emulator = emulator if self.missing_hardware else None
+        self.emulation_problem = emulation_problem
+        """Why the builds are not checked under emulation when the hardware is missing, if known."""
+        self.cross_cc = cross_cc
+        """The compiler that links the target's libraries when this machine's cannot (another CPU)."""
         self.tvm_target = tvm_target_object(target)
         self.cache = cache
         self.log_dir = log_dir
@@ -348,8 +384,33 @@ class Pipeline:
     def device(self) -> Any:
         return target_device(self.target)
 
+    @property
+    def native(self) -> bool:
+        """Whether the target's builds run on this machine (tuned, checked and timed here)."""
+        return self.missing_hardware is None
+
+    @property
+    def execution(self) -> Execution:
+        if self.native:
+            return Execution.NATIVE
+        return Execution.EMULATED if self.emulator is not None else Execution.COMPILE_ONLY
+
+    @property
+    def execution_note(self) -> str | None:
+        """One line for the results: what a runner without the hardware did instead."""
+        if self.native:
+            return None
+        if self.emulator is not None:
+            return f"{self.missing_hardware}: cross-compiled; numerics under {self.emulator.description}, not timed"
+        why = f"; numerics not checked: {self.emulation_problem}" if self.emulation_problem else ""
+        built = "cross-compiled" if foreign_arch(self.target) else "compiled"
+        return f"{self.missing_hardware}: {built}, not run{why}"
+
     def require_device(self) -> Any:
         device = self.device
+        if self.missing_hardware is not None and device.exist:  # a CPU of another architecture
+            raise ModelError(Status.RUN_FAILED, f"compiled for {self.target.tvm_target.get('mtriple')}: "
+                             f"{self.missing_hardware}")
         if not device.exist:
             kind = self.target.kind
             raise ModelError(
@@ -390,7 +451,7 @@ class Pipeline:
         With `only` (kernel keys), only those kernels are searched, pulled and pushed (a shard of
         the run); the budget is still planned over all of the model's kernels."""
         name = imported.prepared.name
-        trials = settings.trials if self.device.exist else 0
+        trials = settings.trials if self.native else 0
         self.progress.stage(name, f"tuning{label}")
         with _stage(Status.TUNE_FAILED, "tuning"), self.cache.lock():
             pulled, before = None, None
@@ -460,7 +521,7 @@ class Pipeline:
             error.partial = compiled
             raise error
         key = None
-        if self.device.exist:
+        if self.native:
             with _stage(Status.COMPILE_FAILED, "looking up the build cache", compiled):
                 key = self.build_key(imported)
                 cached = self.cache.builds.get(key)
@@ -474,7 +535,7 @@ class Pipeline:
             compiled.executable, compiled.build_report, compiled.build_seconds = self.build(imported)
             if key is not None:
                 self.load_exported(compiled)
-        if compiled.build_report.tuned and self.default_schedule is not None and self.device.exist:
+        if compiled.build_report.tuned and self.default_schedule is not None and self.native:
             self.progress.stage(name, f"checking the tuned build is faster{label}")
             with _stage(Status.COMPILE_FAILED, "comparing with default schedules", compiled):
                 self.never_worse(compiled, settings)
@@ -552,7 +613,9 @@ class Pipeline:
         if compiled.library is not None:
             shutil.copyfile(compiled.library, library)
         else:
-            tvm_compile.export_library(compiled.executable, library)
+            tvm_compile.export_library(compiled.executable, library, cc=self.cross_cc)
+            if not self.native:
+                compiled.library = library
         interface = library_interface(compiled.imported.prepared)
         (out_dir / INTERFACE_FILE).write_text(json.dumps(interface, indent=1) + "\n", encoding="utf-8")
         return records, library
@@ -583,6 +646,26 @@ class Pipeline:
         if numerics.vacuous:
             log.warning("%s: %s", prepared.name, numerics.vacuous)
         return Checked(compiled, model, reference, input_sets[0], input_names, numerics)
+
+    def check_emulated(self, compiled: Compiled, settings: ModelSettings) -> Checked:
+        """`check` for a build whose CPU this machine lacks: the exported library runs under the
+        emulator on the same input sets; ONNX Runtime runs here. Outputs only: nothing is timed."""
+        prepared = compiled.prepared
+        assert prepared is not None and compiled.library is not None and self.emulator is not None
+        self.progress.stage(prepared.name, f"checking numerics under {self.emulator.description}")
+        with _stage(Status.RUN_FAILED, f"running the model under {self.emulator.description}"):
+            reference = measure.OrtModel.load(prepared.reference, self.threads)
+            input_sets = list(prepared.input_sets) or [measure.make_inputs(prepared.inputs, settings.seed)]
+            if len(input_sets) < 2:
+                input_sets.append(measure.make_inputs(prepared.inputs, settings.seed + 1))
+            input_names = [s.name for s in prepared.inputs]
+            expected = [reference.run(inputs) for inputs in input_sets]
+            got = self.emulator.run(compiled.library, input_sets, input_names)
+        numerics = measure.compare_sets(got, expected, reference.output_names, settings.atol, settings.rtol)
+        numerics.emulated = True
+        if numerics.vacuous:
+            log.warning("%s: %s", prepared.name, numerics.vacuous)
+        return Checked(compiled, None, reference, input_sets[0], input_names, numerics)
 
     def peer(self, checked: Checked) -> tuple[measure.OrtModel | None, str | None]:
         """ONNX Runtime on this target's kind of device, or None and why not: the numerics
@@ -661,9 +744,15 @@ class Pipeline:
         evaluation = Evaluation()
         try:
             evaluation.compiled = self.compile(model, settings)
-            if out_dir is not None:
+            if out_dir is not None or not self.native:  # without the hardware, linking is part of the gate
                 with _stage(Status.COMPILE_FAILED, "exporting the library"):
-                    self.export(evaluation.compiled, out_dir)
+                    self.export(evaluation.compiled, out_dir or self.log_dir / "exported" / model.name)
+            if not self.native:
+                if self.emulator is not None:
+                    evaluation.checked = self.check_emulated(evaluation.compiled, settings)
+                    if not evaluation.checked.numerics.passed:
+                        raise ModelError(Status.NUMERICS_FAILED, evaluation.checked.numerics.message)
+                return evaluation
             evaluation.checked = self.check(evaluation.compiled, settings)
             numerics = evaluation.checked.numerics
             if not numerics.passed:

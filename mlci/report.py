@@ -68,7 +68,7 @@ MAX_CHARTS = 6
 SECTIONS = ("kernels", "environment", "tuning", "numerics", "history", "trends", "errors")
 DROP_ORDER = ("errors", "trends", "tuning", "numerics", "history", "environment", "kernels")
 """Which details go first when a rendering is too large: the bulkiest, least needed first."""
-REASONED = ("failed", "regression", "inconclusive")
+REASONED = ("failed", "regression", "inconclusive", "interrupted", "compiled")
 """Verdicts whose reason is listed under the table."""
 
 

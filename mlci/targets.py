@@ -73,6 +73,26 @@ def resolve_target(cfg: TargetConfig) -> ResolvedTarget:
     return ResolvedTarget(cfg.name, tvm_target)
 
 
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def machine_arch() -> str:
+    """This machine's CPU architecture in LLVM's spelling (``x86_64``, ``aarch64``)."""
+    arch = platform.machine().lower()
+    return _ARCH_ALIASES.get(arch, arch)
+
+
+def foreign_arch(target: ResolvedTarget) -> str | None:
+    """The CPU architecture of an LLVM target whose `mtriple` names another than this machine's
+    (its builds cannot run here natively); None for targets this CPU runs and for non-CPU targets."""
+    triple = target.tvm_target.get("mtriple")
+    if target.kind != "llvm" or not isinstance(triple, str) or not triple:
+        return None
+    arch = triple.split("-", 1)[0].lower()
+    arch = _ARCH_ALIASES.get(arch, arch)
+    return arch if arch != machine_arch() else None
+
+
 def tvm_target_object(target: ResolvedTarget):
     """Build the tvm.target.Target; raises ValueError naming the bad field."""
     import tvm

@@ -288,7 +288,8 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
         results = Results(
             git=git,
             target=TargetInfo(name=target.name, tvm_target=target.tvm_target, fingerprint=fingerprint,
-                              price_per_hour=runner.price_per_hour),
+                              price_per_hour=runner.price_per_hour, execution=pipeline.execution,
+                              execution_note=pipeline.execution_note),
             config=_config_key(config),
             base_ref=base_ref,
             removed_models=base.removed_models(config) if base and not options.models else [],
