@@ -485,6 +485,16 @@ def history(
             out.print(escape(line), highlight=False, soft_wrap=True)
 
 
+def _add_runner_commands() -> None:
+    """`mlci runner start|stop|reap|policy` (ephemeral EC2 runners): a sub-app of its own."""
+    from mlci.commands.runner import runner_app
+
+    app.add_typer(runner_app, name="runner")
+
+
+_add_runner_commands()
+
+
 def entrypoint() -> None:
     try:
         app()

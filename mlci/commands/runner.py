@@ -1,0 +1,288 @@
+"""`mlci runner start | stop | reap | policy`: one ephemeral EC2 runner per bench job.
+
+The glue between the environment (GITHUB_*, MLCI_RUNNER_TOKEN, AWS credentials from boto3's chain), the
+config's `[targets.NAME.launch]` table and `mlci.runners`. Exit codes: 0 done, 1 the runner could not be
+started or cleaned up (the message names what is left), 2 usage, configuration or a refused fork, 3 internal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlci.config import DEFAULT_CONFIG_NAME, ConfigError, LaunchConfig, load_config
+
+TOKEN_ENV = "MLCI_RUNNER_TOKEN"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+DEFAULT_ONLINE_TIMEOUT_S = 600.0
+DEFAULT_GRACE_MIN = 15
+
+runner_app = typer.Typer(
+    name="runner",
+    help="Ephemeral cloud runners: one EC2 instance per bench job, registered as a just-in-time GitHub runner.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class UsageError(Exception):
+    """Bad options, config or environment: exit 2."""
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    from mlci.github import GitHubError
+    from mlci.runners import RunnerError
+
+    try:
+        yield
+    except (UsageError, ConfigError) as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except (RunnerError, GitHubError) as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # botocore's credential and endpoint errors land here too
+        from mlci.runners import aws_error
+
+        code, message = aws_error(exc)
+        if code or type(exc).__module__.startswith("botocore"):
+            _say(f"error: AWS: {code + ': ' if code else ''}{message}")
+            raise typer.Exit(EXIT_FAILED) from None
+        import traceback
+
+        _say("internal error (please report it):\n" + traceback.format_exc())
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _env(environ: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _launch_of(config: Path, target: str) -> LaunchConfig:
+    cfg = load_config(config)
+    if target not in cfg.targets:
+        raise UsageError(f"{config}: no target {target!r} (targets: {', '.join(cfg.targets)})")
+    launch = cfg.targets[target].launch
+    if launch is None:
+        raise UsageError(f"{config}: targets.{target} has no launch table: say how to get its machine, e.g. "
+                         'launch = { provider = "aws", region = "us-east-1", instance_type = "g5.xlarge", '
+                         'image = "ami-...", subnets = ["subnet-..."] }')
+    return launch
+
+
+def _launch_id(value: str) -> str:
+    from mlci.launch import launch_id_problem
+
+    problem = launch_id_problem(value)
+    if problem:
+        raise UsageError(problem)
+    return value
+
+
+def _repository(value: str | None, env: Mapping[str, str]) -> str:
+    repo = value or env.get("GITHUB_REPOSITORY") or ""
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(f"--repo: expected OWNER/NAME (default: GITHUB_REPOSITORY), got {repo!r}")
+    return repo
+
+
+def _github(repo: str, env: Mapping[str, str], *, required: bool) -> Any:
+    """The runner endpoints with MLCI_RUNNER_TOKEN (never GITHUB_TOKEN: a workflow's token cannot register runners)."""
+    from mlci.github import GitHubClient
+    from mlci.runners import RunnerGitHub
+
+    token = env.get(TOKEN_ENV, "").strip()
+    if not token:
+        if required:
+            raise UsageError(f"{TOKEN_ENV} is not set: a GitHub App installation token or fine-grained token with "
+                             "repository 'Administration: write' registers the runner (GITHUB_TOKEN cannot)")
+        return None
+    api = (env.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
+    return RunnerGitHub(repo, lambda deadline: GitHubClient(api, token, deadline=deadline, timeout=20.0))
+
+
+def _ec2(region: str) -> Any:
+    from mlci.runners import ec2_client
+
+    return ec2_client(region)
+
+
+def _write_outputs(values: dict[str, str], env: Mapping[str, str]) -> None:
+    from mlci.actions import write_outputs
+
+    path = env.get("GITHUB_OUTPUT")
+    if path:
+        write_outputs(Path(path), values)
+
+
+def _fork_refusal(fork: bool, env: Mapping[str, str]) -> str | None:
+    from mlci.actions import read_event
+    from mlci.launch import fork_problem
+
+    if fork:
+        return "--fork: the workflow says this run comes from a fork"
+    return fork_problem(env.get("GITHUB_EVENT_NAME"), read_event(env.get("GITHUB_EVENT_PATH")))
+
+
+def _run_url(value: str | None, env: Mapping[str, str]) -> str | None:
+    if value:
+        return value
+    server, repo, run = env.get("GITHUB_SERVER_URL", "https://github.com"), env.get("GITHUB_REPOSITORY"), env.get("GITHUB_RUN_ID")
+    return f"{server.rstrip('/')}/{repo}/actions/runs/{run}" if repo and run else None
+
+
+def _terminate_on_sigterm() -> None:
+    """A cancelled workflow sends SIGTERM: turn it into SystemExit so start cleans up what it launched."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests driving the CLI in a thread)
+        pass
+
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to mlci.toml.")]
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help="The target whose launch table says what machine to start.")]
+LaunchIdOpt = Annotated[str, typer.Option("--launch-id",
+                                          help="Unique per job: ${{ github.run_id }}-${{ github.run_attempt }}-TARGET.")]
+RepoOpt = Annotated[str | None, typer.Option("--repo", help="OWNER/NAME the runner registers with (default: GITHUB_REPOSITORY).")]
+
+
+@runner_app.command("start")
+def start_command(
+    launch_id: LaunchIdOpt,
+    target: TargetOpt,
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+    repo: RepoOpt = None,
+    run_url: Annotated[str | None, typer.Option("--run-url",
+                                                help="Tagged on the instance (default: this workflow run's URL).")] = None,
+    online_timeout: Annotated[float, typer.Option("--online-timeout", min=0.0,
+                                                  help="Seconds to wait for the runner to come online.")] = DEFAULT_ONLINE_TIMEOUT_S,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.0, hidden=True)] = 5.0,
+    fork: Annotated[bool, typer.Option("--fork", help="Refuse: the run is a fork's pull request (the workflow knows).")] = False,
+) -> None:
+    """Register a one-job runner, launch its instance and wait until it is online; prints label=... for runs-on."""
+    from mlci import runners
+
+    env = _env()
+    with _exit_codes():
+        launch_id = _launch_id(launch_id)
+        refusal = _fork_refusal(fork, env)
+        if refusal:
+            raise UsageError(f"refusing to start a runner for a fork's code ({refusal}): it would run on a machine "
+                             "registered to this repository")
+        launch = _launch_of(config, target)
+        repository = _repository(repo, env)
+        github = _github(repository, env, required=True)
+        _terminate_on_sigterm()
+        started = runners.start(runners.StartRequest(launch_id, target, launch, _run_url(run_url, env)), _ec2(launch.region),
+                                github, online_timeout=online_timeout, poll_interval=poll_interval, log=_say)
+        values = {"label": started.label, "instance-id": started.instance_id, "runner-name": started.runner_name,
+                  "market": started.market}
+        for key, value in values.items():
+            print(f"{key}={value}")
+        _write_outputs(values, env)
+
+
+@runner_app.command("stop")
+def stop_command(
+    launch_id: LaunchIdOpt,
+    target: TargetOpt,
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+    repo: RepoOpt = None,
+    region: Annotated[str | None, typer.Option("--region", help="AWS region (default: the target's launch table's).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the outcome as JSON here.")] = None,
+) -> None:
+    """Terminate the launch's instances and delete its runner; exit 0 unless something is left behind."""
+    from mlci import runners
+
+    env = _env()
+    with _exit_codes():
+        launch_id = _launch_id(launch_id)
+        region = region or _launch_of(config, target).region
+        github = _github(_repository(repo, env), env, required=False)
+        result = runners.stop(launch_id, target, _ec2(region), github, log=_say)
+        text = json.dumps(result.as_json(), indent=2)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(text + "\n", encoding="utf-8")
+        print(f"outcome={result.outcome}")
+        _say(result.reason)
+        _write_outputs({"outcome": result.outcome}, env)
+        if result.problems:
+            raise runners.RunnerError("left behind: " + "; ".join(result.problems))
+
+
+@runner_app.command("reap")
+def reap_command(
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+    region: Annotated[list[str] | None, typer.Option("--region", help="AWS region (repeatable; default: every "
+                                                                      "region of the config's launch tables).")] = None,
+    repo: RepoOpt = None,
+    grace_minutes: Annotated[float, typer.Option("--grace-minutes", min=0.0, help="Leave alone what is younger or "
+                                                  "expired less than this long ago.")] = DEFAULT_GRACE_MIN,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done; change nothing.")] = False,
+) -> None:
+    """Terminate expired mlci instances and delete stale mlci runners (a scheduled workflow runs this)."""
+    from mlci import runners
+
+    env = _env()
+    with _exit_codes():
+        regions = list(region or [])
+        if not regions:
+            cfg = load_config(config)
+            regions = sorted({t.launch.region for t in cfg.targets.values() if t.launch is not None})
+            if not regions:
+                raise UsageError(f"{config}: no target has a launch table; pass --region")
+        github = _github(_repository(repo, env), env, required=True)
+        problems: list[str] = []
+        for i, name in enumerate(regions):
+            plan, failed = runners.reap(_ec2(name), github, grace=timedelta(minutes=grace_minutes), dry_run=dry_run, log=_say)
+            for found in plan.actions:
+                if found.kind == "runner" and i > 0:
+                    continue  # runners are per repository, not per region: listed once
+                verb = f"would {found.action}" if dry_run and found.action != "keep" else found.action
+                print(f"{verb} {found.kind} {found.id} ({found.name}, {name if found.kind == 'instance' else 'github'}): "
+                      f"{found.reason}")
+            problems += failed
+            if i == 0 and len(regions) > 1:
+                github = _NoRunners(github)
+        if problems:
+            raise runners.RunnerError("; ".join(problems))
+
+
+class _NoRunners:
+    """The repository's runners were reaped with the first region; later regions only reap instances."""
+
+    def __init__(self, github: Any) -> None:
+        self.repository = github.repository
+
+    def all(self, deadline: float = 0) -> Iterator[dict]:
+        return iter(())
+
+
+@runner_app.command("policy")
+def policy_command() -> None:
+    """Print the IAM policy for the role `mlci runner` assumes (GitHub OIDC): launch, tag and terminate only mlci's."""
+    from mlci.launch import iam_policy
+
+    print(json.dumps(iam_policy(), indent=2))
