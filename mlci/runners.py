@@ -180,7 +180,13 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
         _wait_online(started, ec2, github, online_timeout, poll_interval, log, clock, sleep)
         return started
     except BaseException as exc:
-        problems = _clean(ec2, github, launch_id, [started.instance_id] if started else [], [runner], log, quiet=True)
+        # A RunInstances whose reply was lost may still have launched: look for the launch's tag too.
+        doomed = {started.instance_id} if started else set()
+        try:
+            doomed |= {i["InstanceId"] for i in _find_instances(ec2, launch_id, L.LIVE_STATES)}
+        except _botocore_errors():
+            pass
+        problems = _clean(ec2, github, launch_id, sorted(doomed), [runner], log, quiet=True)
         if problems and isinstance(exc, RunnerError):
             raise RunnerError(f"{exc}; cleaning up failed too: {'; '.join(problems)}") from None
         raise
