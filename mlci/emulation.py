@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlci.targets import machine_arch
 
 RUNNER_SOURCE = Path(__file__).with_name("emulation_runner.cc")
 
@@ -87,7 +89,8 @@ CROSS_ARCHES: dict[str, CrossArch] = {
 }
 """Architectures mlci cross-links and emulates (verified: aarch64 from x86_64)."""
 
-ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+ARCH_ALIASES = {"arm64": "aarch64", "armv8": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+"""As `mlci.targets` spells architectures (LLVM's names)."""
 
 ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv64"}
 
@@ -97,7 +100,7 @@ def normalize_arch(name: str) -> str:
 
 
 def host_arch() -> str:
-    return normalize_arch(platform.machine())
+    return machine_arch()
 
 
 def _target_fields(tvm_target: Any) -> tuple[str, str | None]:
@@ -345,11 +348,15 @@ def _write_request(models: Sequence[EmulatedModel], work: Path) -> Path:
     return request
 
 
-def _read_response(models: Sequence[EmulatedModel], response: Path, stderr: str) -> list[EmulatedRun]:
+def _read_response(models: Sequence[EmulatedModel], response: Path, stderr: str) -> tuple[list[EmulatedRun], int | None]:
+    """What the runner wrote: every model's outputs or error; and when the process died before the
+    end (a crash in a library, in qemu), the index of the first model it had not begun, to run again."""
     runs = [EmulatedRun(model.library, [[] for _ in model.input_sets]) for model in models]
     text = response.read_text(encoding="utf-8") if response.is_file() else ""
-    lines = text.splitlines()
-    for line in lines:
+    begun: set[int] = set()
+    ended: set[int] = set()
+    done = False
+    for line in text.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "output":
             tokens = rest.split(" ")
@@ -361,18 +368,27 @@ def _read_response(models: Sequence[EmulatedModel], response: Path, stderr: str)
             except TypeError:
                 runs[m].error = f"output {k} has dtype {dtype}, which numpy does not read"
                 continue
-            assert k == len(runs[m].outputs[c]), "the runner writes a call's outputs in order"
             runs[m].outputs[c].append(array)
         elif kind == "error":
             m_text, _, message = rest.partition(" ")
             runs[int(m_text)].error = message
-    if not lines or lines[-1] != "done":
-        # The runner died (a crash in a kernel, qemu itself): the model it was on, and those after it, failed.
-        tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no message"
-        for run, model in zip(runs, models):
-            if run.error is None and any(len(outs) == 0 for outs in run.outputs) and model.input_sets:
-                run.error = f"the emulated runner stopped: {tail}"
-    return runs
+        elif kind == "begin":
+            begun.add(int(rest))
+        elif kind == "end":
+            ended.add(int(rest))
+        elif kind == "done":
+            done = True
+    if done:
+        return runs, None
+    tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no message"
+    if not begun:
+        for run in runs:
+            run.error = f"the emulated runner did not start: {tail}"
+        return runs, None
+    for m in begun - ended:
+        runs[m].error = f"the emulated process crashed while loading or running it: {tail}"
+    resume = max(begun) + 1
+    return runs, resume if resume < len(models) else None
 
 
 class Emulator:
@@ -387,6 +403,8 @@ class Emulator:
         self.threads = threads or max(1, len(os.sched_getaffinity(0)))
         """TVM runtime threads inside the emulated process (emulated threads are host threads)."""
         self.timeout = timeout
+        self.description = toolchain.arch.qemu
+        """What runs the builds, for the results (``qemu-aarch64``)."""
         self._runtime: Runtime | None = None
 
     def runtime(self) -> Runtime:
@@ -396,23 +414,35 @@ class Emulator:
 
     def run_many(self, models: Sequence[EmulatedModel]) -> list[EmulatedRun]:
         """Every input set of every model in one emulated process (starting qemu and loading the
-        runtime is the slow part). A model that fails carries its error; the others still run."""
+        runtime is the slow part). A model that fails carries its error; the others still run (after
+        a crash, in a new process)."""
         qemu, _gxx = self.toolchain.emulation_tools()
         runtime = self.runtime()
+        deadline = time.monotonic() + self.timeout
+        results: list[EmulatedRun] = []
         with tempfile.TemporaryDirectory(prefix="mlci-emulation-") as tmp:
-            work = Path(tmp)
-            request = _write_request(models, work)
-            response = work / "response.txt"
-            env = {**os.environ, "TVM_NUM_THREADS": str(self.threads)}
-            cmd = [qemu, "-L", str(self.toolchain.arch.sysroot), str(runtime.runner), str(request), str(response)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=env)
-            except subprocess.TimeoutExpired:
-                names = ", ".join(m.library.name for m in models)
-                raise EmulationError(f"the emulated run of {names} took over {self.timeout:.0f} s") from None
-            if proc.returncode == 2:
-                raise EmulationError(f"the emulated runner rejected its request: {proc.stderr.strip()}")
-            return _read_response(models, response, proc.stderr)
+            while len(results) < len(models):
+                work = Path(tmp) / f"round{len(results)}"
+                work.mkdir()
+                runs, resume = self._run_once(qemu, runtime, models[len(results):], work, deadline)
+                results.extend(runs if resume is None else runs[:resume])
+        return results
+
+    def _run_once(self, qemu: str, runtime: Runtime, models: Sequence[EmulatedModel], work: Path,
+                  deadline: float) -> tuple[list[EmulatedRun], int | None]:
+        request = _write_request(models, work)
+        response = work / "response.txt"
+        env = {**os.environ, "TVM_NUM_THREADS": str(self.threads)}
+        cmd = [qemu, "-L", str(self.toolchain.arch.sysroot), str(runtime.runner), str(request), str(response)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            names = ", ".join(m.library.name for m in models)
+            raise EmulationError(f"the emulated run of {names} took over {self.timeout:.0f} s") from None
+        if proc.returncode == 2:
+            raise EmulationError(f"the emulated runner rejected its request: {proc.stderr.strip()}")
+        return _read_response(models, response, proc.stderr)
 
     def run(self, library: Path, input_sets: list[dict[str, np.ndarray]], names: list[str]) -> list[list[np.ndarray]]:
         """The outputs of `library`'s `main` on each input set, in order; raises EmulationError naming it."""

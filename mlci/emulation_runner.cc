@@ -12,9 +12,11 @@
 //   model LIBRARY
 //   call N                       the next N `tensor` lines are the inputs of one call of `main`
 //   tensor DTYPE NDIM DIM... FILE   raw C-order bytes
-// RESPONSE, written as the calls finish:
+// RESPONSE, written as the calls finish (a crash leaves the model it was on begun and not ended):
+//   begin MODEL
 //   output MODEL CALL INDEX DTYPE NDIM DIM... FILE
 //   error MODEL MESSAGE          this model failed (loading, or a call); the runner goes on with the next
+//   end MODEL
 //   done
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -188,12 +190,15 @@ int main(int argc, char** argv) {
   if (response_path.find('/') == std::string::npos) out_dir = ".";
   std::ofstream response(response_path);
   for (size_t i = 0; i < models.size(); ++i) {
+    response << "begin " << i << "\n";
+    response.flush();
     try {
       RunModel(i, models[i], out_dir, response);
     } catch (const std::exception& exc) {
       response << "error " << i << " " << OneLine(exc.what()) << "\n";
-      response.flush();
     }
+    response << "end " << i << "\n";
+    response.flush();
   }
   response << "done\n";
   return response ? 0 : 1;
