@@ -81,8 +81,6 @@ class Session:
     toolchain: emulation.CrossToolchain
     emulator: Emulator
     cases: dict[str, Case]
-    prepare_s: float
-    emulate_s: float
 
 
 def _tools_or_skip() -> emulation.CrossToolchain:
@@ -101,7 +99,17 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
     if emulation.host_arch() == "aarch64":
         pytest.skip("this machine is aarch64: nothing to emulate")
     toolchain = _tools_or_skip()
-    tmp = tmp_path_factory.mktemp("emulation")
+    threads = os.environ.get("TVM_NUM_THREADS")
+    try:
+        return _build_and_emulate(toolchain, tmp_path_factory.mktemp("emulation"))
+    finally:  # the pipelines set it for this process; later tests set their own
+        if threads is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = threads
+
+
+def _build_and_emulate(toolchain: emulation.CrossToolchain, tmp: Path) -> Session:
     arm = Pipeline(ResolvedTarget("arm", ARM), TuningCache(tmp / "cache"), log_dir=tmp / "logs")
     host = Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(tmp / "cache"), log_dir=tmp / "logs")
     models = {"mlp": (_example("mlp"), {"batch": 1}, {}), "cnn": (_example("cnn"), {}, {"image": [1, 3, 32, 32]}),
@@ -122,15 +130,10 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
                            [reference.run(inputs) for inputs in input_sets],
                            [host_model.run(inputs, names) for inputs in input_sets], host_exe)
     emulator = Emulator(toolchain, CACHE)
-    start = time.monotonic()
-    emulator.runtime()
-    prepare_s = time.monotonic() - start
-    start = time.monotonic()
     runs = emulator.run_many([EmulatedModel(c.library, c.input_sets, c.names) for c in cases.values()])
-    emulate_s = time.monotonic() - start
     for case, run in zip(cases.values(), runs):
         case.run = run
-    return Session(toolchain, emulator, cases, prepare_s, emulate_s)
+    return Session(toolchain, emulator, cases)
 
 
 def _numerics(got: list[list[np.ndarray]], case: Case) -> measure.NumericsReport:
