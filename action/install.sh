@@ -24,8 +24,8 @@ esac
 pip_install() { python -m pip install --disable-pip-version-check --quiet "$@"; }
 
 case "${MLCI_COMMAND:-run}" in
-  matrix | compare | sync | history)
-    # The pinned specs of mlci's light dependencies (and sync's and history's), read from its own pyproject.toml.
+  matrix | compare | sync | history | runner-start | runner-stop | runner-reap)
+    # The pinned specs of mlci's light dependencies (and sync's, history's and the runners'), read from its own pyproject.toml.
     mapfile -t light < <(python - "$MLCI_ACTION_PATH/pyproject.toml" "${MLCI_COMMAND:-run}" <<'PY'
 import re
 import sys
@@ -38,6 +38,8 @@ if sys.argv[2] in ("sync", "history"):
     wanted |= {"mlflow", "filelock", "boto3"}
 if sys.argv[2] == "history":
     wanted |= {"matplotlib"}
+if sys.argv[2].startswith("runner-"):
+    wanted |= {"boto3"}
 for spec in dependencies:
     if re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower() in wanted:
         print(spec)

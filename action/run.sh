@@ -83,6 +83,22 @@ case "${MLCI_COMMAND:-run}" in
     args=(matrix --config "$MLCI_CONFIG")
     if [ -n "${MLCI_SHARDS:-}" ] && [ "$MLCI_SHARDS" != "0" ]; then args+=(--shards "$MLCI_SHARDS"); fi
     ;;
+  runner-start | runner-stop)
+    # MLCI_RUNNER_TOKEN (a GitHub App or fine-grained token allowed to register runners) and the AWS
+    # credentials come from the calling step's env.
+    if [ -z "${MLCI_TARGET:-}" ] || [ -z "${MLCI_LAUNCH_ID:-}" ]; then
+      echo "::error title=mlci::the $MLCI_COMMAND command needs the target and launch-id inputs"
+      exit 2
+    fi
+    args=(runner "${MLCI_COMMAND#runner-}" --config "$MLCI_CONFIG" --target "$MLCI_TARGET" --launch-id "$MLCI_LAUNCH_ID")
+    if [ "$MLCI_COMMAND" = runner-stop ]; then
+      # An interruption leaves a results file saying so, for the report job.
+      args+=(--report .mlci/runner-stop.json --results-dir .mlci/results)
+    fi
+    ;;
+  runner-reap)
+    args=(runner reap --config "$MLCI_CONFIG")
+    ;;
   init)
     args=(init)
     ;;
@@ -90,7 +106,7 @@ case "${MLCI_COMMAND:-run}" in
     args=(doctor)
     ;;
   *)
-    echo "::error title=mlci::the command input must be run, compare, matrix, tune, sync, history, init or doctor"
+    echo "::error title=mlci::the command input must be run, compare, matrix, tune, sync, history, runner-start, runner-stop, runner-reap, init or doctor"
     exit 2
     ;;
 esac

@@ -338,18 +338,29 @@ def matrix(
                                  "K in 1..N (0: none)."),
     ] = 0,
 ) -> None:
-    """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels."""
-    import json
+    """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels.
 
-    from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix
+    In GitHub Actions, outputs `matrix` (targets on existing runners), `launch-matrix` (targets whose
+    machine `mlci runner start` launches for this run, labelled with GITHUB_RUN_ID and GITHUB_RUN_ATTEMPT),
+    `targets`, `launch-targets` and `shard-matrix`."""
+    import json
+    import os
+
+    from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, split_launched
 
     with _exit_codes(ConfigError, MatrixError):
         cfg = load_config(config)
-        plan = build_matrix(cfg, only=target or None)
+        plan = build_matrix(cfg, only=target or None, run_id=os.environ.get("GITHUB_RUN_ID") or "local",
+                            attempt=os.environ.get("GITHUB_RUN_ATTEMPT") or "1")
         shard_plan = build_shard_matrix(cfg, shards, only=target or None)
     text = json.dumps(plan, separators=(",", ":"))
     print(text)
-    _github_outputs({"matrix": text, "targets": " ".join(entry["target"] for entry in plan["include"]),
+    hosted, launched = split_launched(plan)
+    _github_outputs({"matrix": json.dumps(hosted, separators=(",", ":")),
+                     "launch-matrix": json.dumps(launched, separators=(",", ":")),
+                     "targets": " ".join(entry["target"] for entry in plan["include"]),
+                     "hosted-targets": " ".join(entry["target"] for entry in hosted["include"]),
+                     "launch-targets": " ".join(entry["target"] for entry in launched["include"]),
                      "shard-matrix": json.dumps(shard_plan, separators=(",", ":")), "shards": str(shards)})
 
 

@@ -15,14 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlci"
 LAYERS: dict[str, set[str]] = {
     "contracts": {"mlci", "mlci.config", "mlci.results"},
     "pure logic": {"mlci.stats", "mlci.gate", "mlci.budget", "mlci.formatting", "mlci.templating", "mlci.report",
-                   "mlci.console", "mlci.trend"},
+                   "mlci.console", "mlci.trend", "mlci.launch"},
     "adapters": {"mlci.models", "mlci.converters", "mlci.converters.rnn", "mlci.converters.quantized",
                  "mlci.compile", "mlci.schedules", "mlci.build_cache", "mlci.tuning", "mlci.remote_cache", "mlci.targets",
                  "mlci.measure", "mlci.pipeline", "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github",
-                 "mlci.delivery", "mlci.history", "mlci.serving"},
+                 "mlci.delivery", "mlci.history", "mlci.serving", "mlci.emulation", "mlci.runners"},
     "commands": {"mlci.commands", "mlci.commands.run", "mlci.commands.compare", "mlci.commands.init",
                  "mlci.commands.matrix", "mlci.commands.cache_key", "mlci.commands.doctor", "mlci.commands.sync",
-                 "mlci.commands.tune", "mlci.commands.history"},
+                 "mlci.commands.tune", "mlci.commands.history", "mlci.commands.runner"},
     "cli": {"mlci.cli"},
 }
 ORDER = list(LAYERS)

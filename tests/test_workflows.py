@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlci.commands.matrix import build_matrix, default_runs_on
+from mlci.commands.matrix import build_matrix, build_shard_matrix, default_runs_on, split_launched
 from mlci.config import TargetConfig, parse_config
 
 from .gh_expr import condition, render
@@ -106,11 +106,13 @@ def test_only_bench_and_tune_jobs_may_mint_an_oidc_token():
     permissions by its caller's), and the fork stage, which handles a fork's data, never has it."""
     for name, job in load(REUSABLE)["jobs"].items():
         if job["permissions"].get("id-token") == "write":
-            assert name in {"bench", "tune"}, f"job {name} can mint OIDC tokens"
+            assert name in {"bench", "tune", "bench-launched", "start", "stop"}, f"job {name} can mint OIDC tokens"
     for path in STARTERS:
         for name, job in load(path)["jobs"].items():
             calls_reusable = str(job.get("uses", "")).startswith(f"{MLCI_REPO}/.github/workflows/")
-            assert (job["permissions"].get("id-token") == "write") == calls_reusable, f"{path.name}: job {name}"
+            assumes_a_role = any(str(s.get("uses", "")).startswith("aws-actions/") for s in job.get("steps", []))
+            assert (job["permissions"].get("id-token") == "write") == (calls_reusable or assumes_a_role), \
+                f"{path.name}: job {name}"
 
 
 def test_reusable_workflow_steps_pass_only_inputs_the_action_has():
@@ -307,7 +309,8 @@ def credentials(job_name: str, kind: str, tune_result: str = "skipped", **given)
     the cache URL the action gets, the AWS keys the mlci step sees, and whether the job runs at all."""
     context = {"github": github_context(kind), "inputs": reusable_inputs(**given), "secrets": {}, "vars": {},
                "matrix": {"target": "cpu", "runs-on": ["ubuntu-latest"], "shard": "1/2"}}
-    context["needs"] = {"plan": plan_outputs({**context, "steps": {"matrix": {"outputs": {}}}}),
+    context["needs"] = {"plan": plan_outputs({**context, "steps": {"matrix": {"outputs": {"targets": "cpu",
+                                                                                         "hosted-targets": "cpu"}}}}),
                         "tune": {"result": tune_result, "outputs": {}}}
     job = load(REUSABLE)["jobs"][job_name]
     runs = condition(job.get("if"), context)
@@ -422,11 +425,13 @@ def test_shards_tune_before_the_bench_which_then_builds_without_searching_again(
     assert mlci["with"]["command"] == "tune"
     assert (mlci["with"]["target"], mlci["with"]["shard"]) == ("${{ matrix.target }}", "${{ matrix.shard }}")
     # bench waits for the shards, but runs when there are none (tune skipped) or one failed
-    assert set(bench["needs"]) == {"plan", "tune"} and report["needs"] == ["plan", "bench"]
+    assert set(bench["needs"]) == {"plan", "tune"} and report["needs"] == ["plan", "bench", "bench-launched", "stop"]
     for tune_result in ("skipped", "success", "failure"):
-        context = {"needs": {"plan": {"result": "success"}, "tune": {"result": tune_result}}}
+        context = {"needs": {"plan": {"result": "success", "outputs": {"hosted-targets": "cpu"}},
+                             "tune": {"result": tune_result}}}
         assert condition(bench["if"], context, status="success" if tune_result == "success" else "failure")
-    assert not condition(bench["if"], {"needs": {"plan": {"result": "failure"}, "tune": {"result": "skipped"}}},
+    assert not condition(bench["if"], {"needs": {"plan": {"result": "failure", "outputs": {"hosted-targets": "cpu"}},
+                                                 "tune": {"result": "skipped"}}},
                          status="failure")
     # tune runs only with shards and a cache URL; the bench after it searches nothing anew
     assert not credentials("tune", "schedule", **ROLES)["runs"]  # shards = 0
@@ -475,7 +480,8 @@ def test_the_action_takes_tune_sync_and_history_and_names_them_when_the_command_
                                       ".mlci/history.html", "--branch", "trunk", "--tracking-uri", "http://mlflow:5000"]
     assert output.read_text() == "history-path=.mlci/history.html\n"
     unknown = run_sh(MLCI_COMMAND="bogus")
-    assert unknown.returncode == 2 and "run, compare, matrix, tune, sync, history, init or doctor" in unknown.stdout
+    assert unknown.returncode == 2
+    assert "run, compare, matrix, tune, sync, history, runner-start, runner-stop, runner-reap, init or doctor" in unknown.stdout
 
 
 def test_the_history_report_is_uploaded_after_the_report_job_on_the_default_branch_only_with_a_server():
@@ -537,3 +543,92 @@ def test_the_expression_evaluator_follows_githubs_rules():
     assert condition("always()", ctx, status="failure")
     with pytest.raises(ExpressionError):
         evaluate("hashFiles('x')", ctx)
+
+
+# -- targets with launch: start -> bench -> stop -------------------------------------------------------------------------
+
+
+LAUNCH_CONFIG = """
+[targets.cpu]
+[targets.gpu]
+tvm = { kind = "cuda", arch = "sm_86" }
+launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
+[[models]]
+path = "m.onnx"
+"""
+
+
+def test_matrix_gives_a_launched_target_its_own_runner_label_and_no_tuning_shards(tmp_path: Path):
+    config = parse_config(LAUNCH_CONFIG, tmp_path / "mlci.toml")
+    plan = build_matrix(config, run_id="9876", attempt="2")
+    assert plan["include"][1] == {"target": "gpu", "runs-on": ["mlci-9876-2-gpu"], "kind": "cuda",
+                                  "launch-id": "9876-2-gpu"}
+    hosted, launched = split_launched(plan)
+    assert [e["target"] for e in hosted["include"]] == ["cpu"] and [e["target"] for e in launched["include"]] == ["gpu"]
+    assert {e["target"] for e in build_shard_matrix(config, 2)["include"]} == {"cpu"}
+
+
+def test_matrix_cli_outputs_the_launch_matrix_for_this_run(tmp_path: Path):
+    (tmp_path / "mlci.toml").write_text(LAUNCH_CONFIG)
+    output = tmp_path / "out.txt"
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(output), "PATH": "/usr/bin:/bin", "GITHUB_RUN_ID": "55",
+           "GITHUB_RUN_ATTEMPT": "1"}
+    done = subprocess.run([sys.executable, "-m", "mlci.cli", "matrix", "-c", str(tmp_path / "mlci.toml")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    text = output.read_text()
+    assert "targets=cpu gpu\n" in text and "hosted-targets=cpu\n" in text and "launch-targets=gpu\n" in text
+    assert 'launch-matrix={"include":[{"target":"gpu","runs-on":["mlci-55-1-gpu"],"kind":"cuda","launch-id":"55-1-gpu"}]}' in text
+
+
+def launch_context(kind: str, **results: str) -> dict:
+    return {"github": github_context(kind), "inputs": reusable_inputs(), "secrets": {}, "vars": {},
+            "needs": {"plan": {"result": "success", "outputs": {
+                "trust": plan_outputs({"github": github_context(kind), "inputs": reusable_inputs(),
+                                       "steps": {"matrix": {"outputs": {}}}})["outputs"]["trust"],
+                "launch-targets": "gpu", "hosted-targets": "cpu", "targets": "cpu gpu"}},
+                **{job: {"result": result} for job, result in results.items()}}}
+
+
+def test_a_launched_target_runs_start_then_bench_on_its_machine_then_stop_whatever_happened():
+    jobs = load(REUSABLE)["jobs"]
+    start, bench, stop = jobs["start"], jobs["bench-launched"], jobs["stop"]
+    assert start["needs"] == "plan" and bench["needs"] == ["plan", "start"]
+    assert stop["needs"] == ["plan", "start", "bench-launched"]
+    for job in (start, bench, stop):
+        assert job["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.launch-matrix) }}"
+    assert bench["runs-on"] == "${{ matrix.runs-on }}"  # the label only this job's runner carries
+    assert start["runs-on"] == stop["runs-on"] == "ubuntu-latest"
+    assert step(start, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-start"
+    assert step(stop, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-stop"
+    kind = "same-repository pull request"
+    assert condition(start["if"], launch_context(kind))
+    assert condition(bench["if"], launch_context(kind, start="success"))
+    assert not condition(bench["if"], launch_context(kind, start="failure"), status="failure")  # never waits for no machine
+    for start_result, bench_result, status in (("success", "success", "success"), ("success", "failure", "failure"),
+                                               ("failure", "skipped", "failure"), ("cancelled", "skipped", "cancelled"),
+                                               ("success", "cancelled", "cancelled")):
+        assert condition(stop["if"], launch_context(kind, start=start_result, **{"bench-launched": bench_result}),
+                         status=status), (start_result, bench_result)
+
+
+def test_a_forks_pull_request_launches_no_machine_and_is_not_expected_to_bench_there():
+    jobs = load(REUSABLE)["jobs"]
+    context = launch_context("fork pull request")
+    assert not condition(jobs["start"]["if"], context) and not condition(jobs["stop"]["if"], context)
+    compare = step(jobs["report"], id="compare")
+    assert render(compare["with"]["expect-targets"], context) == "cpu"
+    assert render(compare["with"]["expect-targets"], launch_context(
+        "same-repository pull request")) == "cpu gpu"
+
+
+def test_the_runner_token_reaches_only_the_start_and_stop_steps():
+    for name, job in load(REUSABLE)["jobs"].items():
+        for item in job.get("steps", []):
+            if "MLCI_RUNNER_TOKEN" in json.dumps(item):
+                assert name in {"start", "stop"}, name
+                assert item["with"]["command"] in {"runner-start", "runner-stop"}
+    [reap] = load(ROOT / "workflows" / "mlci-reap.yml")["jobs"].values()
+    assert reap["if"] == "vars.MLCI_RUNNER_ROLE != ''"  # idle until a repository sets up launching
+    assert step(reap, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-reap"
+    assert "schedule" in load(ROOT / "workflows" / "mlci-reap.yml")["on"]

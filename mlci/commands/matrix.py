@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlci.config import HOST_TARGET, Config, TargetConfig
+from mlci.launch import runner_label
 from mlci.targets import GPU_KINDS
 
 GITHUB_X64 = "ubuntu-latest"
@@ -37,8 +38,17 @@ def target_kind(target: TargetConfig) -> str:
     return "llvm" if target.tvm == HOST_TARGET else str(target.tvm.get("kind", "llvm"))  # type: ignore[union-attr]
 
 
-def build_matrix(config: Config, only: list[str] | None = None) -> dict[str, Any]:
-    """{"include": [{"target", "runs-on", "kind"}, ...]} in config order, for `strategy.matrix: fromJSON(...)`."""
+def launch_id(run_id: str, attempt: str, target: str) -> str:
+    """The id of one launched machine: this workflow run, this attempt, this target (a rerun launches anew)."""
+    return f"{run_id}-{attempt}-{target}"
+
+
+def build_matrix(config: Config, only: list[str] | None = None, *, run_id: str = "local",
+                 attempt: str = "1") -> dict[str, Any]:
+    """{"include": [{"target", "runs-on", "kind"}, ...]} in config order, for `strategy.matrix: fromJSON(...)`.
+
+    A target with `launch` gets its machine from `mlci runner start`: its entry has the `launch-id`
+    and, as `runs-on`, the one label the machine's just-in-time runner carries."""
     names = list(config.targets)
     unknown = [name for name in only or [] if name not in config.targets]
     if unknown:
@@ -46,28 +56,36 @@ def build_matrix(config: Config, only: list[str] | None = None) -> dict[str, Any
             f"{config.path}: unknown target(s) {', '.join(map(repr, unknown))}; the config has {', '.join(names)}"
         )
     chosen = [name for name in names if not only or name in only]
-    return {
-        "include": [
-            {
-                "target": name,
-                "runs-on": list(config.targets[name].runs_on or default_runs_on(config.targets[name])),
-                "kind": target_kind(config.targets[name]),
-            }
-            for name in chosen
-        ]
-    }
+    include = []
+    for name in chosen:
+        target = config.targets[name]
+        entry: dict[str, Any] = {"target": name, "runs-on": list(target.runs_on or default_runs_on(target)),
+                                 "kind": target_kind(target)}
+        if target.launch is not None:
+            entry["launch-id"] = launch_id(run_id, attempt, name)
+            entry["runs-on"] = [runner_label(entry["launch-id"])]
+        include.append(entry)
+    return {"include": include}
+
+
+def split_launched(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The matrix of targets on runners that exist, and that of targets whose machine is launched
+    (their bench jobs wait for `mlci runner start`, and `mlci runner stop` follows them)."""
+    include = plan["include"]
+    return ({"include": [e for e in include if "launch-id" not in e]},
+            {"include": [e for e in include if "launch-id" in e]})
 
 
 def build_shard_matrix(config: Config, shards: int, only: list[str] | None = None) -> dict[str, Any]:
     """{"include": [{"target", "runs-on", "shard": "K/N"}, ...]}: one `mlci tune --shard K/N` job per
     target and shard, on the runners that target's bench job uses (tuning records are only valid on
-    the machine kind that made them). Empty when `shards` is 0."""
+    the machine kind that made them). Empty when `shards` is 0; targets with `launch` are not sharded."""
     if shards < 0:
         raise MatrixError(f"--shards {shards}: expected 0 (no sharded tuning) or more")
-    targets = build_matrix(config, only)["include"]
+    targets, _ = split_launched(build_matrix(config, only))  # a launched machine serves its bench job alone
     return {
         "include": [
             {"target": entry["target"], "runs-on": entry["runs-on"], "shard": f"{index}/{shards}"}
-            for entry in targets for index in range(1, shards + 1)
+            for entry in targets["include"] for index in range(1, shards + 1)
         ]
     }
