@@ -49,7 +49,9 @@ def cast_model(n: int = 64) -> onnx.ModelProto:
         "cast_out_of_range",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [scale])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime reads
+    return model
 
 
 def _example(name: str) -> onnx.ModelProto:
