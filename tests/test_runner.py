@@ -26,6 +26,7 @@ from mlci import runners
 from mlci.cli import app
 from mlci.config import LaunchConfig
 from mlci.github import GitHubClient
+from mlci.results import Status, read_results
 
 from .github_server import FakeGitHub
 from .servers import FAKE_AWS, MotoServer, moto_server
@@ -276,14 +277,41 @@ def test_a_spot_interruption_is_reported_as_interrupted_not_as_a_failure(moto, g
     faults = Faults(ec2)
     faults.reclaimed.add(started.instance_id)
     monkeypatch.setattr("mlci.commands.runner._ec2", lambda region: ec2)
-    report = tmp_path / "stop.json"
-    result = cli(["runner", "stop", "--launch-id", launch_id, "--target", "gpu", "--region", REGION, "--report", str(report)],
-                 gh, moto)
+    report, results_dir = tmp_path / "stop.json", tmp_path / "results"
+    result = cli(["runner", "stop", "--config", str(write_config(tmp_path, subnets)), "--launch-id", launch_id,
+                  "--target", "gpu", "--report", str(report), "--results-dir", str(results_dir)], gh, moto)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["outcome"] == "interrupted" and data["launch_id"] == launch_id and data["target"] == "gpu"
     assert started.instance_id in data["reason"] and data["instances"][0]["state_reason"] == L.SPOT_INTERRUPTION
     assert "outcome=interrupted" in result.stdout and gh.runners == {}
+    # The report job reads a results file that says so: every model interrupted, none failed or slower.
+    results = read_results(results_dir / "gpu.json")
+    assert results.interrupted == data["reason"] and results.target.name == "gpu"
+    assert [(m.name, m.status) for m in results.models] == [("m", Status.INTERRUPTED)]
+
+
+def test_stop_keeps_the_bench_jobs_own_results_file(moto, gh, subnets, tmp_path, monkeypatch) -> None:
+    launch_id = new_id()
+    started = run_start(moto, gh, subnets, launch_id)
+    ec2 = client(moto)
+    Faults(ec2).reclaimed.add(started.instance_id)
+    monkeypatch.setattr("mlci.commands.runner._ec2", lambda region: ec2)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "gpu.json").write_text("{}")
+    result = cli(["runner", "stop", "--config", str(write_config(tmp_path, subnets)), "--launch-id", launch_id,
+                  "--target", "gpu", "--results-dir", str(tmp_path / "results")], gh, moto)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "results" / "gpu.json").read_text() == "{}"
+
+
+def test_a_normal_stop_writes_no_results_file(moto, gh, subnets, tmp_path) -> None:
+    launch_id = new_id()
+    run_start(moto, gh, subnets, launch_id)
+    result = cli(["runner", "stop", "--config", str(write_config(tmp_path, subnets)), "--launch-id", launch_id,
+                  "--target", "gpu", "--results-dir", str(tmp_path / "results")], gh, moto)
+    assert result.exit_code == 0 and "outcome=stopped" in result.stdout
+    assert not (tmp_path / "results").exists()
 
 
 def test_stop_with_nothing_to_stop_says_so_and_exits_0(moto, gh, tmp_path) -> None:

@@ -211,6 +211,9 @@ def stop_command(
     repo: RepoOpt = None,
     region: Annotated[str | None, typer.Option("--region", help="AWS region (default: the target's launch table's).")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the outcome as JSON here.")] = None,
+    results_dir: Annotated[Path | None, typer.Option(
+        "--results-dir", help="On a spot interruption, write TARGET.json here: a results file whose models are "
+                              "`interrupted` (the report job shows them as such; an existing file is kept).")] = None,
 ) -> None:
     """Terminate the launch's instances and delete its runner; exit 0 unless something is left behind."""
     from mlci import runners
@@ -225,6 +228,9 @@ def stop_command(
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(text + "\n", encoding="utf-8")
+        if result.outcome == "interrupted" and results_dir is not None:
+            written = write_interrupted_results(config, target, result.reason, results_dir)
+            _say(f"results: {written}" if written else f"results: {results_dir / (target + '.json')} exists; kept")
         print(f"outcome={result.outcome}")
         _say(result.reason)
         _write_outputs({"outcome": result.outcome}, env)
@@ -268,6 +274,33 @@ def reap_command(
                 github = _NoRunners(github)
         if problems:
             raise runners.RunnerError("; ".join(problems))
+
+
+def write_interrupted_results(config: Path, target: str, reason: str, results_dir: Path) -> Path | None:
+    """TARGET.json in `results_dir` saying the target's machine went away: every model `interrupted`, neither a
+    regression nor a failure. None when the bench job's own results file is there already (it stands)."""
+    from mlci.config import relative_to_root
+    from mlci.gitinfo import detect_git, toplevel
+    from mlci.results import Fingerprint, ModelResult, Results, Status, TargetInfo, write_results
+
+    path = results_dir / f"{target}.json"
+    if path.exists():
+        return None
+    cfg = load_config(config)
+    if target not in cfg.targets:
+        raise UsageError(f"{config}: no target {target!r} (targets: {', '.join(cfg.targets)})")
+    tvm = cfg.targets[target].tvm
+    top = toplevel(cfg.root) or cfg.root
+    results = Results(
+        git=detect_git(cfg.root),
+        target=TargetInfo(name=target, tvm_target=dict(tvm) if isinstance(tvm, dict) else {}, fingerprint=Fingerprint(),
+                          price_per_hour=cfg.targets[target].price_per_hour),
+        models=[ModelResult(name=m.name, path=str(relative_to_root(m.path, top).as_posix()), status=Status.INTERRUPTED,
+                            error=reason, threshold=m.threshold) for m in cfg.models],
+        config=str(relative_to_root(cfg.path, top).as_posix()),
+        interrupted=reason,
+    )
+    return write_results(results, path)
 
 
 class _NoRunners:
