@@ -157,7 +157,9 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
     terminated and the runner deleted before RunnerError is raised (`stop` covers a start killed mid-way)."""
     launch_id, label = request.launch_id, L.runner_label(request.launch_id)
     live = _find_instances(ec2, launch_id, ("pending", "running"))
-    mine = [r for r in github.all() if L.runner_belongs_to(r, launch_id)]
+    # GitHub is asked about earlier registrations only when an earlier start launched: a runner registered by a
+    # start that died before launching is offline with an unused configuration, and stop removes it with this one.
+    mine = [r for r in github.all() if L.runner_belongs_to(r, launch_id)] if live else []
     if live:
         instance = live[0]
         runner = next((r for r in mine if r.get("name") == _tag(instance, L.RUNNER_TAG)), None)

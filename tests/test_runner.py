@@ -179,12 +179,20 @@ def test_a_retried_start_of_the_same_launch_launches_one_instance_not_two(moto, 
     runners.stop(launch_id, "gpu", client(moto), github(gh))
 
 
-def test_a_retry_after_a_start_that_died_before_launching_registers_afresh(moto, gh, subnets) -> None:
+def test_a_retry_after_a_start_that_died_before_launching_registers_afresh_and_stop_removes_both(moto, gh, subnets) -> None:
     launch_id = new_id()
     github(gh).register(L.runner_name(launch_id, time.time() - 60), [L.runner_label(launch_id)], 1)  # died right here
     started = run_start(moto, gh, subnets, launch_id)
-    assert [r["name"] for r in gh.runners.values()] == [started.runner_name]
+    assert gh.runner_named(started.runner_name)["status"] == "online" and len(gh.runners) == 2
     assert len(instances(moto, launch_id)) == 1
+    report = runners.stop(launch_id, "gpu", client(moto), github(gh))
+    assert len(report.runners) == 2 and gh.runners == {}
+
+
+def test_start_asks_github_for_the_runner_first_when_nothing_was_launched(moto, gh, subnets) -> None:
+    launch_id = new_id()
+    run_start(moto, gh, subnets, launch_id)
+    assert (gh.requests[0].method, gh.requests[0].path) == ("POST", f"/repos/{gh.repository}/actions/runners/generate-jitconfig")
     runners.stop(launch_id, "gpu", client(moto), github(gh))
 
 
