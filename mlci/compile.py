@@ -490,7 +490,7 @@ def export_library(executable: Any, path: Path, cc: str | None = None) -> Path:
     if cc is None:
         executable.export_library(str(path))
     else:
-        from tvm.contrib import cc as tvm_cc
+        from tvm.support import cc as tvm_cc
 
         executable.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
     return path

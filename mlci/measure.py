@@ -481,8 +481,8 @@ def compare_outputs(
             index = np.unravel_index(flat, g.shape)
             worst = (
                 float(excess.flat[flat]),
-                f"output {name!r} at index {tuple(int(i) for i in index)}: TVM {g.flat[flat]!r}, "
-                f"ONNX Runtime {e.flat[flat]!r} (abs err {abs_err.flat[flat]:.3g}, "
+                f"output {name!r} at index {tuple(int(i) for i in index)}: TVM {g.flat[flat].item()!r}, "
+                f"ONNX Runtime {e.flat[flat].item()!r} (abs err {abs_err.flat[flat]:.3g}, "
                 f"rel err {rel_err.flat[flat]:.3g}; atol {atol:g}, rtol {rtol:g})",
             )
     if worst:

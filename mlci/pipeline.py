@@ -610,6 +610,10 @@ class Pipeline:
         records = out_dir / "tuning_records.json"
         self.cache.export_records(compiled.imported.kernels, records)
         library = out_dir / f"{compiled.imported.prepared.name}.so"
+        arch = foreign_arch(self.target)
+        if arch is not None and self.cross_cc is None:
+            raise ModelError(Status.COMPILE_FAILED, f"cannot link the {arch} library here: "
+                             f"{self.emulation_problem or 'no cross compiler for ' + arch}")
         if compiled.library is not None:
             shutil.copyfile(compiled.library, library)
         else:

@@ -187,7 +187,7 @@ def test_a_cast_out_of_int32_range_passes_on_x86_and_fails_only_on_aarch64(sessi
     assert case.run is not None and case.run.error is None, case.run.error
     emulated = _numerics(case.run.outputs, case)
     assert not emulated.passed
-    assert "output 'y'" in emulated.message and "TVM np.float32(255.0)" in emulated.message, emulated.message
+    assert "output 'y'" in emulated.message and "TVM 255.0" in emulated.message, emulated.message
     # Exactly the elements whose x * 1e10 exceeds int32 (2**31): 255 on aarch64, 0 on x86 and in ONNX Runtime.
     x = case.input_sets[0]["x"]
     differs = case.run.outputs[0][0] != case.expected[0][0]

@@ -19,13 +19,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlci import ab, tracking
+from mlci import ab, emulation, tracking
 from mlci.actions import GitHubContext
 from mlci.config import Config, ConfigError, ModelConfig, check_model_files, relative_to_root
 from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
 from mlci.measure import TvmModel, use_threads
-from mlci.pipeline import Compiled, Evaluation, ModelSettings, Pipeline, run_prepare
+from mlci.pipeline import Compiled, Emulator, Evaluation, ModelSettings, Pipeline, run_prepare
 from mlci.remote_cache import SHARED_TIER, RemoteCache
 from mlci.results import (
     CostInfo,
@@ -39,7 +39,7 @@ from mlci.results import (
     write_results,
 )
 from mlci.stats import cost_per_million, summarize
-from mlci.targets import environment_fingerprint, select_target
+from mlci.targets import ResolvedTarget, environment_fingerprint, select_target
 from mlci.tuning import TuningCache, cache_directory
 
 log = logging.getLogger("mlci")
@@ -251,6 +251,22 @@ def check_output_paths(config: Config, options: RunOptions) -> None:
         raise ConfigError(config.path, problems)
 
 
+def cross_tools(target: ResolvedTarget, config: Config) -> tuple[str | None, Emulator | None, str | None]:
+    """For a target of another CPU architecture than this machine's: the compiler that links its
+    libraries, the emulator that runs them, and why either is missing (None, None, None: a native target)."""
+    try:
+        toolchain = emulation.cross_toolchain(target.tvm_target)
+    except emulation.EmulationError as exc:
+        return None, None, str(exc)
+    if toolchain is None:
+        return None, None, None
+    try:
+        toolchain.emulation_tools()
+    except emulation.EmulationError as exc:
+        return toolchain.cc, None, str(exc)
+    return toolchain.cc, emulation.Emulator(toolchain, config.cache_dir / "emulation"), None
+
+
 def select_models(config: Config, names: list[str]) -> list[ModelConfig]:
     """The models `--model` names (all of them when none is named); ConfigError for a name the config lacks."""
     unknown = sorted(set(names) - {m.name for m in config.models})
@@ -276,7 +292,9 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     # Threads first: TVM sizes its pool once, and the fingerprint records what it reports.
     fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
     cache = TuningCache(cache_directory(config.cache_dir, target.name, fingerprint))
+    cross_cc, emulator, emulation_problem = cross_tools(target, config)
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
+                        cross_cc=cross_cc, emulator=emulator, emulation_problem=emulation_problem,
                         progress=reporter, root=config.root, remote=remote_cache_for(config, ctx, git))
     with contextlib.ExitStack() as stack:
         base = None
