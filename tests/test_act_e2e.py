@@ -177,6 +177,7 @@ def run_act(
     repo: Path, world: dict, head_branch: str, run: str,
     event: tuple[str, dict] | None = None, workflow: str = ".github/workflows/mlci.yml",
     actions_cache: Path | None = None, variables: dict[str, str] | None = None,
+    platforms: tuple[str, ...] = (), env_extra: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """The workflow for a push to main (head_branch "main") or for pull request #7 from head_branch
     (`actions_cache`: the Actions cache's storage, instead of the one the runs share; `variables`:
@@ -207,6 +208,7 @@ def run_act(
         "AWS_ENDPOINT_URL_S3": world["s3"].url,
         "MLCI_TEST_AWS_ACCESS_KEY_ID": FAKE_AWS["AWS_ACCESS_KEY_ID"],
         "MLCI_TEST_AWS_SECRET_ACCESS_KEY": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+        **(env_extra or {}),
     }
     args = [
         str(ACT), event_name, "-e", str(event_path),
@@ -222,6 +224,10 @@ def run_act(
         "--no-cache-server",
         "-s", f"GITHUB_TOKEN={gh.token}",
     ]
+    for label in platforms:  # more runner labels, run on this host too
+        args += ["-P", f"{label}=-self-hosted"]
+    for key, value in (secrets or {}).items():
+        args += ["-s", f"{key}={value}"]
     for key, value in test_env.items():
         args += ["--env", f"{key}={value}"]
     for key, value in {**VARIABLES, **(variables or {})}.items():
