@@ -32,7 +32,7 @@ from mlci.formatting import (
     ort_header,
     status_word,
 )
-from mlci.results import Results
+from mlci.results import Execution, Results
 
 if TYPE_CHECKING:
     from mlci.gate import Decision
@@ -180,7 +180,10 @@ class RunReporter:
 
 
 def results_table(results: Results) -> Table:
-    table = Table(title=f"mlci run: target {escape(results.target.name)}", title_justify="left")
+    target = results.target
+    not_native = target.execution != Execution.NATIVE
+    table = Table(title=f"mlci run: target {escape(target.name)}", title_justify="left",
+                  caption=escape(target.execution_note or target.execution) if not_native else None, caption_justify="left")
     table.add_column("model")
     table.add_column("status")
     ab = any(m.base is not None for m in results.models)
@@ -200,6 +203,8 @@ def results_table(results: Results) -> Table:
         vacuous = bool(m.numerics and m.numerics.vacuous)
         status_style = "red" if not m.ok else "yellow" if vacuous else "green"
         status = f"{m.status}, numerics vacuous" if vacuous else m.status
+        if not_native and m.ok:  # built for hardware this runner lacks: never timed
+            status = "ok, emulated" if m.numerics and m.numerics.emulated else "compiled"
         trials = f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
         if m.tuning and m.tuning.kernels_from_remote:
             trials += f" ({m.tuning.kernels_from_remote} kernels from S3)"

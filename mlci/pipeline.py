@@ -639,17 +639,23 @@ class Pipeline:
         self.progress.stage(prepared.name, "checking numerics")
         with _stage(Status.RUN_FAILED, "running the model"):
             model = self.load_on_device(compiled)
-            reference = measure.OrtModel.load(prepared.reference, self.threads)
-            input_sets = list(prepared.input_sets) or [measure.make_inputs(prepared.inputs, settings.seed)]
-            if len(input_sets) < 2:
-                input_sets.append(measure.make_inputs(prepared.inputs, settings.seed + 1))
-            input_names = [s.name for s in prepared.inputs]
-            expected = [reference.run(inputs) for inputs in input_sets]
+            reference, input_sets, input_names, expected = self._reference_outputs(prepared, settings)
             got = [model.run(inputs, input_names) for inputs in input_sets]
         numerics = measure.compare_sets(got, expected, reference.output_names, settings.atol, settings.rtol)
         if numerics.vacuous:
             log.warning("%s: %s", prepared.name, numerics.vacuous)
         return Checked(compiled, model, reference, input_sets[0], input_names, numerics)
+
+    def _reference_outputs(self, prepared: PreparedModel, settings: ModelSettings) -> tuple[
+            measure.OrtModel, list[dict[str, np.ndarray]], list[str], list[list[np.ndarray]]]:
+        """ONNX Runtime on the input sets numerics checks (the config's files, or seeded inputs, and
+        at least two sets), the sets, the input names and ONNX Runtime's outputs for each."""
+        reference = measure.OrtModel.load(prepared.reference, self.threads)
+        input_sets = list(prepared.input_sets) or [measure.make_inputs(prepared.inputs, settings.seed)]
+        if len(input_sets) < 2:
+            input_sets.append(measure.make_inputs(prepared.inputs, settings.seed + 1))
+        input_names = [s.name for s in prepared.inputs]
+        return reference, input_sets, input_names, [reference.run(inputs) for inputs in input_sets]
 
     def check_emulated(self, compiled: Compiled, settings: ModelSettings) -> Checked:
         """`check` for a build whose CPU this machine lacks: the exported library runs under the
@@ -658,12 +664,7 @@ class Pipeline:
         assert prepared is not None and compiled.library is not None and self.emulator is not None
         self.progress.stage(prepared.name, f"checking numerics under {self.emulator.description}")
         with _stage(Status.RUN_FAILED, f"running the model under {self.emulator.description}"):
-            reference = measure.OrtModel.load(prepared.reference, self.threads)
-            input_sets = list(prepared.input_sets) or [measure.make_inputs(prepared.inputs, settings.seed)]
-            if len(input_sets) < 2:
-                input_sets.append(measure.make_inputs(prepared.inputs, settings.seed + 1))
-            input_names = [s.name for s in prepared.inputs]
-            expected = [reference.run(inputs) for inputs in input_sets]
+            reference, input_sets, input_names, expected = self._reference_outputs(prepared, settings)
             got = self.emulator.run(compiled.library, input_sets, input_names)
         numerics = measure.compare_sets(got, expected, reference.output_names, settings.atol, settings.rtol)
         numerics.emulated = True

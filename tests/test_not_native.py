@@ -66,3 +66,38 @@ def test_an_interrupted_target_is_neither_a_regression_nor_a_failure_and_the_com
     comment = render_comment(decision, ReportContext(repository="acme/vision"))
     assert "| mlp | gpu | — | — | — | — | interrupted |" in comment
     assert "**mlp** on gpu, interrupted: not measured: the spot instance i-0abc was reclaimed" in comment
+
+
+def test_the_run_table_says_what_a_runner_without_the_hardware_did() -> None:
+    from rich.console import Console
+
+    from mlci.console import results_table
+
+    res = arm(compiled("mlp", numerics=EMULATED_OK))
+    console = Console(width=200, record=True)
+    console.print(results_table(res))
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "ok, emulated" in text and ARM_NOTE in text
+    gpu = arm(compiled("mlp"), execution=Execution.COMPILE_ONLY, note="no cuda device on this runner: compiled, not run")
+    console = Console(width=200, record=True)
+    console.print(results_table(gpu))
+    text = " ".join(console.export_text().split())
+    assert "│ compiled │" in text and "no cuda device on this runner: compiled, not run" in text
+
+
+def test_doctor_says_whether_arm_targets_can_be_checked_here(monkeypatch, tmp_path) -> None:
+    import shutil
+
+    from mlci import emulation
+    from mlci.commands.doctor import arm_emulation_check
+
+    if not emulation.is_foreign({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}):
+        assert arm_emulation_check().value == "native (this CPU is aarch64)"
+        return
+    gcc = shutil.which("aarch64-linux-gnu-gcc")
+    if gcc is not None:  # the cross compiler alone on PATH: no qemu, named with its package
+        (tmp_path / "aarch64-linux-gnu-gcc").symlink_to(gcc)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    check = arm_emulation_check()
+    assert check.value.startswith("not checkable here: ")
+    assert ("qemu-user" if gcc else "gcc-aarch64-linux-gnu") in check.value

@@ -104,6 +104,23 @@ def model_operators(path: Path) -> list:
     return operator_uses(model)
 
 
+def arm_emulation_check() -> Check:
+    """Whether an aarch64 target can be cross-compiled and checked here without an Arm CPU (informational:
+    only configs with such a target need it)."""
+    from mlci import emulation
+
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    if not emulation.is_foreign(arm):
+        return Check("Arm targets", "native (this CPU is aarch64)")
+    try:
+        toolchain = emulation.cross_toolchain(arm)
+        assert toolchain is not None
+        qemu, _ = toolchain.emulation_tools()
+    except emulation.EmulationError as exc:
+        return Check("Arm targets", f"not checkable here: {exc}")
+    return Check("Arm targets", f"cross-compiled with {toolchain.cc}, numerics under {qemu}")
+
+
 def run_checks(tune: bool = True) -> list[Check]:
     import tvm
 
@@ -132,6 +149,7 @@ def run_checks(tune: bool = True) -> list[Check]:
     )
     gpu_visible = tvm.cuda(0).exist
     checks.append(Check("GPU visible", tvm.cuda(0).device_name if gpu_visible else "no"))
+    checks.append(arm_emulation_check())
     if tune:
         try:
             checks.append(tuning_proof())
