@@ -617,7 +617,10 @@ def test_a_forks_pull_request_launches_no_machine_and_is_not_expected_to_bench_t
     context = launch_context("fork pull request")
     assert not condition(jobs["start"]["if"], context) and not condition(jobs["stop"]["if"], context)
     compare = step(jobs["report"], id="compare")
-    assert render(compare["with"]["expect-targets"], context) == "cpu"
+    assert render(compare["with"]["expect-targets"], context).split() == ["cpu"]
+    only_launched = launch_context("fork pull request")
+    only_launched["needs"]["plan"]["outputs"]["hosted-targets"] = ""
+    assert render(compare["with"]["expect-targets"], only_launched).split() == []
     assert render(compare["with"]["expect-targets"], launch_context(
         "same-repository pull request")) == "cpu gpu"
 
