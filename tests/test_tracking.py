@@ -108,6 +108,17 @@ def test_a_vacuous_numerics_check_is_tagged() -> None:
     assert model_tags(results, m, job_key="k")["mlci.numerics_vacuous"] == "false"
 
 
+def test_a_run_without_the_targets_hardware_is_tagged_with_how_it_ran() -> None:
+    """MLflow's run list tells an emulated or compile-only run (no latency) from a measured one."""
+    from mlci.results import Execution
+    from mlci.tracking import model_tags
+
+    results, m = _results("zoo")
+    assert model_tags(results, m, job_key="k")["mlci.execution"] == "native"
+    results.target = dataclasses.replace(results.target, execution=Execution.EMULATED)
+    assert model_tags(results, m, job_key="k")["mlci.execution"] == "emulated"
+
+
 @pytest.mark.parametrize(("git_info", "register", "expected"), [
     (GitInfo(branch="main"), True, True),
     (GitInfo(branch="master", default_branch="master"), True, True),
