@@ -89,3 +89,21 @@ def test_an_operator_that_gives_other_numbers_on_arm_only_fails_the_gate_there(a
     assert model["numerics"]["emulated"] and "TVM 255" in model["error"]
     gate = mlci(project, "compare", ".mlci/results/arm.json")
     assert gate.returncode == 1 and "gate failed" in gate.stdout + gate.stderr, gate.stdout + gate.stderr
+
+
+def test_without_the_arm_runtime_numerics_are_not_checked_and_the_results_say_why(tmp_path: Path, monkeypatch):
+    """PyPI out of reach on the first run: the models are still cross-compiled (the gate on compiling
+    holds), and the results say numerics were not checked and why, instead of failing every model."""
+    from mlci.commands.run import cross_tools
+    from mlci.config import parse_config
+    from mlci.targets import select_target
+
+    config = parse_config(ARM + '[[models]]\npath = "m.onnx"\n', tmp_path / "mlci.toml")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    cross_cc, emulator, problem = cross_tools(select_target(config, "arm"), config)
+    assert cross_cc is not None and cross_cc.endswith("aarch64-linux-gnu-gcc")
+    assert emulator is None
+    assert problem.startswith("pip could not download apache-tvm==")

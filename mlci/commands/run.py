@@ -260,11 +260,13 @@ def cross_tools(target: ResolvedTarget, config: Config) -> tuple[str | None, Emu
         return None, None, str(exc)
     if toolchain is None:
         return None, None, None
-    try:
+    emulator = emulation.Emulator(toolchain, config.cache_dir / "emulation")
+    try:  # before any model: a runtime that cannot be had (offline, no qemu) leaves numerics unchecked, said so
         toolchain.emulation_tools()
+        emulator.runtime()
     except emulation.EmulationError as exc:
         return toolchain.cc, None, str(exc)
-    return toolchain.cc, emulation.Emulator(toolchain, config.cache_dir / "emulation"), None
+    return toolchain.cc, emulator, None
 
 
 def select_models(config: Config, names: list[str]) -> list[ModelConfig]:
