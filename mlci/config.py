@@ -522,6 +522,9 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
     if "launch" in raw:
         n_before = len(problems)
         launch = _check_launch(raw["launch"], f"{where}launch", problems)
+        if runs_on is not None:
+            problems.append(f"{where}runs_on: a target with launch runs on the machine it launches (its runner's "
+                            "label is made for each job); remove runs_on or launch")
         if len(problems) > n_before:
             return None
     tvm = raw.get("tvm", HOST_TARGET)

@@ -79,3 +79,11 @@ def test_every_problem_of_a_launch_table_is_reported_at_once() -> None:
     keys = {p.split(":")[0] for p in found}
     assert {"targets.gpu.launch.region", "targets.gpu.launch.image", "targets.gpu.launch.subnets",
             "targets.gpu.launch.instance_type", "targets.gpu.launch.provider"} <= keys
+
+
+def test_runs_on_and_launch_together_are_refused() -> None:
+    """Which machine would the bench job run on? The config must say one thing."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(config(GOOD) + 'runs_on = ["self-hosted", "gpu"]\n', Path("mlci.toml"))
+    [problem] = info.value.problems
+    assert problem.startswith("targets.gpu.runs_on: a target with launch runs on the machine it launches")
