@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlci.commands.matrix import build_matrix, build_shard_matrix, default_runs_on, split_launched
+from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, default_runs_on, split_launched
 from mlci.config import TargetConfig, parse_config
 
 from .gh_expr import condition, render
@@ -566,6 +566,12 @@ def test_matrix_gives_a_launched_target_its_own_runner_label_and_no_tuning_shard
     hosted, launched = split_launched(plan)
     assert [e["target"] for e in hosted["include"]] == ["cpu"] and [e["target"] for e in launched["include"]] == ["gpu"]
     assert {e["target"] for e in build_shard_matrix(config, 2)["include"]} == {"cpu"}
+
+
+def test_a_launched_target_whose_name_makes_too_long_a_runner_label_is_named_at_plan_time(tmp_path: Path):
+    config = parse_config(LAUNCH_CONFIG.replace("[targets.gpu]", "[targets.gpu-" + "x" * 40 + "]"), tmp_path / "mlci.toml")
+    with pytest.raises(MatrixError, match=r"targets\.gpu-x+: launch id '9876543210-1-gpu-x+' is not usable"):
+        build_matrix(config, run_id="9876543210", attempt="1")
 
 
 def test_matrix_cli_outputs_the_launch_matrix_for_this_run(tmp_path: Path):

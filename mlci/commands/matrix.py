@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlci.config import HOST_TARGET, Config, TargetConfig
-from mlci.launch import runner_label
+from mlci.launch import launch_id_problem, runner_label
 from mlci.targets import GPU_KINDS
 
 GITHUB_X64 = "ubuntu-latest"
@@ -63,6 +63,9 @@ def build_matrix(config: Config, only: list[str] | None = None, *, run_id: str =
                                  "kind": target_kind(target)}
         if target.launch is not None:
             entry["launch-id"] = launch_id(run_id, attempt, name)
+            problem = launch_id_problem(entry["launch-id"])
+            if problem:
+                raise MatrixError(f"{config.path}: targets.{name}: {problem} (shorten the target's name)")
             entry["runs-on"] = [runner_label(entry["launch-id"])]
         include.append(entry)
     return {"include": include}
