@@ -641,3 +641,17 @@ def test_the_runner_token_reaches_only_the_start_and_stop_steps():
     assert reap["if"] == "vars.MLCI_RUNNER_ROLE != ''"  # idle until a repository sets up launching
     assert step(reap, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-reap"
     assert "schedule" in load(ROOT / "workflows" / "mlci-reap.yml")["on"]
+
+
+def test_an_interruption_reaches_the_report_as_the_targets_results():
+    """stop's results file (every model `interrupted`) goes up under the name the bench job's would have had,
+    so the report job reads it like any target's results, and a bench job's own upload stands where there was one."""
+    jobs = load(REUSABLE)["jobs"]
+    upload = step(jobs["stop"], name="Upload the interruption")
+    assert upload["if"] == "steps.stop.outputs.outcome == 'interrupted'" and upload["continue-on-error"] is True
+    bench_upload = step(jobs["bench-launched"], name="Upload the results")
+    assert upload["with"]["name"] == bench_upload["with"]["name"] == "mlci-results-${{ matrix.target }}"
+    assert upload["with"]["path"] == ".mlci/results/${{ matrix.target }}.json"
+    assert step(jobs["report"], uses="actions/download-artifact@")["with"]["pattern"] == "mlci-results-*"
+    run_sh = (ROOT / "action" / "run.sh").read_text()
+    assert "--report .mlci/runner-stop.json --results-dir .mlci/results" in run_sh
