@@ -287,17 +287,23 @@ def _wait_online(started: Started, ec2: Any, github: RunnerGitHub, timeout: floa
         sleep(min(interval, max(0.0, deadline - clock())))
 
 
+def _terminate(ec2: Any, instance_ids: list[str], log: Log, why: str = "") -> list[str]:
+    """Terminate these instances; returns the problem, named, when EC2 refused (nothing when there is none)."""
+    if not instance_ids:
+        return []
+    try:
+        ec2.terminate_instances(InstanceIds=instance_ids)
+    except _botocore_errors() as exc:
+        code, message = aws_error(exc)
+        return [f"instance(s) {', '.join(instance_ids)} not terminated: {code or 'error'}: {message}"]
+    log(f"terminated {', '.join(instance_ids)}{why}")
+    return []
+
+
 def _clean(ec2: Any, github: RunnerGitHub | None, launch_id: str, instance_ids: list[str], runners: list[dict], log: Log,
            *, quiet: bool = False) -> list[str]:
     """Terminate these instances and delete these runners; returns what could not be cleaned, named."""
-    problems: list[str] = []
-    if instance_ids:
-        try:
-            ec2.terminate_instances(InstanceIds=instance_ids)
-            log(f"terminated {', '.join(instance_ids)} (launch {launch_id})")
-        except _botocore_errors() as exc:
-            code, message = aws_error(exc)
-            problems.append(f"instance(s) {', '.join(instance_ids)} not terminated: {code or 'error'}: {message}")
+    problems = _terminate(ec2, instance_ids, log, f" (launch {launch_id})")
     for runner in runners if github is not None else []:
         try:
             if github.delete(int(runner["id"])):
@@ -383,14 +389,7 @@ def reap(ec2: Any, github: RunnerGitHub, *, grace: timedelta, dry_run: bool, now
     problems: list[str] = []
     if dry_run:
         return plan, problems
-    doomed = [f.id for f in plan.todo("instance")]
-    if doomed:
-        try:
-            ec2.terminate_instances(InstanceIds=doomed)
-            log(f"terminated {', '.join(doomed)}")
-        except _botocore_errors() as exc:
-            code, message = aws_error(exc)
-            problems.append(f"instance(s) {', '.join(doomed)} not terminated: {code or 'error'}: {message}")
+    problems += _terminate(ec2, [f.id for f in plan.todo("instance")], log)
     for found in plan.todo("runner"):
         try:
             github.delete(int(found.id))
