@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mlci.targets import machine_arch
+from mlci.targets import machine_arch, triple_arch
 
 RUNNER_SOURCE = Path(__file__).with_name("emulation_runner.cc")
 
@@ -89,14 +89,7 @@ CROSS_ARCHES: dict[str, CrossArch] = {
 }
 """Architectures mlci cross-links and emulates (verified: aarch64 from x86_64)."""
 
-ARCH_ALIASES = {"arm64": "aarch64", "armv8": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
-"""As `mlci.targets` spells architectures (LLVM's names)."""
-
 ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv64"}
-
-
-def normalize_arch(name: str) -> str:
-    return ARCH_ALIASES.get(name.lower(), name.lower())
 
 
 def host_arch() -> str:
@@ -117,7 +110,7 @@ def target_arch(tvm_target: Any) -> str | None:
     kind, triple = _target_fields(tvm_target)
     if kind != "llvm" or not triple:
         return None
-    return normalize_arch(triple.split("-", 1)[0])
+    return triple_arch(triple)
 
 
 def is_foreign(tvm_target: Any) -> bool:

@@ -76,10 +76,19 @@ def resolve_target(cfg: TargetConfig) -> ResolvedTarget:
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
 
+def normalize_arch(name: str) -> str:
+    """A CPU architecture in LLVM's spelling (``arm64`` -> ``aarch64``)."""
+    return _ARCH_ALIASES.get(name.lower(), name.lower())
+
+
 def machine_arch() -> str:
     """This machine's CPU architecture in LLVM's spelling (``x86_64``, ``aarch64``)."""
-    arch = platform.machine().lower()
-    return _ARCH_ALIASES.get(arch, arch)
+    return normalize_arch(platform.machine())
+
+
+def triple_arch(triple: str) -> str:
+    """The CPU architecture an LLVM target triple names (``aarch64-linux-gnu`` -> ``aarch64``)."""
+    return normalize_arch(triple.split("-", 1)[0])
 
 
 def foreign_arch(target: ResolvedTarget) -> str | None:
@@ -88,8 +97,7 @@ def foreign_arch(target: ResolvedTarget) -> str | None:
     triple = target.tvm_target.get("mtriple")
     if target.kind != "llvm" or not isinstance(triple, str) or not triple:
         return None
-    arch = triple.split("-", 1)[0].lower()
-    arch = _ARCH_ALIASES.get(arch, arch)
+    arch = triple_arch(triple)
     return arch if arch != machine_arch() else None
 
 
