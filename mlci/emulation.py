@@ -181,11 +181,10 @@ def elf_machine(path: Path) -> str:
 def export_cross(executable: Any, path: Path, toolchain: CrossToolchain) -> Path:
     """Export a Relax executable built for the toolchain's target as a shared library linked by its
     cross compiler, and check the file is code for that architecture."""
-    from tvm.support import cc
+    from mlci.compile import export_library
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(toolchain.cc))
+        export_library(executable, path, cc=toolchain.cc)
     except Exception as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise EmulationError(f"{path.name}: linking with {toolchain.cc} failed: {lines[-1] if lines else exc}") from None
