@@ -134,8 +134,11 @@ class Started:
     """Attempts that found no capacity, as "market in subnet: code"."""
 
 
-def _find_instances(ec2: Any, launch_id: str, states: tuple[str, ...] | None = None) -> list[dict]:
-    filters = [{"Name": f"tag:{L.LAUNCH_TAG}", "Values": [launch_id]}, {"Name": f"tag:{L.MANAGED_TAG}", "Values": ["true"]}]
+def _managed_instances(ec2: Any, launch_id: str | None = None, states: tuple[str, ...] | None = None) -> list[dict]:
+    """Instances tagged as mlci's (of one launch id, when given; in these states, when given), every page."""
+    filters = [{"Name": f"tag:{L.MANAGED_TAG}", "Values": ["true"]}]
+    if launch_id is not None:
+        filters.append({"Name": f"tag:{L.LAUNCH_TAG}", "Values": [launch_id]})
     if states:
         filters.append({"Name": "instance-state-name", "Values": list(states)})
     found = []
@@ -143,6 +146,10 @@ def _find_instances(ec2: Any, launch_id: str, states: tuple[str, ...] | None = N
         for reservation in page.get("Reservations", []):
             found.extend(reservation.get("Instances", []))
     return found
+
+
+def _market(instance: dict) -> str:
+    return "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
 
 
 def _tag(instance: dict, key: str) -> str | None:
@@ -156,7 +163,7 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
     start launched instead of launching a second. On failure nothing is left running: the instance is
     terminated and the runner deleted before RunnerError is raised (`stop` covers a start killed mid-way)."""
     launch_id, label = request.launch_id, L.runner_label(request.launch_id)
-    live = _find_instances(ec2, launch_id, ("pending", "running"))
+    live = _managed_instances(ec2, launch_id, ("pending", "running"))
     # GitHub is asked about earlier registrations only when an earlier start launched: a runner registered by a
     # start that died before launching is offline with an unused configuration, and stop removes it with this one.
     mine = [r for r in github.all() if L.runner_belongs_to(r, launch_id)] if live else []
@@ -166,7 +173,7 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
         if runner is not None and len(live) == 1:
             log(f"resuming launch {launch_id}: instance {instance['InstanceId']} and runner {runner['name']} exist already")
             started = Started(launch_id, label, int(runner["id"]), str(runner["name"]), str(instance["InstanceId"]),
-                              "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+                              _market(instance),
                               str(instance.get("SubnetId")), resumed=True)
             _wait_online(started, ec2, github, online_timeout, poll_interval, log, clock, sleep)
             return started
@@ -185,7 +192,7 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
         # A RunInstances whose reply was lost may still have launched: look for the launch's tag too.
         doomed = {started.instance_id} if started else set()
         try:
-            doomed |= {i["InstanceId"] for i in _find_instances(ec2, launch_id, L.LIVE_STATES)}
+            doomed |= {i["InstanceId"] for i in _managed_instances(ec2, launch_id, L.LIVE_STATES)}
         except _botocore_errors():
             pass
         problems = _clean(ec2, github, launch_id, sorted(doomed), [runner], log, quiet=True)
@@ -338,15 +345,14 @@ def stop(launch_id: str, target: str | None, ec2: Any, github: RunnerGitHub | No
     not a failure; only what could not be cleaned up is (`problems`)."""
     problems: list[str] = []
     try:
-        found = _find_instances(ec2, launch_id)
+        found = _managed_instances(ec2, launch_id)
     except _botocore_errors() as exc:
         code, message = aws_error(exc)
         found = []
         problems.append(f"could not list the instances of launch {launch_id}: {code or 'error'}: {message}")
     interrupted = L.interruption(found)
     live = [i["InstanceId"] for i in found if (i.get("State") or {}).get("Name") in L.LIVE_STATES]
-    if live:
-        problems += _clean(ec2, None, launch_id, live, [], log, quiet=True)
+    problems += _terminate(ec2, live, log, f" (launch {launch_id})")
     runners: list[str] = []
     if github is None:
         log("no GitHub token: runners not checked (reap removes any left)")
@@ -359,7 +365,7 @@ def stop(launch_id: str, target: str | None, ec2: Any, github: RunnerGitHub | No
         runners = [str(r.get("name")) for r in mine]
         problems += _clean(ec2, github, launch_id, [], mine, log, quiet=True)
     instances = [{"id": i.get("InstanceId"), "state": (i.get("State") or {}).get("Name"),
-                  "market": "spot" if i.get("InstanceLifecycle") == "spot" else "on-demand",
+                  "market": _market(i),
                   "state_reason": (i.get("StateReason") or {}).get("Code")} for i in found]
     if interrupted:
         outcome = "interrupted"
@@ -381,11 +387,7 @@ def reap(ec2: Any, github: RunnerGitHub, *, grace: timedelta, dry_run: bool, now
     """Terminate expired mlci instances and delete stale mlci runners (see `launch.plan_reap`); returns the plan
     and what failed."""
     now = now or datetime.now(UTC)
-    filters = [{"Name": f"tag:{L.MANAGED_TAG}", "Values": ["true"]},
-               {"Name": "instance-state-name", "Values": list(L.LIVE_STATES)}]
-    instances = [i for page in ec2.get_paginator("describe_instances").paginate(Filters=filters)
-                 for r in page.get("Reservations", []) for i in r.get("Instances", [])]
-    plan = L.plan_reap(instances, list(github.all()), now, grace)
+    plan = L.plan_reap(_managed_instances(ec2, states=L.LIVE_STATES), list(github.all()), now, grace)
     problems: list[str] = []
     if dry_run:
         return plan, problems

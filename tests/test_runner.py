@@ -83,7 +83,7 @@ def new_id() -> str:
 
 
 def instances(moto: MotoServer, launch_id: str, states: tuple[str, ...] = L.LIVE_STATES) -> list[dict]:
-    return runners._find_instances(client(moto), launch_id, states)
+    return runners._managed_instances(client(moto), launch_id, states)
 
 
 def user_data_of(moto: MotoServer, instance_id: str) -> str:
