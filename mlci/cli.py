@@ -507,10 +507,11 @@ _add_runner_commands()
 
 
 def entrypoint() -> None:
-    try:
+    """Ctrl-C and SIGTERM end every command within seconds, with 130 and 143 (`mlci.interrupt`)."""
+    from mlci import interrupt
+
+    with interrupt.handled():
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from mlci import converters
+from mlci import converters, diagnose
 from mlci.models import ModelError, PreparedModel, walk_nodes
 from mlci.results import Status
 
@@ -37,7 +40,8 @@ def describe_unsupported(found: dict[str, list[str]], limit: int = 5) -> str:
 
 
 def import_relax(prepared: PreparedModel) -> Any:
-    """Relax IRModule with weights bound as constants; raises ModelError(import_failed)."""
+    """Relax IRModule with weights bound as constants; raises ModelError(import_failed) naming the
+    ONNX node that failed to convert, with TVM's message (the traceback goes to the log)."""
     found = unsupported_nodes(prepared.folded)
     if found:
         raise ModelError(Status.IMPORT_FAILED, describe_unsupported(found))
@@ -48,19 +52,24 @@ def import_relax(prepared: PreparedModel) -> Any:
     shapes = {s.name: list(s.shape) for s in prepared.inputs}
     dtypes = {s.name: str(s.dtype) for s in prepared.inputs}
     try:
-        return from_onnx(prepared.folded, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+        # TVM's importer prints every input of a node it fails on (whole weight tensors) to stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return from_onnx(prepared.folded, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+    except converters.ConverterError as exc:  # mlci's converters name the node themselves
+        raise ModelError(Status.IMPORT_FAILED, str(exc)) from None
+    except diagnose.NodeConversionError as exc:
+        log.info("%s: converting %s node %r failed:\n%s", prepared.name, exc.op, exc.node,
+                 "".join(traceback.format_exception(exc.cause)))
+        raise ModelError(Status.IMPORT_FAILED, f"TVM's ONNX importer failed on {exc}") from None
+    except MemoryError:
+        raise ModelError(Status.IMPORT_FAILED, "TVM's ONNX importer ran out of memory") from None
     except Exception as exc:
+        log.info("%s: TVM's ONNX importer failed:\n%s", prepared.name, "".join(traceback.format_exception(exc)))
         raise ModelError(Status.IMPORT_FAILED, f"TVM's ONNX importer failed: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    # TVM errors carry a C++ traceback; the message a user needs is its last line.
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line:
-            return line.strip()[:500]
-    return lines[-1].strip()[:500] if lines else type(exc).__name__
+    return diagnose.tvm_message(exc)
 
 
 def prepacks_weights(tvm_target: Any) -> bool:
@@ -283,6 +292,52 @@ def _module_pass(function: Callable[[Any], Any]) -> Any:
     return tvm.transform.module_pass(lambda mod, _ctx: function(mod), opt_level=0, name=f"mlci.{function.__name__}")
 
 
+def uses_op(mod: Any, op_name: str) -> bool:
+    """Whether any Relax function of the module calls the operator `op_name` (e.g. relax.nn.conv2d)."""
+    import tvm
+    from tvm import relax
+
+    op = tvm.ir.Op.get(op_name)
+    found = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.same_as(op):
+            found.append(expr)
+
+    for _gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+            if found:
+                return True
+    return False
+
+
+_layout_warnings: set[tuple[str, int]] = set()
+"""(pass, module hash) warned about already: tuning and build run the same passes on the same model."""
+
+
+def layout_pass(name: str, passes: list[Any], only_if_op: str) -> Any:
+    """`passes` in turn, on a module that calls `only_if_op` (a layout change pays for the kernels it
+    changes, and costs copies around everything else); when one fails, the module as it came, with
+    one warning naming the pass: a layout choice never fails a model."""
+    import tvm
+    import tvm_ffi
+
+    def run(mod: Any, _ctx: Any) -> Any:
+        if not uses_op(mod, only_if_op):
+            return mod
+        try:
+            return tvm.transform.Sequential(passes)(mod)
+        except Exception as exc:  # noqa: BLE001 - TVM's layout inference has gaps for some ops
+            key = (name, tvm_ffi.structural_hash(mod))
+            if key not in _layout_warnings:
+                _layout_warnings.add(key)
+                log.warning("%s failed (%s): the model keeps its own layout", name, _first_line(exc))
+            return mod
+
+    return tvm.transform.module_pass(run, opt_level=0, name=name)
+
+
 def _fusion_passes(tvm_target: Any) -> list[Any]:
     """The same preparation at tuning and at build, so every tuned workload matches its kernel."""
     from tvm import relax
@@ -293,7 +348,9 @@ def _fusion_passes(tvm_target: Any) -> list[Any]:
     except (ValueError, AttributeError):
         dispatch = []
     if converts_conv_layout(tvm_target):
-        dispatch[:0] = [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), _module_pass(pad_conv_channels)]
+        dispatch[:0] = [layout_pass("the channels-last layout pass (ConvertLayout to NHWC)",
+                                    [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), _module_pass(pad_conv_channels)],
+                                    only_if_op="relax.nn.conv2d")]
     passes = [
         *dispatch,
         relax.transform.LegalizeOps(),
@@ -331,10 +388,20 @@ def _lowering_passes(tvm_target: Any) -> list[Any]:
 
 
 def fuse_for_tuning(mod: Any, tvm_target: Any) -> Any:
+    """The imported model as kernels (the passes a build runs before scheduling); raises
+    ModelError(import_failed) naming the TVM pass that failed."""
     import tvm
 
-    with tvm_target:
-        return tvm.transform.Sequential(_fusion_passes(tvm_target))(mod)
+    tracker = diagnose.PassTracker()
+    try:
+        with tvm_target, diagnose.tracked_passes(tracker):
+            return tvm.transform.Sequential(_fusion_passes(tvm_target))(mod)
+    except MemoryError:
+        raise ModelError(Status.IMPORT_FAILED, f"out of memory{diagnose.in_pass(tracker)}") from None
+    except Exception as exc:
+        log.info("preparing the model's kernels failed%s:\n%s", diagnose.in_pass(tracker),
+                 "".join(traceback.format_exception(exc)))
+        raise ModelError(Status.IMPORT_FAILED, f"TVM failed{diagnose.in_pass(tracker)}: {_first_line(exc)}") from None
 
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
@@ -462,26 +529,59 @@ def build(mod: Any, tvm_target: Any, database: Any, default_schedule: DefaultSch
     from tvm.s_tir import dlight as dl
 
     report = BuildReport()
+    scheduled: list[Any] = []
 
     @tvm.transform.module_pass(opt_level=3)
     def schedule_and_lower(mod: Any, _ctx: Any) -> Any:
         mod = tvm.transform.Sequential(_fusion_passes(tvm_target))(mod)
         mod = apply_schedules(mod, tvm_target, database, default_schedule, report, keep_default)
+        scheduled.append(mod)
         if prepacks_weights(tvm_target):
             # The packing the schedules ask for becomes its own function, folded into the weights here.
-            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
-            mod = fold_constants(mod)
+            mod = prepack_weights(mod)
         if BackendDispatcher.is_gpu_target(tvm_target):
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         return tvm.transform.Sequential(_lowering_passes(tvm_target))(mod)
 
+    tracker = diagnose.PassTracker()
     try:
-        with tvm_target, PassContext(opt_level=3, config=lowering_config(tvm_target)):
+        with tvm_target, PassContext(opt_level=3, config=lowering_config(tvm_target)), diagnose.tracked_passes(tracker):
             executable = relax.build(mod, target=tvm_target, relax_pipeline=schedule_and_lower)
     except Exception as exc:
-        raise ModelError(Status.COMPILE_FAILED, f"TVM build failed: {_first_line(exc)}") from None
+        raise build_error(exc, tracker, scheduled[-1] if scheduled else None, tvm_target) from None
     return executable, report
+
+
+def prepack_weights(mod: Any) -> Any:
+    """The weight packing the schedules ask for split into its own function and folded into the
+    weights. TVM's pass fails on some kernels without a compute block (a scan such as CumSum's):
+    the module is then built as it is, each kernel packing its weights as it runs (same numbers,
+    slower), with one warning."""
+    from tvm import relax
+
+    try:
+        split = relax.transform.SplitLayoutRewritePreproc()(mod)
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+        log.warning("weights not pre-packed: TVM pass SplitLayoutRewritePreproc failed (%s); each kernel "
+                    "packs its weights as it runs", _first_line(exc))
+        return mod
+    return fold_constants(split)
+
+
+def build_error(exc: BaseException, tracker: diagnose.PassTracker, scheduled: Any, tvm_target: Any) -> ModelError:
+    """A failed build as a ModelError naming the kernel that does not build (found by building each
+    alone) or else the TVM pass that failed, with TVM's message; the traceback goes to the log."""
+    where = diagnose.in_pass(tracker)
+    log.info("TVM build failed%s:\n%s", where, "".join(traceback.format_exception(exc)))
+    if isinstance(exc, MemoryError):
+        return ModelError(Status.COMPILE_FAILED, f"TVM build ran out of memory{where}")
+    if scheduled is not None:
+        found = diagnose.failing_kernel(scheduled, tvm_target)
+        if found is not None:
+            kernel, message = found
+            return ModelError(Status.COMPILE_FAILED, f"TVM build failed in kernel {kernel!r}{where}: {message}")
+    return ModelError(Status.COMPILE_FAILED, f"TVM build failed{where}: {_first_line(exc)}")
 
 
 def export_library(executable: Any, path: Path, cc: str | None = None) -> Path:

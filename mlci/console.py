@@ -201,8 +201,9 @@ def results_table(results: Results) -> Table:
     table.add_column("trials new/cached", justify="right")
     for m in results.models:
         vacuous = bool(m.numerics and m.numerics.vacuous)
-        status_style = "red" if not m.ok else "yellow" if vacuous else "green"
-        status = f"{m.status}, numerics vacuous" if vacuous else m.status
+        unchecked = bool(m.numerics and m.numerics.no_reference)
+        status_style = "red" if not m.ok else "yellow" if vacuous or unchecked else "green"
+        status = f"{m.status}, no reference" if unchecked else f"{m.status}, numerics vacuous" if vacuous else m.status
         if not_native and m.ok:  # built for hardware this runner lacks: never timed
             status = "ok, emulated" if m.numerics and m.numerics.emulated else "compiled"
         trials = f"{m.tuning.trials_new}/{m.tuning.trials_cached}" if m.tuning else "-"
@@ -239,6 +240,9 @@ def failure_lines(results: Results) -> list[str]:
             )
         if m.numerics and m.numerics.vacuous:
             lines.append(f"[yellow]{escape(m.name)}[/yellow]: numerics vacuous: {escape(m.numerics.vacuous)}")
+        if m.numerics and m.numerics.no_reference:
+            lines.append(f"[yellow]{escape(m.name)}[/yellow]: numerics not checked (no reference): "
+                         f"{escape(m.numerics.no_reference)}")
     notes = dict.fromkeys(m.peer.note for m in results.models if m.peer and m.peer.note)
     lines += [f"ORT n/a: {escape(note)}" for note in notes]  # once: every model of a target shares it
     return lines

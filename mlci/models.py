@@ -20,13 +20,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from mlci import reference as ort_reference
 from mlci.config import InputRule, ModelConfig
 from mlci.results import Status
 
 log = logging.getLogger("mlci")
-
-# onnxruntime 1.31 refuses IR versions above this (onnx 1.23 writes 14 by default).
-MAX_ORT_IR_VERSION = 13
 
 
 class ModelError(Exception):
@@ -61,19 +59,26 @@ class PreparedModel:
     sha256: str
     inputs: list[InputSpec]
     original: bytes
-    """The file as given: ONNX Runtime runs this, as the independent reference."""
+    """The file as given."""
     folded: onnx.ModelProto
     """Shapes bound, constants folded: what TVM imports."""
     input_sets: list[dict[str, np.ndarray]] = field(default_factory=list)
     """Real inputs from the config's `inputs_file`s, checked against `inputs`."""
     external_data: bool = False
-    """Weights live in files beside the model: ONNX Runtime must load it by path, not bytes."""
+    """Weights live in files beside the model (`weights_dir`): ONNX Runtime is told where."""
+    reference: bytes | None = None
+    """What ONNX Runtime runs as the independent numerics reference: the file as given, made
+    loadable and exact (`mlci.reference`); None when ONNX Runtime cannot run the model at all ..."""
+    no_reference: str | None = None
+    """... and why: the model still compiles and runs on TVM, its numerics unchecked."""
+    peer: bytes | None = None
+    """What ONNX Runtime is timed on: the file as given (at an IR version it loads), as a team
+    shipping ONNX Runtime would run it; the same object as `reference` when nothing was changed."""
 
     @property
-    def reference(self) -> bytes | str:
-        """What ONNX Runtime loads as the reference: the bytes as read, or the path when the
-        weights live in external files (they are found relative to it)."""
-        return str(self.path) if self.external_data else self.original
+    def weights_dir(self) -> Path | None:
+        """Where ONNX Runtime finds weights stored beside the model."""
+        return self.path.parent if self.external_data else None
 
 
 def file_sha256(path: Path) -> str:
@@ -223,6 +228,12 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant-fold with ONNX Runtime's basic (ONNX-ops-only) optimiser."""
     import onnxruntime as ort
 
+    ir = ort_reference.loadable_ir(model)
+    if ir is None:
+        raise ValueError(f"ONNX Runtime does not load IR version {model.ir_version}, which the model needs")
+    if ir != model.ir_version:
+        model = _copy(model)
+        model.ir_version = ir
     with tempfile.TemporaryDirectory(prefix="mlci-fold-") as tmp:
         out = Path(tmp) / "folded.onnx"
         options = ort.SessionOptions()
@@ -231,6 +242,53 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
         options.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return onnx.load(str(out))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def fold_without_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What TVM imports when ONNX Runtime cannot load the model: the bound shapes propagated by
+    ONNX's own shape inference (with data propagation, so shape computations become known);
+    TVM's importer folds what is left."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # an op the inference does not know, a model over 2 GB
+        log.info("ONNX shape inference failed (%s); importing the model as bound", exc)
+        return model
+
+
+def reference_models(cfg: ModelConfig, original: bytes) -> tuple[bytes | None, bytes | None, str | None]:
+    """(reference, peer, no_reference) for ONNX Runtime (see PreparedModel): built from the file's
+    own proto, so weights stored beside it stay there (ONNX Runtime is told the folder)."""
+    proto = onnx.load_from_string(original)
+    try:
+        ready = ort_reference.for_onnxruntime(proto, base_dir=cfg.path.parent)
+    except Exception as exc:  # noqa: BLE001 - a damaged tensor: ONNX Runtime judges the file as it is
+        log.warning("%s: the model could not be prepared for ONNX Runtime (%s); it runs as written", cfg.path, exc)
+        return original, original, None
+    if ready is None:
+        return None, None, (f"ONNX Runtime {_ort_version()} does not load IR version {proto.ir_version}, which "
+                            f"the model needs (it loads up to {ort_reference.MAX_ORT_IR_VERSION})")
+    for change in ready.changes:
+        log.info("%s: %s", cfg.name, change)
+    if not ready.changes:
+        return original, original, None
+    reference = ready.model.SerializeToString()
+    if not ready.shifted:
+        return reference, reference, None
+    peer = _copy(proto)
+    peer.ir_version = ready.model.ir_version
+    return reference, peer.SerializeToString(), None
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
 
 
 def _external_files(model: onnx.ModelProto, directory: Path) -> list[Path]:
@@ -372,20 +430,19 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         raise ModelError(Status.IMPORT_FAILED, f"{cfg.path}: cannot read: {exc}") from None
     model, external = _load_checked(cfg, original)
     sha256 = _content_sha256(original, external, cfg.path.parent)
-    if model.ir_version > MAX_ORT_IR_VERSION:
-        raise ModelError(
-            Status.IMPORT_FAILED,
-            f"{cfg.path}: ONNX IR version {model.ir_version} is newer than ONNX Runtime accepts "
-            f"({MAX_ORT_IR_VERSION}); save the model with ir_version <= {MAX_ORT_IR_VERSION}",
-        )
     specs = bind_input_shapes(model, cfg)
     static = _with_static_inputs(model, specs)
+    reference, peer, no_reference = reference_models(cfg, original)
     try:
         folded = fold(static)
-    except Exception as exc:
-        raise ModelError(
-            Status.IMPORT_FAILED, f"{cfg.path}: ONNX Runtime cannot load the model to fold it: {exc}"
-        ) from None
+    except Exception as exc:  # ONNX Runtime cannot load it: TVM may still compile it
+        reason = _first_line(exc)
+        log.warning("%s: ONNX Runtime cannot load the model (%s): shapes folded by ONNX's shape inference "
+                    "instead, and its numerics have no reference", cfg.name, reason)
+        folded = fold_without_onnxruntime(static)
+        if no_reference is None:
+            reference = peer = None
+            no_reference = f"ONNX Runtime {_ort_version()} cannot load the model: {reason}"
     ranges = index_ranges(folded)
     specs = [InputSpec(s.name, s.shape, s.dtype, s.rule, ranges.get(s.name)) for s in specs]
     return PreparedModel(
@@ -397,4 +454,13 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         folded=folded,
         input_sets=load_input_sets(cfg, specs),
         external_data=bool(external),
+        reference=reference,
+        no_reference=no_reference,
+        peer=peer,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """ONNX Runtime's message without its source-file prefix noise, on one line, bounded."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:400]

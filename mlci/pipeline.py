@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mlci import build_cache, measure, remote_cache, schedules, tuning
+from mlci import build_cache, interrupt, measure, remote_cache, schedules, tuning
 from mlci import compile as tvm_compile
 from mlci.compile import BuildChoice
 from mlci.config import (
@@ -167,13 +167,23 @@ class Compiled:
 
 
 @dataclass
+class Reference:
+    """ONNX Runtime as the numerics reference, or why there is none."""
+
+    model: measure.OrtModel | None
+    problem: str | None = None
+    is_peer: bool = False
+    """The reference runs the model as written, so its session doubles as the CPU peer."""
+
+
+@dataclass
 class Checked:
     """The build loaded on its device, run once on seeded inputs and compared with ONNX Runtime."""
 
     compiled: Compiled
     model: measure.TvmModel | None
     """None when the build ran under emulation (nothing here to time)."""
-    reference: measure.OrtModel
+    reference: Reference
     inputs: dict[str, np.ndarray]
     input_names: list[str]
     numerics: measure.NumericsReport
@@ -253,16 +263,21 @@ BaseModelFor = Callable[["Compiled"], "measure.TvmModel | None"]
 @contextlib.contextmanager
 def _stage(status: Status, what: str, partial: Compiled | None = None) -> Iterator[None]:
     """An unexpected exception inside a stage becomes that stage's failure; every ModelError
-    leaving the stage carries what the chain had produced so far."""
+    leaving the stage carries what the chain had produced so far. A stopping signal received on
+    the way ends the run here, whatever TVM made of it inside (`interrupt.check`)."""
     try:
+        interrupt.check()
         yield
+        interrupt.check()
     except ModelError as exc:
+        interrupt.check()
         if partial is not None and exc.partial is None:
             exc.partial = partial
         raise
     except KeyboardInterrupt:
         raise
     except Exception as exc:
+        interrupt.check()
         log.error("unexpected error while %s:\n%s", what, "".join(traceback.format_exception(exc)))
         error = ModelError(status, f"unexpected error while {what}: {type(exc).__name__}: {exc}")
         error.partial = partial
@@ -641,21 +656,39 @@ class Pipeline:
             model = self.load_on_device(compiled)
             reference, input_sets, input_names, expected = self._reference_outputs(prepared, settings)
             got = [model.run(inputs, input_names) for inputs in input_sets]
-        numerics = measure.compare_sets(got, expected, reference.output_names, settings.atol, settings.rtol)
-        if numerics.vacuous:
-            log.warning("%s: %s", prepared.name, numerics.vacuous)
+        numerics = self._compare(prepared, reference, got, expected, settings)
         return Checked(compiled, model, reference, input_sets[0], input_names, numerics)
 
+    def _compare(self, prepared: PreparedModel, reference: Reference, got: list[list[np.ndarray]],
+                 expected: list[list[np.ndarray]] | None, settings: ModelSettings) -> measure.NumericsReport:
+        if expected is None or reference.model is None:
+            why = reference.problem or "no reference"
+            log.warning("%s: numerics not checked: %s", prepared.name, why)
+            return measure.NumericsReport.unchecked(why, settings.atol, settings.rtol, len(got))
+        numerics = measure.compare_sets(got, expected, reference.model.output_names, settings.atol, settings.rtol)
+        if numerics.vacuous:
+            log.warning("%s: %s", prepared.name, numerics.vacuous)
+        return numerics
+
     def _reference_outputs(self, prepared: PreparedModel, settings: ModelSettings) -> tuple[
-            measure.OrtModel, list[dict[str, np.ndarray]], list[str], list[list[np.ndarray]]]:
+            Reference, list[dict[str, np.ndarray]], list[str], list[list[np.ndarray]] | None]:
         """ONNX Runtime on the input sets numerics checks (the config's files, or seeded inputs, and
-        at least two sets), the sets, the input names and ONNX Runtime's outputs for each."""
-        reference = measure.OrtModel.load(prepared.reference, self.threads)
+        at least two sets), the sets, the input names and ONNX Runtime's outputs for each (None when
+        ONNX Runtime cannot run the model: the Reference says why)."""
         input_sets = list(prepared.input_sets) or [measure.make_inputs(prepared.inputs, settings.seed)]
         if len(input_sets) < 2:
             input_sets.append(measure.make_inputs(prepared.inputs, settings.seed + 1))
         input_names = [s.name for s in prepared.inputs]
-        return reference, input_sets, input_names, [reference.run(inputs) for inputs in input_sets]
+        if prepared.reference is None:
+            return Reference(None, prepared.no_reference), input_sets, input_names, None
+        try:
+            model = measure.OrtModel.load(prepared.reference, self.threads, weights_dir=prepared.weights_dir)
+            expected = [model.run(inputs) for inputs in input_sets]
+        except Exception as exc:  # ONNX Runtime lacks a kernel, or fails on these shapes: TVM's outputs stand alone
+            why = f"ONNX Runtime cannot run the model: {_error_line(exc)[:400]}"
+            log.info("%s: %s\n%s", prepared.name, why, "".join(traceback.format_exception(exc)))
+            return Reference(None, why), input_sets, input_names, None
+        return Reference(model, None, prepared.peer is prepared.reference), input_sets, input_names, expected
 
     def check_emulated(self, compiled: Compiled, settings: ModelSettings) -> Checked:
         """`check` for a build whose CPU this machine lacks: the exported library runs under the
@@ -666,10 +699,8 @@ class Pipeline:
         with _stage(Status.RUN_FAILED, f"running the model under {self.emulator.description}"):
             reference, input_sets, input_names, expected = self._reference_outputs(prepared, settings)
             got = self.emulator.run(compiled.library, input_sets, input_names)
-        numerics = measure.compare_sets(got, expected, reference.output_names, settings.atol, settings.rtol)
+        numerics = self._compare(prepared, reference, got, expected, settings)
         numerics.emulated = True
-        if numerics.vacuous:
-            log.warning("%s: %s", prepared.name, numerics.vacuous)
         return Checked(compiled, None, reference, input_sets[0], input_names, numerics)
 
     def peer(self, checked: Checked) -> tuple[measure.OrtModel | None, str | None]:
@@ -679,13 +710,17 @@ class Pipeline:
         provider, note = measure.peer_provider(self.target.kind, measure.available_providers())
         if provider is None:
             return None, note
-        if provider == checked.reference.provider:
-            return checked.reference, None
-        assert checked.compiled.prepared is not None
+        reference = checked.reference
+        if reference.model is not None and reference.is_peer and provider == reference.model.provider:
+            return reference.model, None
+        prepared = checked.compiled.prepared
+        assert prepared is not None
+        if prepared.peer is None:
+            return None, f"{prepared.no_reference or 'ONNX Runtime cannot run the model'}: not compared"
         try:
-            return measure.OrtModel.load(checked.compiled.prepared.reference, self.threads, provider), None
+            return measure.OrtModel.load(prepared.peer, self.threads, provider, weights_dir=prepared.weights_dir), None
         except Exception as exc:  # the peer is a comparison, never a reason to fail the model
-            return None, f"ONNX Runtime's {provider} could not run the model ({str(exc).strip()[:300]}): not compared"
+            return None, f"ONNX Runtime's {provider} could not run the model ({_error_line(exc)[:300]}): not compared"
 
     def measure(
         self,
@@ -726,7 +761,14 @@ class Pipeline:
                 self.progress.stage(name, "timing each kernel (slower than the base)")
                 profiles = profile_pair(checked.model, base, checked.inputs, checked.input_names, name)
             peer, note = self.peer(checked)
-            ort_ms = measure.time_callable(peer.timer(checked.inputs), **args) if peer else []
+            ort_ms: list[float] = []
+            if peer is not None:
+                try:
+                    ort_ms = measure.time_callable(peer.timer(checked.inputs), **args)
+                except Exception as exc:  # the peer is a comparison, never a reason to fail the model
+                    log.warning("%s: ONNX Runtime failed while timed: %s", name, _error_line(exc)[:300])
+                    note = f"ONNX Runtime failed while timed ({_error_line(exc)[:300]}): not compared"
+                    peer = None
         measured = Measured(tvm_ms, ort_ms, base_ms, rounds, ort_threads=peer.threads if peer else None,
                             ort_provider=peer.provider if peer else None, peer_note=note)
         measured.head_profile, measured.base_profile = profiles

@@ -27,7 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from mlci import __version__
 
 SCHEMA = "mlci.results"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped when a field changes meaning or shape; every older version has a migration below."""
 MAX_BYTES = 64 * 2**20
 """A results file larger than this is refused unread (they come from untrusted runs too)."""
@@ -209,8 +209,9 @@ class TuningInfo:
 class NumericsInfo:
     """Compiled outputs against ONNX Runtime: |tvm - ort| <= atol + rtol * |ort|."""
 
-    max_abs_err: float
-    max_rel_err: float
+    max_abs_err: float | None
+    """None: nothing to compare with (`no_reference`)."""
+    max_rel_err: float | None
     atol: float
     rtol: float
     passed: bool
@@ -221,6 +222,9 @@ class NumericsInfo:
     between different input sets, so a build that ignored its inputs would pass too."""
     emulated: bool = False
     """The build ran under user-mode emulation (the target's CPU is not on this runner)."""
+    no_reference: str | None = None
+    """Why the outputs were not compared: ONNX Runtime cannot run the model (an operator, opset or
+    IR version it lacks). The build compiled and ran; `passed` is then true, and proves nothing."""
 
 
 @dataclass
@@ -451,7 +455,14 @@ def update_to_4(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "schema_version": 4}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: update_to_2, 2: update_to_3, 3: update_to_4}
+def update_to_5(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 5 adds numerics without a reference (errors null, `no_reference` saying why); every
+    version 4 file compared its outputs with ONNX Runtime."""
+    return {**data, "schema_version": 5}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: update_to_2, 2: update_to_3, 3: update_to_4, 4: update_to_5}
 """version -> the function that lifts a file of that version to the next."""
 
 

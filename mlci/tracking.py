@@ -99,8 +99,11 @@ def model_tags(results: Results, model: ModelResult, job_key: str) -> dict[str, 
     if model.numerics:
         # "true" when the check passed but proved nothing (outputs did not depend on the inputs).
         tags["mlci.numerics_vacuous"] = "true" if model.numerics.vacuous else "false"
-        if model.numerics.vacuous:
-            tags["mlci.numerics_note"] = model.numerics.vacuous[:5000]
+        # "none" when ONNX Runtime could not run the model: its outputs were not compared.
+        tags["mlci.numerics_reference"] = "none" if model.numerics.no_reference else "onnxruntime"
+        note = model.numerics.no_reference or model.numerics.vacuous
+        if note:
+            tags["mlci.numerics_note"] = note[:5000]
     return tags
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from mlci import interrupt
 from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
 from mlci.build_cache import BuildCache
 from mlci.compile import lowering_config, workload_key
@@ -50,6 +51,8 @@ log = logging.getLogger("mlci")
 # XGBoost's notice that MetaSchedule's "model.bin" is read and written as UBJSON: expected, not the user's concern.
 _XGB_FORMAT_NOTICE = r"(?s).*(UBJSON|Unknown file format)"
 CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
+INTERRUPTED = "not built: mlci is stopping (SIGINT or SIGTERM)"
+"""What the tuning builder answers once a signal came, so the search's round ends at once."""
 # Frozen importlib frames are not files: inspect.getmodule scans every module for each.
 _FROZEN_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
 
@@ -134,6 +137,8 @@ def pooled_builder(max_workers: int, timeout_sec: float = 30.0) -> Any:
             )
 
         def build(self, build_inputs):
+            if interrupt.pending():  # the run is stopping: the round ends at once, nothing measured
+                return [BuilderResult(None, INTERRUPTED) for _ in build_inputs]
             jobs = [(fast_build, None, b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
             results = []
             for res in self.pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
@@ -872,6 +877,9 @@ def _progress_callback(counts: dict[str, Any]) -> Any:
     @derived_object
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if any(b.error_msg == INTERRUPTED for b in builder_results):
+                counts["interrupted"] = True
+                return  # not measured: no trial to credit
             counts["measured"] += len(runner_results)
             counts["valid"] += sum(
                 1
@@ -950,7 +958,6 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
     cache.warn_unsaved(total_owed)
 
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
 
     speed_up_tensor_intrin_import()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -966,18 +973,38 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     counts = {"measured": 0, "valid": 0}
     callbacks.append(_progress_callback(counts))
-    searched_total = 0
     default_timings = cache.default_seconds()
-    if default_schedule is not None:
-        untimed = [k for k, o in zip(kernels, owed) if o > 0 and k.key not in default_timings]
-        if untimed:
-            default_timings.update(measure_defaults(untimed, tvm_target, default_schedule, builder, runner))
-            cache.save_default_seconds(default_timings)
+    with interrupt.deferred():  # a signal ends the search between rounds, never inside TVM's callbacks
+        if default_schedule is not None:
+            untimed = [k for k, o in zip(kernels, owed) if o > 0 and k.key not in default_timings]
+            if untimed:
+                default_timings.update(measure_defaults(untimed, tvm_target, default_schedule, builder, runner))
+                if not interrupt.pending():
+                    cache.save_default_seconds(default_timings)
+        _search(kernels, owed, done_before, outcome, ledger, cache, deadline=deadline, seed=seed, log_dir=log_dir,
+                cores=cores, per_round=per_round, builder=builder, runner=runner, database=database,
+                cost_model=cost_model, callbacks=callbacks, counts=counts, on_progress=on_progress,
+                total_owed=total_owed)
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+def _search(kernels: list[Kernel], owed: list[int], done_before: list[int], outcome: TuningOutcome,
+            ledger: dict[str, int], cache: TuningCache, *, deadline: float, seed: int, log_dir: Path, cores: int,
+            per_round: int, builder: Any, runner: Any, database: Any, cost_model: Any, callbacks: list[Any],
+            counts: dict[str, Any], on_progress: ProgressFn | None, total_owed: int) -> None:
+    """The search loop: each kernel's owed trials in chunks of rounds, until the deadline or a signal."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+    searched_total = 0
     try:
         for index, kernel in enumerate(kernels):
             need = owed[index]
             if need == 0:
                 continue
+            if interrupt.pending():
+                break
             if time.monotonic() >= deadline:
                 outcome.deadline_hit = True
                 break
@@ -986,7 +1013,7 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
             # Search in chunks so the deadline is checked every couple of rounds; each chunk
             # starts from the best schedules so far (evolutionary search seeds from the database).
             chunk_no = 0
-            while done < need and time.monotonic() < deadline:
+            while done < need and time.monotonic() < deadline and not interrupt.pending():
                 chunk = min(need - done, CHUNK_ROUNDS * per_round)
                 logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
                 _quiet_metaschedule_console()
@@ -1021,13 +1048,15 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
                 outcome.trials_valid_new += counts["valid"]
                 done += measured
                 chunk_no += 1
+                if interrupt.pending():
+                    break
                 if measured < chunk:  # the search space is exhausted
                     exhausted = True
                     break
             searched_total += done
             if done:
                 outcome.searched[kernel.key] = outcome.searched.get(kernel.key, 0) + done
-            outcome.deadline_hit = outcome.deadline_hit or (done < need and not exhausted)
+            outcome.deadline_hit = outcome.deadline_hit or (done < need and not exhausted and not interrupt.pending())
             # The ledger credits what was measured, so a later run searches the rest. A kernel whose
             # search space ran out after candidates were measured has had its due; one with nothing
             # measured is credited nothing, whatever stopped it.
@@ -1037,5 +1066,3 @@ def _tune_locked(kernels: list[Kernel], tvm_target: Any, cache: TuningCache, *, 
                 cache.save_ledger(ledger)
     finally:
         cache.save_cost_model(cost_model)
-    outcome.seconds = time.monotonic() - start
-    return outcome

@@ -284,7 +284,7 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
     # plan -> one bench job per target, each with a results file for its own target
     done, log, results = run_pull_request(consumer, world, "slower", "run1")
     for artifact, data in results.items():
-        assert (data["schema"], data["schema_version"]) == ("mlci.results", 4)
+        assert (data["schema"], data["schema_version"]) == ("mlci.results", 5)
         assert data["config"] == "mlci.toml"  # keys the sticky comment: the default config keeps the plain marker
         assert artifact == f"mlci-results-{data['target']['name']}"
         [model] = data["models"]

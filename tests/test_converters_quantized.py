@@ -34,10 +34,12 @@ from mlci.converters.quantized import CONVERTERS, QuantizedOpError
 from mlci.measure import TvmModel
 from mlci.models import ModelError, prepare_model
 from mlci.pipeline import ModelSettings, Pipeline
+from mlci.reference import for_onnxruntime
 from mlci.results import Status
 from mlci.targets import ResolvedTarget, detect_host_target
 from mlci.tuning import TuningCache
 
+from .avx2 import AVX2_TARGET, onnxruntime_on_avx2
 from .conftest import save
 
 MS = "com.microsoft"
@@ -266,10 +268,15 @@ def build_zoo() -> Zoo:
     return z
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    root = tmp_path_factory.mktemp("quantized")
-    return Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(root / "cache"), log_dir=root / "logs")
+CPUS = {"host": detect_host_target, "avx2": lambda: AVX2_TARGET}
+"""Integer kernels must be exact whatever instructions LLVM picks: built for this machine's CPU, and
+for an AVX2-only one (no VNNI), as GitHub's hosted x86 runners are."""
+
+
+@pytest.fixture(scope="module", params=list(CPUS))
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    root = tmp_path_factory.mktemp(f"quantized-{request.param}")
+    return Pipeline(ResolvedTarget("cpu", CPUS[request.param]()), TuningCache(root / "cache"), log_dir=root / "logs")
 
 
 def compile_and_run(pipeline: Pipeline, path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -285,9 +292,17 @@ def ort_options() -> ort.SessionOptions:
     return options
 
 
+def reference_form(model: onnx.ModelProto | bytes) -> bytes:
+    """The model as mlci hands it to ONNX Runtime for the numerics reference (exact integer products)."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    ready = for_onnxruntime(proto)
+    assert ready is not None
+    return ready.model.SerializeToString()
+
+
 def ort_run(model: onnx.ModelProto | bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    session = ort.InferenceSession(data, ort_options(), providers=["CPUExecutionProvider"])
+    """ONNX Runtime's outputs, as mlci's numerics check gets them."""
+    session = ort.InferenceSession(reference_form(model), ort_options(), providers=["CPUExecutionProvider"])
     return session.run(None, inputs)
 
 
@@ -310,6 +325,37 @@ def test_every_quantized_operator_variant_computes_what_onnx_runtime_computes(pi
         if name in zoo.loose:
             off_by_one[name] = differing
     print("outputs one unit from ONNX Runtime:", off_by_one)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_on_an_avx2_cpu_saturates_the_file_as_written_and_computes_mlcis_reference_exactly(
+        tmp_path: Path) -> None:
+    """Without VNNI, ONNX Runtime adds uint8 x int8 products in saturating 16-bit pairs: the file as
+    written gives wrong sums there (the check would fail TVM's exact ones), the reference mlci hands
+    it (the same weights in uint8) gives the sums ONNX defines, which TVM built for that CPU gives."""
+    zoo = build_zoo()
+    model = zoo.model(for_ort=True)
+    tvm = compile_and_run(Pipeline(ResolvedTarget("cpu", AVX2_TARGET), TuningCache(tmp_path / "cache"),
+                                   log_dir=tmp_path / "logs"), save(zoo.model(), tmp_path / "zoo.onnx"), zoo.inputs)
+    as_written = onnxruntime_on_avx2(model.SerializeToString(), zoo.inputs)
+    reference = onnxruntime_on_avx2(reference_form(model), zoo.inputs)
+
+    def differing(outputs: list[np.ndarray]) -> dict[str, int]:
+        counts = {}
+        for name, got, exact in zip(zoo.outputs, outputs, tvm, strict=True):
+            allowed = 1 if name in zoo.loose else 0
+            if exact.dtype != np.float32:
+                diff = np.abs(got.astype(np.int64) - exact.astype(np.int64))
+                bad = int((diff > allowed).sum())
+            else:
+                bad = int((~np.isclose(got, exact, rtol=1e-6, atol=1e-6)).sum())
+            if bad:
+                counts[name] = bad
+        return counts
+
+    saturated = differing(as_written)
+    assert saturated.get("qc_per_channel_bias_padded_channels", 0) > 100, saturated
+    assert differing(reference) == {}
 
 
 # --- models quantized by ONNX Runtime's quantizer ---------------------------------------------------

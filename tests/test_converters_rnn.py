@@ -20,6 +20,7 @@ from mlci.pipeline import ModelSettings, Pipeline
 from mlci.targets import ResolvedTarget, detect_host_target
 from mlci.tuning import TuningCache
 
+from .avx2 import AVX2_TARGET, onnxruntime_on_avx2
 from .conftest import save
 
 SEQ, BATCH, INPUT, HIDDEN = 4, 3, 3, 4
@@ -128,8 +129,9 @@ def feeds(seed: int = 1, layout: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _pipeline(tmp: Path) -> Pipeline:
-    return Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(tmp / "cache"), log_dir=tmp / "logs")
+def _pipeline(tmp: Path, tvm_target: dict | None = None) -> Pipeline:
+    return Pipeline(ResolvedTarget("cpu", tvm_target or detect_host_target()), TuningCache(tmp / "cache"),
+                    log_dir=tmp / "logs")
 
 
 def compiled_outputs(pipeline: Pipeline, prepared: PreparedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -341,8 +343,19 @@ def _quantized(tmp: Path) -> Path:
     return save(merged, tmp / "quantized.onnx")
 
 
+def _quantized_inputs(prepared: PreparedModel) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    inputs = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in prepared.inputs
+              if s.dtype == np.float32}
+    for lens in ("lens", "channel_lens"):
+        inputs[lens] = np.array([5, 2, 4], np.int32)
+    return inputs
+
+
 @pytest.mark.slow
-def test_dynamic_quantize_lstm_from_quantize_dynamic_matches_onnx_runtime(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cpu", ["host", "avx2"])
+def test_dynamic_quantize_lstm_from_quantize_dynamic_matches_onnx_runtime(tmp_path: Path, cpu: str) -> None:
+    """Built for this machine's CPU and for an AVX2-only one: integer products exact on both."""
     path = _quantized(tmp_path)
     model = onnx.load(path)
     ops = [(n.domain, n.op_type) for n in model.graph.node]
@@ -350,17 +363,28 @@ def test_dynamic_quantize_lstm_from_quantize_dynamic_matches_onnx_runtime(tmp_pa
     scales = {i.name: list(i.dims) for i in model.graph.initializer if i.name.endswith("W_scale")}
     assert sorted(scales.values()) == [[1], [1, 32], [2], [2, 32]]  # per direction, per output column
 
-    pipeline = _pipeline(tmp_path)
+    pipeline = _pipeline(tmp_path, AVX2_TARGET if cpu == "avx2" else None)
     prepared = pipeline.load(ModelConfig(name="quantized", path=path, key="models[0]"))
-    rng = np.random.default_rng(3)
-    inputs = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in prepared.inputs
-              if s.dtype == np.float32}
-    for lens in ("lens", "channel_lens"):
-        inputs[lens] = np.array([5, 2, 4], np.int32)
+    inputs = _quantized_inputs(prepared)
     # One thread: with more, ONNX Runtime quantizes each thread's share of the batch's hidden
     # states with its own range, and the results differ by quantization noise (a few 1e-3).
-    reference = measure.OrtModel.load(prepared.original, 1)
+    reference = measure.OrtModel.load(prepared.reference, 1)
     Outputs(reference.output_names, compiled_outputs(pipeline, prepared, inputs), reference.run(inputs)).check("")
+
+
+@pytest.mark.slow
+def test_a_quantized_lstm_on_an_avx2_cpu_matches_mlcis_reference_not_the_saturated_file(tmp_path: Path) -> None:
+    """ONNX Runtime on an AVX2-only CPU runs the file as written with saturated int8 products (by
+    tenths here); the reference mlci hands it computes what TVM built for that CPU computes."""
+    path = _quantized(tmp_path)
+    pipeline = _pipeline(tmp_path, AVX2_TARGET)
+    prepared = pipeline.load(ModelConfig(name="quantized", path=path, key="models[0]"))
+    inputs = _quantized_inputs(prepared)
+    tvm = compiled_outputs(pipeline, prepared, inputs)
+    names = [o.name for o in onnx.load(path).graph.output]
+    as_written = measure.compare_outputs(tvm, onnxruntime_on_avx2(prepared.original, inputs), names, ATOL, RTOL)
+    assert not as_written.passed and as_written.max_abs_err > 0.05, as_written.message
+    Outputs(names, tvm, onnxruntime_on_avx2(prepared.reference, inputs)).check("")
 
 
 # --- the whole chain --------------------------------------------------------------------------

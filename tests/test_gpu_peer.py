@@ -78,8 +78,11 @@ def test_a_cuda_peer_that_cannot_start_is_a_note_not_a_failed_model(monkeypatch:
     from mlci.pipeline import Pipeline
 
     monkeypatch.setattr(measure, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    reference = measure.OrtModel.load(_relu_model(), threads=1)
-    checked = SimpleNamespace(reference=reference, compiled=SimpleNamespace(prepared=SimpleNamespace(reference=_relu_model())))
+    from mlci.pipeline import Reference
+
+    reference = Reference(measure.OrtModel.load(_relu_model(), threads=1), is_peer=True)
+    prepared = SimpleNamespace(reference=_relu_model(), peer=_relu_model(), weights_dir=None, no_reference=None)
+    checked = SimpleNamespace(reference=reference, compiled=SimpleNamespace(prepared=prepared))
     here = SimpleNamespace(target=SimpleNamespace(kind="cuda"), threads=1)
     peer, note = Pipeline.peer(here, checked)  # type: ignore[arg-type]
     assert peer is None and "CUDAExecutionProvider could not run the model" in note and "not compared" in note

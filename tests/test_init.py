@@ -475,7 +475,7 @@ def test_a_model_still_running_at_the_time_limit_is_stopped_and_named(tmp_path: 
     outcome = init.execute(tmp_path, check=init.CheckLimits(seconds=0.5))
     assert time.monotonic() - started < 5
     assert outcome.warnings == ["slow.onnx: the guessed shapes were not checked: ONNX Runtime was still loading "
-                                "or running it after 0.5 s"]
+                                "or running it after 0.5 s"], (tmp_path / "mlci.toml").read_text()
 
 
 def test_ort_errors_are_shortened_to_the_node_and_the_reason() -> None:

@@ -183,9 +183,9 @@ HOSTILE = [
     (_drop("models.0.latency_ms.median"), "models[0].latency_ms.median: missing"),
     (_drop("models.0.history.run_id"), "models[0].history.run_id: missing"),
     (_set("schema", ["mlci.results/1"]), "unsupported results schema a list"),
-    (_set("schema_version", 5), "results schema version 5 is newer than this mlci reads (4): upgrade mlci"),
+    (_set("schema_version", 6), "results schema version 6 is newer than this mlci reads (5): upgrade mlci"),
     (_set("schema_version", "2"), "unsupported results schema 'mlci.results' version '2'"),
-    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 4)"),
+    (_drop("schema_version"), "unsupported results schema 'mlci.results' (this mlci reads 'mlci.results' up to version 5)"),
     (_set("target.price_per_hour", "0.36"), "target.price_per_hour: expected a number, got '0.36'"),
     (_set("target.price_per_hour", 0), "target.price_per_hour: expected a price greater than 0, got 0"),
     (_set("models.0.cost.per_million_usd", -0.5), "models[0].cost.per_million_usd: expected a cost of at least 0, got -0.5"),
@@ -358,7 +358,7 @@ def test_a_version_2_file_loads_without_price_costs_or_kernel_profiles() -> None
     raw = json.loads(path.read_text())
     assert raw["schema_version"] == 2 and "price_per_hour" not in raw["target"] and "cost" not in raw["models"][0]
     results = read_results(path)
-    assert results.schema_version == SCHEMA_VERSION == 4
+    assert results.schema_version == SCHEMA_VERSION == 5
     assert results.target.price_per_hour is None
     assert [(m.cost, m.profile) for m in results.models] == [(None, None), (None, None)]
     assert results.models[0].base is not None and results.models[0].base.profile is None
@@ -383,3 +383,11 @@ def test_a_version_3_file_is_a_native_run_that_finished() -> None:
     assert results.target.execution == Execution.NATIVE and results.target.execution_note is None
     assert results.interrupted is None and results.target.price_per_hour == 0.5
     assert all(m.numerics is None or m.numerics.emulated is False for m in results.models)
+
+
+def test_a_version_4_file_compared_every_output_with_onnx_runtime() -> None:
+    """Version 5 added numerics with no reference (ONNX Runtime cannot run the model); a version 4
+    file's numerics always had one, and its errors are numbers."""
+    results = read_results(GOLDEN / "v4-native.json")
+    checked = [m.numerics for m in results.models if m.numerics]
+    assert checked and all(n.no_reference is None and n.max_abs_err is not None for n in checked)

@@ -4,7 +4,10 @@ What a tuned model looks like is checked on the quick start's cold run (the suit
 cold tuning run). The failure cases run untuned (`trials = 0`): one config holds a tiny
 model that must pass, a model with an operator nobody converts (AttnLSTM) and a model checked with zero
 tolerance (TVM and ONNX Runtime sum in different orders): the failures are reported and
-the good model still finishes.
+the good model still finishes. Beside them, models as current exporters write them (IR version
+14, which ONNX Runtime 1.31 refuses as written), one whose convolution's neighbour TVM's
+channels-last pass cannot convert, one without convolutions that the pass broke before it ran
+only on convolutions, and one ONNX Runtime cannot run at all: each compiles and runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from .conftest import Quickstart, attn_lstm_model, save, tiny_mlp, write_config
 
@@ -27,12 +33,51 @@ def mlci(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def as_exported(nodes: list[onnx.NodeProto], x: tuple[int, list[int]], y: tuple[int, list[int]],
+                weights: dict[str, np.ndarray], path: Path) -> Path:
+    """A model saved as onnx 1.23 saves it by default: IR version 14."""
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", x[0], x[1])],
+                              [helper.make_tensor_value_info("y", y[0], y[1])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert model.ir_version == 14
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def exported_models(root: Path) -> None:
+    rng = np.random.default_rng(2)
+    f32 = TensorProto.FLOAT
+    # A convolution whose output meets a per-channel Max: ConvertLayout's inference fails on it.
+    as_exported([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                 helper.make_node("Max", ["c", "floor"], ["y"], name="floor_max")],
+                (f32, [1, 3, 8, 8]), (f32, [1, 4, 6, 6]),
+                {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                 "floor": rng.standard_normal((4, 1, 1)).astype(np.float32)}, root / "models" / "conv_max.onnx")
+    # No convolution: a broadcast Max that the channels-last pass crashed on ("Invalid SLayout").
+    as_exported([helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+                 helper.make_node("Max", ["h", "floor"], ["y"], name="floor_max")],
+                (f32, [2, 5, 8]), (f32, [2, 5, 6]),
+                {"w": rng.standard_normal((8, 6)).astype(np.float32),
+                 "floor": rng.standard_normal((5, 1)).astype(np.float32)}, root / "models" / "no_conv.onnx")
+    # The output declared with a rank it does not have (as a real OCR export declares [1, N] for a
+    # [16, 1, N] output): ONNX Runtime runs it, but refuses to run its I/O binding twice.
+    as_exported([helper.make_node("Relu", ["x"], ["y"], name="act")], (f32, [2, 3, 4]), (f32, [2, "n"]), {},
+                root / "models" / "badrank.onnx")
+    # ONNX Runtime has no int16 Max kernel: valid ONNX, which it refuses to load.
+    as_exported([helper.make_node("Max", ["x", "floor"], ["y"], name="clamp16")],
+                (TensorProto.INT16, [2, 3]), (TensorProto.INT16, [2, 3]),
+                {"floor": np.array([[1, -2, 3]], np.int16)}, root / "models" / "int16.onnx")
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
     save(attn_lstm_model(), root / "models" / "lstm.onnx")
     save(tiny_mlp((256, 512, 16), seed=5), root / "models" / "strict.onnx")
+    exported_models(root)
     write_config(root, """
         [tuning]
         trials = 0
@@ -53,6 +98,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dims = { batch = 1 }
         atol = 0.0
         rtol = 0.0
+        [[models]]
+        path = "models/conv_max.onnx"
+        [[models]]
+        path = "models/no_conv.onnx"
+        [[models]]
+        path = "models/int16.onnx"
+        [[models]]
+        path = "models/badrank.onnx"
     """)
     return root
 
@@ -73,8 +126,9 @@ def _model(results: dict, name: str) -> dict:
 
 def test_failures_fail_the_run_but_every_model_is_reported(cold, results) -> None:
     assert cold.returncode == 1, cold.stderr
-    assert [m["name"] for m in results["models"]] == ["tiny", "lstm", "strict"]
-    for name in ("tiny", "lstm", "strict"):
+    assert [m["name"] for m in results["models"]] == ["tiny", "lstm", "strict", "conv_max", "no_conv", "int16",
+                                                       "badrank"]
+    for name in ("tiny", "lstm", "strict", "conv_max", "no_conv", "int16", "badrank"):
         assert name in cold.stdout  # the final table
     assert "2 model(s) failed: lstm, strict" in cold.stderr
 
@@ -116,6 +170,37 @@ def test_lstm_is_unsupported_with_node_named(results) -> None:
     assert "com.microsoft.AttnLSTM (node 'encoder/lstm_1')" in lstm["error"]
 
 
+def test_models_as_current_exporters_write_them_compile_and_match_onnx_runtime(cold, results) -> None:
+    """IR version 14, a layout pass that cannot convert the model, no convolution at all."""
+    for name in ("conv_max", "no_conv"):
+        model = _model(results, name)
+        assert model["status"] == "ok", model["error"]
+        assert model["numerics"]["passed"] and model["numerics"]["no_reference"] is None
+        assert model["numerics"]["max_abs_err"] is not None and model["peer"]["onnxruntime_median_ms"] > 0
+    # The failed layout pass is named once (tuning and build run it on the same model) and costs nothing else.
+    assert cold.stderr.count("the channels-last layout pass (ConvertLayout to NHWC) failed") == 1, cold.stderr
+
+
+def test_a_model_onnx_runtime_cannot_load_compiles_and_runs_with_no_reference(cold, results) -> None:
+    model = _model(results, "int16")
+    assert model["status"] == "ok", model["error"]
+    numerics = model["numerics"]
+    assert numerics["passed"] is True and numerics["max_abs_err"] is None
+    assert "ONNX Runtime 1.31.1 cannot load the model" in numerics["no_reference"]
+    assert "Max(13) node with name 'clamp16'" in numerics["no_reference"]
+    assert model["latency_ms"]["n"] >= 3  # TVM's build was timed ...
+    assert model["peer"]["onnxruntime_median_ms"] is None and "not compared" in model["peer"]["note"]  # ... ORT's not
+    assert "no reference" in cold.stdout
+    assert "int16: numerics not checked (no reference): ONNX Runtime" in " ".join(cold.stdout.split())
+
+
+def test_onnx_runtime_refusing_its_io_binding_is_timed_without_it(results) -> None:
+    """The peer is a comparison: a model ONNX Runtime runs but cannot bind is timed on plain runs."""
+    model = _model(results, "badrank")
+    assert model["status"] == "ok", model["error"]
+    assert model["numerics"]["passed"] and model["peer"]["onnxruntime_median_ms"] > 0
+
+
 def test_numerics_mismatch_is_detected(results) -> None:
     strict = _model(results, "strict")
     assert strict["status"] == "numerics_failed"
@@ -131,7 +216,9 @@ def test_mlflow_runs_read_back_from_sqlite(results, project: Path) -> None:
     experiment = client.get_experiment_by_name("mlci")
     assert experiment.artifact_location.startswith("file://")
     runs = {r.data.tags["mlci.model"]: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"tiny", "lstm", "strict"}
+    assert set(runs) == {"tiny", "lstm", "strict", "conv_max", "no_conv", "int16", "badrank"}
+    assert runs["int16"].data.tags["mlci.numerics_reference"] == "none"
+    assert runs["tiny"].data.tags["mlci.numerics_reference"] == "onnxruntime"
 
     tiny = runs["tiny"]
     assert tiny.info.status == "FINISHED"

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlci import ab, emulation, tracking
+from mlci import ab, emulation, interrupt, tracking
 from mlci.actions import GitHubContext
 from mlci.config import Config, ConfigError, ModelConfig, check_model_files, relative_to_root
 from mlci.console import RunReporter
@@ -317,9 +317,21 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
                               confidence=config.gate.confidence),
         )
         path = options.output or config.results_dir / f"{target.name}.json"
-        for cfg in selected:
-            results.models.append(runner.run(cfg, reporter))
-            write_results(results, path)  # after every model: a crash later loses nothing
+        try:
+            for cfg in selected:
+                results.models.append(runner.run(cfg, reporter))
+                write_results(results, path)  # after every model: a crash later loses nothing
+        except interrupt.Interrupted as stop:
+            # What finished stays as it was; the rest is interrupted, neither a regression nor a failure.
+            results.interrupted = (f"mlci run was stopped by {stop} after {len(results.models)} of "
+                                   f"{len(selected)} model(s)")
+            results.models += [
+                ModelResult(name=m.name, path=str(relative_to_root(m.path, config.root)), status=Status.INTERRUPTED,
+                            error=f"stopped by {stop} before it finished",
+                            threshold=m.threshold if m.threshold is not None else config.gate.threshold)
+                for m in selected[len(results.models):]]
+            write_results(results, path)
+            raise
 
     outcome = RunOutcome(results, path, cache_changed=pipeline.cache.state() != cache_before)
     if options.tracking:

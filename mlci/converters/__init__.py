@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from mlci.diagnose import ConverterError, NodeConversionError
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MICROSOFT = "com.microsoft"
 """ONNX Runtime's contrib operators: TVM's importer converts a few (FastGelu, Attention...),
@@ -27,9 +29,10 @@ def qualified(domain: str, op_type: str) -> str:
 
 def converters() -> dict[tuple[str, str], Any]:
     """(domain, op_type) -> converter class, for every operator mlci converts itself."""
-    from mlci.converters import quantized, rnn
+    from mlci.converters import quantized, rnn, standard
 
     table: dict[tuple[str, str], Any] = {}
+    table.update(standard.CONVERTERS)
     table.update(rnn.CONVERTERS)
     table.update(quantized.CONVERTERS)
     return table
@@ -51,7 +54,24 @@ def install() -> None:
         return table
 
     onnx_frontend._get_convert_map = with_mlci
+    _name_failing_nodes(onnx_frontend.ONNXGraphImporter)
     _installed = True
+
+
+def _name_failing_nodes(importer: type) -> None:
+    """A node whose conversion raises is named in the error (op and node), whoever converts it."""
+    convert = importer._convert_operator
+
+    def converting(self: Any, op_name: str, inputs: Any, attrs: dict[str, Any], opset: int) -> Any:
+        try:
+            return convert(self, op_name, inputs, attrs, opset)
+        except (NodeConversionError, ConverterError):  # ours name the node themselves
+            raise
+        except Exception as exc:
+            node = (attrs.get("tvm_custom") or {}).get("name") or "<unnamed>"
+            raise NodeConversionError(op_name, node, exc) from exc
+
+    importer._convert_operator = converting
 
 
 def provider(domain: str, op_type: str) -> str | None:

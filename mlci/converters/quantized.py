@@ -22,12 +22,14 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from mlci.diagnose import ConverterError
+
 MICROSOFT = "com.microsoft"
 QUANTIZED = ("int8", "uint8")
 INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-class QuantizedOpError(ValueError):
+class QuantizedOpError(ConverterError):
     """A quantized node mlci cannot convert: the message names the node and what it was given."""
 
 

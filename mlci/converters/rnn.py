@@ -48,6 +48,8 @@ import tvm
 from tvm import relax, topi
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from mlci.diagnose import ConverterError
+
 FAN = 8
 """Most parts one split or concatenation kernel makes or takes. TVM selects among all the parts
 for every element, and builds such a kernel slowly in their number: Y of 128 steps concatenated
@@ -58,7 +60,7 @@ OPAQUE = 8
 """TVM's OpPatternKind kOpaque: a kernel Relax fuses with nothing."""
 
 
-class RecurrentAttributeError(ValueError):
+class RecurrentAttributeError(ConverterError):
     """A node mlci cannot convert; the message names its op, the node and the attribute or input."""
 
 
