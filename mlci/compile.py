@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
@@ -65,6 +66,13 @@ def import_relax(prepared: PreparedModel) -> Any:
         raise ModelError(Status.IMPORT_FAILED, "TVM's ONNX importer ran out of memory") from None
     except Exception as exc:
         log.info("%s: TVM's ONNX importer failed:\n%s", prepared.name, "".join(traceback.format_exception(exc)))
+        shape_input = re.match(r"Node (\S*) cannot handle ShapeExpr inputs", str(exc))
+        if shape_input:
+            name = shape_input.group(1)
+            op = next((n.op_type for n in walk_nodes(prepared.folded.graph) if n.name == name), "?")
+            raise ModelError(Status.IMPORT_FAILED,
+                             f"TVM's ONNX importer failed on {op} node {name!r}: TVM cannot give it a shape computed "
+                             "in the model (a Shape output) as an input") from None
         raise ModelError(Status.IMPORT_FAILED, f"TVM's ONNX importer failed: {_first_line(exc)}") from None
 
 

@@ -98,6 +98,25 @@ def walk_nodes(graph: onnx.GraphProto):
                     yield from walk_nodes(sub)
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a name, `OpType_N` (N counts that op's unnamed nodes in graph order),
+    so an error from TVM about a node says which one (TVM names nodes by name only)."""
+    nodes = list(walk_nodes(model.graph))
+    taken = {node.name for node in nodes if node.name}
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.name:
+            continue
+        while True:
+            index = counts.get(node.op_type, 0)
+            counts[node.op_type] = index + 1
+            name = f"{node.op_type}_{index}"
+            if name not in taken:
+                break
+        node.name = name
+        taken.add(name)
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Inputs a caller must feed: old (IR < 4) models also list every weight as an input."""
     initializers = {init.name for init in model.graph.initializer}
@@ -443,6 +462,7 @@ def prepare_model(cfg: ModelConfig) -> PreparedModel:
         if no_reference is None:
             reference = peer = None
             no_reference = f"ONNX Runtime {_ort_version()} cannot load the model: {reason}"
+    name_unnamed_nodes(folded)
     ranges = index_ranges(folded)
     specs = [InputSpec(s.name, s.shape, s.dtype, s.rule, ranges.get(s.name)) for s in specs]
     return PreparedModel(

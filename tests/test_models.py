@@ -87,3 +87,17 @@ def test_ir3_zoo_model_weights_become_constants() -> None:
     prepared = prepare_model(ModelConfig(name="sq", path=zoo, key="models[0]"))
     assert [s.name for s in prepared.inputs] == ["data_0"]
     assert [i.name for i in prepared.folded.graph.input] == ["data_0"]
+
+
+def test_unnamed_nodes_get_names_saying_their_op_without_taking_a_name_the_model_uses(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"], name="Relu_0"),
+             helper.make_node("Sigmoid", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    prepared = prepare_model(_cfg(path))
+    names = sorted(node.name for node in prepared.folded.graph.node)
+    assert len(set(names)) == len(names) == 3 and "Relu_0" in names
+    assert all(name.startswith(("Relu_", "Sigmoid_")) for name in names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
@@ -60,6 +61,12 @@ def _constant_value(expr: Any, params: Any) -> np.ndarray | None:
         return None
     found = onnx_frontend.get_constant(expr, params)
     return found.value.numpy() if isinstance(found, tvm.ir.GenericConst) else None
+
+
+def _const(value: Any) -> Any:
+    """A constant in the array's own type (relax.const alone makes int64 int32 and float64 float32)."""
+    array = np.asarray(value)
+    return relax.const(array, str(array.dtype))
 
 
 def _stock(name: str, opset: int) -> Any:
@@ -255,7 +262,17 @@ class Attention(OnnxOpConverter):
         def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
             if "num_heads" in attr:  # com.microsoft.Attention
                 return stock(bb, inputs, attr, params)
-            return cls.attention(bb, inputs, attr)
+            if _dtype_of(inputs[0]) != "float16":
+                return cls.attention(bb, inputs, attr)
+            # float16 in, float16 out, float32 between: rounding each step (the scaled Q and K, the
+            # scores, the softmax) to float16 put outputs 4 float16 steps off where ONNX's reference is 2.
+            wide = [bb.normalize(relax.op.astype(x, "float32")) if x is not None and _dtype_of(x) == "float16" else x
+                    for x in list(inputs)]
+            out = bb.normalize(cls.attention(bb, wide, attr))
+            if _outputs(attr) == 1:
+                return relax.op.astype(out, "float16")
+            return relax.Tuple([bb.normalize(relax.op.astype(relax.TupleGetItem(out, i), "float16"))
+                                for i in range(_outputs(attr))])
 
         return convert
 
@@ -395,9 +412,10 @@ class Attention(OnnxOpConverter):
             mask_shape = _static(op, attr, "input 'attn_mask'", mask)
             is_bool = _dtype_of(mask) == "bool"
             if mask_shape[-1] < kv_len:
-                fill = relax.const(False, "bool") if is_bool else relax.const(neg, dtype)
-                pad = relax.op.full([*mask_shape[:-1], kv_len - mask_shape[-1]], fill, _dtype_of(mask))
-                mask = relax.op.concat([mask, pad], axis=-1)
+                pad_shape = [*mask_shape[:-1], kv_len - mask_shape[-1]]
+                # A constant, not relax.op.full: TVM cannot legalize full with an explicit dtype.
+                pad = np.zeros(pad_shape, bool) if is_bool else np.full(pad_shape, neg, _dtype_of(mask))
+                mask = relax.op.concat([mask, relax.const(pad, _dtype_of(mask))], axis=-1)
             if is_bool:
                 mask = relax.op.where(mask, relax.const(0, dtype), relax.const(neg, dtype))
             parts.append(mask)
@@ -418,7 +436,8 @@ class Attention(OnnxOpConverter):
 class _ExtremeReduce(OnnxOpConverter):
     """TVM's float max (min) reduction starts from the lowest (highest) finite value, so a reduced
     slice holding only -inf (+inf) comes out finite. The result is put right where it equals that
-    finite start and no element does. Integers go to TVM as they are."""
+    finite start and no element does. Integers go to TVM as they are; booleans, which TVM cannot
+    reduce, as uint8."""
 
     stock_name = ""
     start = ""  # "lowest" for ReduceMax, "highest" for ReduceMin
@@ -430,6 +449,9 @@ class _ExtremeReduce(OnnxOpConverter):
         def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
             x = inputs[0]
             dtype = _dtype_of(x)
+            if dtype == "bool":  # TVM has no bool max or min: any / all, through uint8
+                wide = bb.normalize(relax.op.astype(x, "uint8"))
+                return relax.op.astype(stock(bb, [wide, *list(inputs)[1:]], attr, params), "bool")
             reduced = bb.normalize(stock(bb, inputs, attr, params))
             if not dtype.startswith("float"):
                 return reduced
@@ -456,7 +478,311 @@ class ReduceMin(_ExtremeReduce):
     stock_name, start = "ReduceMin", "highest"
 
 
+class ConvTranspose(OnnxOpConverter):
+    """TVM ignores `output_shape`: the output came out at its unpadded size. The padding that gives
+    that shape is derived as ONNX's reference derives it (split by `auto_pad`, the rest at the end), and
+    a negative end padding (an output larger than the convolution's) becomes output padding."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("ConvTranspose", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            if "output_shape" not in attr:
+                return stock(bb, inputs, attr, params)
+            op = "ConvTranspose"
+            spatial = _static(op, attr, "input 'X'", inputs[0])[2:]
+            output_shape = [int(v) for v in attr["output_shape"]][-len(spatial):]
+            kernel = [int(v) for v in attr.get("kernel_shape") or _static(op, attr, "input 'W'", inputs[1])[2:]]
+            strides = [int(v) for v in attr.get("strides", [1] * len(spatial))]
+            dilations = [int(v) for v in attr.get("dilations", [1] * len(spatial))]
+            output_padding = [int(v) for v in attr.get("output_padding", [0] * len(spatial))]
+            auto_pad = attr.get("auto_pad", "NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            begin, end = [], []
+            for i, size in enumerate(spatial):
+                total = (strides[i] * (size - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+                         - output_shape[i])
+                first = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+                begin.append(first)
+                end.append(total - first)
+            for i in range(len(spatial)):
+                if end[i] < 0:
+                    output_padding[i] -= end[i]
+                    end[i] = 0
+                if begin[i] < 0 or output_padding[i] >= max(strides[i], dilations[i]):
+                    raise _refuse(op, attr, f"output_shape {output_shape} needs padding {begin} / {end} "
+                                            f"with output_padding {output_padding}, which TVM cannot express")
+            attr = {k: v for k, v in attr.items() if k not in ("output_shape", "auto_pad")}
+            attr.update(pads=begin + end, output_padding=output_padding)
+            return stock(bb, inputs, attr, params)
+
+        return convert
+
+
+class Constant(OnnxOpConverter):
+    """TVM takes only a Constant's tensor `value`; ONNX (opset 12 on) also writes scalars and lists as
+    `value_float(s)` and `value_int(s)`, which function expansions (Celu, ...) use."""
+
+    FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("Constant", max(opset, 13))
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            for key, dtype in cls.FORMS.items():
+                if key in attr:
+                    return _const(np.asarray(attr[key], dtype))
+            if "value" not in attr:
+                given = sorted(k for k in attr if k.startswith(("value", "sparse")))
+                raise _refuse("Constant", attr, f"a constant given as {', '.join(given) or 'nothing'} "
+                                                "(only tensors, floats and ints are taken)")
+            return stock(bb, inputs, attr, params)
+
+        return convert
+
+
+class Elu(OnnxOpConverter):
+    """TVM's Elu and Selu write their constants as float32, so a float16 or float64 model fails
+    to import: the same formula, in the input's type."""
+
+    @classmethod
+    def _elu(cls, x: Any, alpha: float) -> Any:
+        dtype = _dtype_of(x)
+        negative = relax.op.multiply(relax.const(alpha, dtype),
+                                     relax.op.subtract(relax.op.exp(relax.op.minimum(x, relax.const(0, dtype))),
+                                                       relax.const(1, dtype)))
+        return relax.op.where(relax.op.less(x, relax.const(0, dtype)), negative, x)
+
+    @classmethod
+    def _impl_v1(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        return cls._elu(inputs[0], float(attr.get("alpha", 1.0)))
+
+
+class Selu(Elu):
+    @classmethod
+    def _impl_v1(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        alpha = float(attr.get("alpha", 1.67326319217681884765625))
+        gamma = float(attr.get("gamma", 1.05070102214813232421875))
+        return relax.op.multiply(relax.const(gamma, _dtype_of(inputs[0])), cls._elu(inputs[0], alpha))
+
+
+class EyeLike(OnnxOpConverter):
+    """TVM refuses a `dtype` other than the input's, which is what the attribute is for: the input
+    gives only the shape, so the output is a constant of that shape in `dtype`."""
+
+    @classmethod
+    def _impl_v9(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        rows, columns = _static("EyeLike", attr, "input 'input'", inputs[0])
+        dtype = (onnx.helper.tensor_dtype_to_np_dtype(int(attr["dtype"])) if "dtype" in attr
+                 else np.dtype(_dtype_of(inputs[0])))
+        return _const(np.eye(rows, columns, k=int(attr.get("k", 0)), dtype=dtype))
+
+
+class Softplus(OnnxOpConverter):
+    """log(1 + e^x) loses what falls below float epsilon in 1 + e^x: 0.26% off at x = -10, which
+    Mish inherits (ONNX Runtime writes Mish as x * tanh(softplus(x))). Computed as
+    max(x, 0) + log1p(e^-|x|), log1p(u) by its series u - u^2/2 + u^3/3 below u = 1e-3 (exact to
+    float precision there; LLVM may rewrite Kahan's (1 + u) - 1 form inside a fused kernel)."""
+
+    @classmethod
+    def _impl_v1(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        x = inputs[0]
+        dtype = _dtype_of(x)
+
+        def c(v: float) -> Any:
+            return relax.const(v, dtype)
+
+        u = bb.normalize(relax.op.exp(relax.op.negative(relax.op.abs(x))))
+        series = relax.op.multiply(u, relax.op.subtract(c(1), relax.op.multiply(
+            u, relax.op.subtract(c(0.5), relax.op.divide(u, c(3))))))
+        log1p = relax.op.where(relax.op.less(u, c(1e-3)), series, relax.op.log(relax.op.add(c(1), u)))
+        return relax.op.add(relax.op.maximum(x, c(0)), log1p)
+
+
+class TopK(OnnxOpConverter):
+    """TVM's sort kernel takes no 64-bit unsigned input (the model would fail when run, naming
+    nothing): refused at import."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("TopK", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            if _dtype_of(inputs[0]) == "uint64":
+                raise _refuse("TopK", attr, "a uint64 input: TVM's sort kernel does not take uint64")
+            return stock(bb, inputs, attr, params)
+
+        return convert
+
+
+class Celu(OnnxOpConverter):
+    """max(0, x) + min(0, alpha * (e^(x / alpha) - 1)); TVM has no converter."""
+
+    @classmethod
+    def _impl_v12(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        x = inputs[0]
+        dtype = _dtype_of(x)
+        alpha = relax.const(float(attr.get("alpha", 1.0)), dtype)
+        zero = relax.const(0, dtype)
+        negative = relax.op.multiply(alpha, relax.op.subtract(relax.op.exp(relax.op.divide(x, alpha)),
+                                                              relax.const(1, dtype)))
+        return relax.op.add(relax.op.maximum(x, zero), relax.op.minimum(negative, zero))
+
+
+class SpaceToDepth(OnnxOpConverter):
+    """TVM ignores `mode` (opset 25): "CRD" orders the new channels channel-first, as DepthToSpace's
+    CRD does; "DCR" (the default) block-first."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("SpaceToDepth", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            mode = attr.get("mode", b"DCR")
+            if (mode.decode() if isinstance(mode, bytes) else mode) != "CRD":
+                return stock(bb, inputs, attr, params)
+            n, c, h, w = _static("SpaceToDepth", attr, "input 'input'", inputs[0])
+            b = int(attr["blocksize"])
+            x = relax.op.reshape(inputs[0], (n, c, h // b, b, w // b, b))
+            x = relax.op.permute_dims(x, [0, 1, 3, 5, 2, 4])
+            return relax.op.reshape(x, (n, c * b * b, h // b, w // b))
+
+        return convert
+
+
+class RoiAlign(OnnxOpConverter):
+    """TVM's max mode takes the largest interpolated sample; ONNX's (as ONNX Runtime computes it)
+    the largest weighted corner of each sample: different numbers, so it is refused."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("RoiAlign", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            mode = attr.get("mode", b"avg")
+            if (mode.decode() if isinstance(mode, bytes) else mode) == "max":
+                raise _refuse("RoiAlign", attr, "mode 'max': TVM pools the interpolated samples, ONNX the "
+                                                "weighted corners of each, so the numbers would differ")
+            return stock(bb, inputs, attr, params)
+
+        return convert
+
+
+class NonMaxSuppression(OnnxOpConverter):
+    """TVM's converter reads max_output_boxes_per_class, iou_threshold and score_threshold at import
+    and silently uses its defaults (0, 0.5, 0) when one is computed at run time: refused instead.
+    TVM suppresses a box whose IoU is >= the threshold, ONNX one whose IoU is above it: the threshold
+    is moved up by one float32 step, which makes the two the same test."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("NonMaxSuppression", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            given = list(inputs)
+            for index, what in ((2, "max_output_boxes_per_class"), (3, "iou_threshold"), (4, "score_threshold")):
+                expr = _optional(given, index)
+                if expr is not None and _constant_value(expr, params) is None:
+                    raise _refuse("NonMaxSuppression", attr, f"input {what} is computed at run time; TVM's "
+                                  "converter needs it at import (make it an initializer or a constant)")
+            iou = _constant_value(_optional(given, 3), params)
+            if iou is not None:
+                above = np.nextafter(np.float32(iou.reshape(-1)[0]), np.float32(np.inf))
+                given[3] = relax.const(np.asarray(above, np.float32))
+            return stock(bb, given, attr, params)
+
+        return convert
+
+
+class Resize(OnnxOpConverter):
+    """What TVM's converter ignores, handled or refused by name: `axes` (scales and sizes for some axes
+    only) and `keep_aspect_ratio_policy` are expanded to full sizes here; `half_pixel_symmetric` at a
+    whole-number scale is `half_pixel`. TVM interpolates with the ratio of output to input size, ONNX with
+    the given scale: a scale giving a fractional size (0.6 of 4 rows) is refused, as is `antialias`
+    when downsampling (TVM does not filter)."""
+
+    @classmethod
+    def get_converter(cls, opset: int) -> Any:
+        stock = _stock("Resize", opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            if opset < 11:
+                return stock(bb, inputs, attr, params)
+            op = "Resize"
+            given = list(inputs) + [None] * (4 - len(inputs))
+            x, roi, scales, sizes = given[:4]
+            values = getattr(getattr(x.ty, "shape", None), "values", None)
+            if values is None or not all(isinstance(v, tvm.tirx.IntImm) for v in values):
+                return stock(bb, inputs, attr, params)  # a shape known at run time only: TVM's way
+            shape = [int(v) for v in values]
+            rank = len(shape)
+            axes = [int(a) % rank for a in attr.get("axes", range(rank))]
+            scale_values = _constant_value(scales, params) if scales is not None else None
+            size_values = _constant_value(sizes, params) if sizes is not None else None
+            if scale_values is not None and scale_values.size == 0:
+                scale_values = None
+            if size_values is not None and size_values.size == 0:
+                size_values = None
+            if scale_values is None and size_values is None:
+                return stock(bb, inputs, attr, params)  # TVM names what it cannot take
+            factors = [1.0] * rank
+            out = list(shape)
+            if scale_values is not None:
+                for axis, factor in zip(axes, scale_values.astype(np.float64).tolist()):
+                    factors[axis] = factor
+                    out[axis] = int(np.floor(shape[axis] * np.float32(factor)))
+            else:
+                wanted = dict(zip(axes, size_values.astype(np.int64).tolist()))
+                policy = attr.get("keep_aspect_ratio_policy", b"stretch")
+                policy = policy.decode() if isinstance(policy, bytes) else policy
+                if policy in ("not_larger", "not_smaller"):
+                    ratios = [wanted[a] / shape[a] for a in axes]
+                    common = min(ratios) if policy == "not_larger" else max(ratios)
+                    for axis in axes:
+                        factors[axis] = common
+                        out[axis] = int(np.floor(common * shape[axis] + 0.5))
+                else:
+                    for axis, size in wanted.items():
+                        factors[axis], out[axis] = size / shape[axis], size
+            mode = attr.get("mode", b"nearest")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            for axis in range(rank):
+                if not np.isclose(out[axis], shape[axis] * factors[axis], rtol=0, atol=1e-6 * max(1, out[axis])):
+                    raise _refuse(op, attr, f"scale {factors[axis]:g} on axis {axis} gives {shape[axis]} x "
+                                            f"{factors[axis]:g} = {shape[axis] * factors[axis]:g} rows, "
+                                            f"a fractional size: TVM would interpolate with {out[axis]}/{shape[axis]}")
+            if int(attr.get("antialias", 0)) and mode in ("linear", "cubic") and any(f < 1 for f in factors):
+                raise _refuse(op, attr, "antialias when downsampling: TVM does not filter")
+            attr = {k: v for k, v in attr.items() if k not in ("axes", "keep_aspect_ratio_policy", "antialias")}
+            coord = attr.get("coordinate_transformation_mode", b"half_pixel")
+            if (coord.decode() if isinstance(coord, bytes) else coord) == "half_pixel_symmetric":
+                attr["coordinate_transformation_mode"] = b"half_pixel"  # the same at a whole-number scale
+            roi_values = _constant_value(roi, params) if roi is not None else None
+            if roi_values is not None and roi_values.size and len(axes) < rank:
+                full = np.array([0.0] * rank + [1.0] * rank, np.float32)
+                for i, axis in enumerate(axes):
+                    full[axis], full[rank + axis] = roi_values[i], roi_values[len(axes) + i]
+                roi = relax.const(full)
+            return stock(bb, [x, roi, None, _const(np.asarray(out, np.int64))], attr, params)
+
+        return convert
+
+
 CONVERTERS: dict[tuple[str, str], Any] = {
+    ("", "Celu"): Celu,
+    ("", "TopK"): TopK,
+    ("", "Softplus"): Softplus,
+    ("", "EyeLike"): EyeLike,
+    ("", "Elu"): Elu,
+    ("", "Selu"): Selu,
+    ("", "SpaceToDepth"): SpaceToDepth,
+    ("", "RoiAlign"): RoiAlign,
+    ("", "NonMaxSuppression"): NonMaxSuppression,
+    ("", "Resize"): Resize,
+    ("", "Constant"): Constant,
+    ("", "ConvTranspose"): ConvTranspose,
     ("", "LayerNormalization"): LayerNormalization,
     ("", "Dropout"): Dropout,
     ("", "BatchNormalization"): BatchNormalization,
