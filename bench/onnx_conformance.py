@@ -412,8 +412,8 @@ def error_groups(results: list[CaseResult], top: int = 25) -> list[tuple[str, in
     for r in results:
         if r.cls in ("pass", "refused_by_design"):
             continue
-        key = re.sub(r"'[^']*'", "'…'", r.message.splitlines()[0] if r.message else "")
-        key = re.sub(r"\d+", "N", key)[:160]
+        key = re.sub(r"\b(node|input|output) '[^']*'", r"\1 '…'", r.message.splitlines()[0] if r.message else "")
+        key = re.sub(r"(?<![A-Za-z_])\d+", "N", key)[:160]
         groups[f"{r.cls}/{r.stage or '-'}: {key}"].append(r.name)
     ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:top]
     return [(k, len(v), v[0]) for k, v in ranked]

@@ -196,22 +196,13 @@ def exact_integer_weights(model: onnx.ModelProto, base_dir: Path | None = None) 
     if not count:
         return 0
     graph.initializer.extend(new.values())
-    used = {name for node in _all_nodes(graph) for name in node.input}
+    from mlci.models import walk_nodes  # models imports this module
+
+    used = {name for node in walk_nodes(graph) for name in node.input}
     keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return count
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
 
 
 def _is_int8_constant(name: str, inits: dict[str, TensorProto]) -> bool:

@@ -92,20 +92,20 @@ def write_config(directory: Path, body: str) -> Path:
     return path
 
 
-def quick_project(root: Path, widths=(32, 64, 8)) -> Path:
-    """A project with one tiny model, run untuned and measured briefly: for tests about what happens
-    around a run (servers, tracking), not about its numbers."""
+def quick_project(root: Path, widths=(32, 64, 8), trials: int = 0) -> Path:
+    """A project with one tiny model, run untuned (unless `trials`) and measured briefly: for tests
+    about what happens around a run (servers, tracking, signals), not about its numbers."""
     save(tiny_mlp(widths), root / "models" / "tiny.onnx")
-    write_config(root, """
+    write_config(root, f"""
         [tuning]
-        trials = 0
+        trials = {trials}
         [measure]
         samples = 5
         min_sample_ms = 0.2
         [[models]]
         name = "tiny"
         path = "models/tiny.onnx"
-        dims = { batch = 1 }
+        dims = {{ batch = 1 }}
     """)
     return root
 

@@ -17,25 +17,9 @@ import pytest
 
 from mlci.tuning import RECORDS_FILE
 
-from .conftest import save, tiny_mlp, write_config
+from .conftest import quick_project
 
 pytestmark = pytest.mark.slow
-
-
-def _project(root: Path) -> Path:
-    save(tiny_mlp((32, 64, 8)), root / "models" / "tiny.onnx")
-    write_config(root, """
-        [tuning]
-        trials = 4000
-        [measure]
-        samples = 5
-        min_sample_ms = 0.2
-        [[models]]
-        name = "tiny"
-        path = "models/tiny.onnx"
-        dims = { batch = 1 }
-    """)
-    return root
 
 
 def _records(root: Path) -> int:
@@ -60,7 +44,7 @@ def _mlci(root: Path, *args: str) -> subprocess.Popen:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_tuning_stops_mlci_cleanly_and_the_next_run_builds_from_the_cache(
         tmp_path: Path, signum: signal.Signals) -> None:
-    root = _project(tmp_path)
+    root = quick_project(tmp_path, trials=4000)
     proc = _mlci(root)
     me = psutil.Process(proc.pid)
     seen: dict[int, psutil.Process] = {}

@@ -12,6 +12,7 @@ TVM keys converters by op_type alone, so `Attention` here also receives ONNX Run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,29 @@ def _const(value: Any) -> Any:
 def _stock(name: str, opset: int) -> Any:
     """TVM's own converter for `name` at this opset."""
     return getattr(onnx_frontend, name).get_converter(opset)
+
+
+def _stock_unless(name: str, refusal: Callable[[Any, dict[str, Any]], str | None]) -> Any:
+    """A `get_converter` that refuses a node when `refusal(inputs, attr)` says why, and hands the
+    rest to TVM's own converter."""
+
+    def get_converter(cls: Any, opset: int) -> Any:
+        stock = _stock(name, opset)
+
+        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+            why = refusal(inputs, attr)
+            if why:
+                raise _refuse(name, attr, why)
+            return stock(bb, inputs, attr, params)
+
+        return convert
+
+    return classmethod(get_converter)
+
+
+def _text(value: Any) -> str:
+    """A string attribute as TVM's importer hands it over (bytes) or as given."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class LayerNormalization(OnnxOpConverter):
@@ -135,17 +159,9 @@ class BatchNormalization(OnnxOpConverter):
     """Training mode (batch statistics, running-statistics outputs) is not what mlci deploys:
     refused; inference goes to TVM's converter."""
 
-    @classmethod
-    def get_converter(cls, opset: int) -> Any:
-        stock = _stock("BatchNormalization", opset)
-
-        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
-            if int(attr.get("training_mode", 0)) or _outputs(attr) > 1:
-                raise _refuse("BatchNormalization", attr, "training_mode computes batch statistics; mlci "
-                              "compiles models for inference")
-            return stock(bb, inputs, attr, params)
-
-        return convert
+    get_converter = _stock_unless("BatchNormalization", lambda inputs, attr: (
+        "training_mode computes batch statistics; mlci compiles models for inference"
+        if int(attr.get("training_mode", 0)) or _outputs(attr) > 1 else None))
 
 
 class IsInf(OnnxOpConverter):
@@ -497,8 +513,7 @@ class ConvTranspose(OnnxOpConverter):
             strides = [int(v) for v in attr.get("strides", [1] * len(spatial))]
             dilations = [int(v) for v in attr.get("dilations", [1] * len(spatial))]
             output_padding = [int(v) for v in attr.get("output_padding", [0] * len(spatial))]
-            auto_pad = attr.get("auto_pad", "NOTSET")
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            auto_pad = _text(attr.get("auto_pad", "NOTSET"))
             begin, end = [], []
             for i, size in enumerate(spatial):
                 total = (strides[i] * (size - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
@@ -605,16 +620,8 @@ class TopK(OnnxOpConverter):
     """TVM's sort kernel takes no 64-bit unsigned input (the model would fail when run, naming
     nothing): refused at import."""
 
-    @classmethod
-    def get_converter(cls, opset: int) -> Any:
-        stock = _stock("TopK", opset)
-
-        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
-            if _dtype_of(inputs[0]) == "uint64":
-                raise _refuse("TopK", attr, "a uint64 input: TVM's sort kernel does not take uint64")
-            return stock(bb, inputs, attr, params)
-
-        return convert
+    get_converter = _stock_unless("TopK", lambda inputs, attr: (
+        "a uint64 input: TVM's sort kernel does not take uint64" if _dtype_of(inputs[0]) == "uint64" else None))
 
 
 class Celu(OnnxOpConverter):
@@ -640,8 +647,7 @@ class SpaceToDepth(OnnxOpConverter):
         stock = _stock("SpaceToDepth", opset)
 
         def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
-            mode = attr.get("mode", b"DCR")
-            if (mode.decode() if isinstance(mode, bytes) else mode) != "CRD":
+            if _text(attr.get("mode", "DCR")) != "CRD":
                 return stock(bb, inputs, attr, params)
             n, c, h, w = _static("SpaceToDepth", attr, "input 'input'", inputs[0])
             b = int(attr["blocksize"])
@@ -656,18 +662,9 @@ class RoiAlign(OnnxOpConverter):
     """TVM's max mode takes the largest interpolated sample; ONNX's (as ONNX Runtime computes it)
     the largest weighted corner of each sample: different numbers, so it is refused."""
 
-    @classmethod
-    def get_converter(cls, opset: int) -> Any:
-        stock = _stock("RoiAlign", opset)
-
-        def convert(bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
-            mode = attr.get("mode", b"avg")
-            if (mode.decode() if isinstance(mode, bytes) else mode) == "max":
-                raise _refuse("RoiAlign", attr, "mode 'max': TVM pools the interpolated samples, ONNX the "
-                                                "weighted corners of each, so the numbers would differ")
-            return stock(bb, inputs, attr, params)
-
-        return convert
+    get_converter = _stock_unless("RoiAlign", lambda inputs, attr: (
+        "mode 'max': TVM pools the interpolated samples, ONNX the weighted corners of each, so the "
+        "numbers would differ" if _text(attr.get("mode", "avg")) == "max" else None))
 
 
 class NonMaxSuppression(OnnxOpConverter):
@@ -735,8 +732,7 @@ class Resize(OnnxOpConverter):
                     out[axis] = int(np.floor(shape[axis] * np.float32(factor)))
             else:
                 wanted = dict(zip(axes, size_values.astype(np.int64).tolist()))
-                policy = attr.get("keep_aspect_ratio_policy", b"stretch")
-                policy = policy.decode() if isinstance(policy, bytes) else policy
+                policy = _text(attr.get("keep_aspect_ratio_policy", "stretch"))
                 if policy in ("not_larger", "not_smaller"):
                     ratios = [wanted[a] / shape[a] for a in axes]
                     common = min(ratios) if policy == "not_larger" else max(ratios)
@@ -746,8 +742,7 @@ class Resize(OnnxOpConverter):
                 else:
                     for axis, size in wanted.items():
                         factors[axis], out[axis] = size / shape[axis], size
-            mode = attr.get("mode", b"nearest")
-            mode = mode.decode() if isinstance(mode, bytes) else mode
+            mode = _text(attr.get("mode", "nearest"))
             for axis in range(rank):
                 if not np.isclose(out[axis], shape[axis] * factors[axis], rtol=0, atol=1e-6 * max(1, out[axis])):
                     raise _refuse(op, attr, f"scale {factors[axis]:g} on axis {axis} gives {shape[axis]} x "
@@ -756,8 +751,7 @@ class Resize(OnnxOpConverter):
             if int(attr.get("antialias", 0)) and mode in ("linear", "cubic") and any(f < 1 for f in factors):
                 raise _refuse(op, attr, "antialias when downsampling: TVM does not filter")
             attr = {k: v for k, v in attr.items() if k not in ("axes", "keep_aspect_ratio_policy", "antialias")}
-            coord = attr.get("coordinate_transformation_mode", b"half_pixel")
-            if (coord.decode() if isinstance(coord, bytes) else coord) == "half_pixel_symmetric":
+            if _text(attr.get("coordinate_transformation_mode", "half_pixel")) == "half_pixel_symmetric":
                 attr["coordinate_transformation_mode"] = b"half_pixel"  # the same at a whole-number scale
             roi_values = _constant_value(roi, params) if roi is not None else None
             if roi_values is not None and roi_values.size and len(axes) < rank:
