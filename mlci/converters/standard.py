@@ -203,21 +203,19 @@ class Mod(OnnxOpConverter):
 class Sinh(OnnxOpConverter):
     """TVM's LLVM backend has no sinh intrinsic (the build fails): (e^x - e^-x) / 2."""
 
+    combine = staticmethod(relax.op.subtract)
+
     @classmethod
     def _impl_v9(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
         x = inputs[0]
         half = relax.const(0.5, _dtype_of(x))
-        return relax.op.multiply(relax.op.subtract(relax.op.exp(x), relax.op.exp(relax.op.negative(x))), half)
+        return relax.op.multiply(cls.combine(relax.op.exp(x), relax.op.exp(relax.op.negative(x))), half)
 
 
-class Cosh(OnnxOpConverter):
+class Cosh(Sinh):
     """TVM's LLVM backend has no cosh intrinsic (the build fails): (e^x + e^-x) / 2."""
 
-    @classmethod
-    def _impl_v9(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
-        x = inputs[0]
-        half = relax.const(0.5, _dtype_of(x))
-        return relax.op.multiply(relax.op.add(relax.op.exp(x), relax.op.exp(relax.op.negative(x))), half)
+    combine = staticmethod(relax.op.add)
 
 
 class Pow(OnnxOpConverter):
