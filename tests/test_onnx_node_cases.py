@@ -18,6 +18,8 @@ import pytest
 
 from mlci.targets import detect_host_target
 
+from .avx2 import AVX2_MCPU
+
 pytestmark = pytest.mark.slow
 
 _BENCH = Path(__file__).resolve().parent.parent / "bench" / "onnx_conformance.py"
@@ -79,9 +81,15 @@ REFUSED = {
 }
 
 
+# Shifts by the width or more, or by a negative amount: undefined in LLVM, so the answer followed the CPU.
+SHIFTS = ["test_bitshift_left_int8_shift_ge_width", "test_bitshift_right_int8_shift_ge_width",
+          "test_bitshift_left_int8_negative_shift", "test_bitshift_right_int32_negative_shift"]
+
+
 @pytest.fixture(scope="module")
 def cases() -> dict[str, Any]:
-    wanted = set(MATCHES) | set(REFUSED) | {"test_nonmaxsuppression_suppress_by_IOU", "test_group_normalization_example"}
+    wanted = (set(MATCHES) | set(REFUSED) | set(SHIFTS)
+              | {"test_nonmaxsuppression_suppress_by_IOU", "test_group_normalization_example"})
     found = {case.name: case for case in conformance.collect() if case.name in wanted}
     assert set(found) == wanted, f"cases missing from this onnx: {sorted(wanted - set(found))}"
     return found
@@ -127,6 +135,15 @@ def test_an_import_failure_names_the_operator_and_node_even_when_the_model_left_
         pytest.skip("this TVM imports GroupNormalization with a computed shape now")
     assert result.cls == "error" and result.names_op, result.message
     assert re.search(r"[A-Z][A-Za-z]+ node '[A-Z][A-Za-z]+_\d+'", result.message), result.message
+
+
+@pytest.mark.parametrize("cpu", ["host", AVX2_MCPU])
+@pytest.mark.parametrize("name", SHIFTS)
+def test_a_shift_out_of_range_gives_what_onnx_defines_on_every_cpu(
+        name: str, cpu: str, cases: dict[str, Any], host_target: dict[str, Any], tmp_path: Path) -> None:
+    target = host_target if cpu == "host" else {**host_target, "mcpu": cpu}
+    result = conformance.run_case(cases[name], "BitShift", tmp_path, target)
+    assert result.cls == "pass", f"{name} built for {cpu}: {result.cls}: {result.message}"
 
 
 def test_the_comparison_fails_a_wrong_shape_a_wrong_value_and_a_missing_nan() -> None:

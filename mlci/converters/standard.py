@@ -622,6 +622,28 @@ class TopK(OnnxOpConverter):
         "a uint64 input: TVM's sort kernel does not take uint64" if _dtype_of(inputs[0]) == "uint64" else None))
 
 
+class BitShift(OnnxOpConverter):
+    """A shift by the type's width or more, or by a negative amount, is undefined in LLVM, so TVM's
+    result depended on the CPU the code was built for (AVX2 and AVX-512 differed). ONNX defines it:
+    LEFT gives 0, RIGHT the sign fill (0, or -1 for a negative signed value)."""
+
+    @classmethod
+    def _impl_v11(cls, bb: Any, inputs: Any, attr: dict[str, Any], params: Any) -> Any:
+        x, amount = inputs[0], inputs[1]
+        dtype = _dtype_of(x)
+        width = np.iinfo(dtype).bits
+        zero = relax.const(0, dtype)
+        outside = relax.op.greater_equal(amount, relax.const(width, dtype))
+        if dtype.startswith("int"):
+            outside = relax.op.logical_or(outside, relax.op.less(amount, zero))
+        outside = bb.normalize(outside)
+        safe = bb.normalize(relax.op.where(outside, zero, amount))
+        if _text(attr.get("direction", "")) == "LEFT":
+            return relax.op.where(outside, zero, relax.op.left_shift(x, safe))
+        fill = relax.op.where(relax.op.less(x, zero), relax.const(-1, dtype), zero) if dtype.startswith("int") else zero
+        return relax.op.where(outside, fill, relax.op.right_shift(x, safe))
+
+
 class Celu(OnnxOpConverter):
     """max(0, x) + min(0, alpha * (e^(x / alpha) - 1)); TVM has no converter."""
 
@@ -764,6 +786,7 @@ class Resize(OnnxOpConverter):
 
 CONVERTERS: dict[tuple[str, str], Any] = {
     ("", "Celu"): Celu,
+    ("", "BitShift"): BitShift,
     ("", "TopK"): TopK,
     ("", "Softplus"): Softplus,
     ("", "EyeLike"): EyeLike,
