@@ -22,6 +22,7 @@ from onnx import helper
 
 from mlci import reference as ort_reference
 from mlci.config import InputRule, ModelConfig
+from mlci.graph import walk_nodes
 from mlci.results import Status
 
 log = logging.getLogger("mlci")
@@ -84,18 +85,6 @@ class PreparedModel:
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def walk_nodes(graph: onnx.GraphProto):
-    """Every node of a graph, those of its subgraphs (If, Loop, Scan bodies) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from walk_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from walk_nodes(sub)
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> None:

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from mlci.graph import walk_nodes
+
 MAX_ORT_IR_VERSION = 13
 """onnxruntime 1.31 refuses IR versions above this (onnx 1.23 writes 14 by default)."""
 
@@ -196,8 +198,6 @@ def exact_integer_weights(model: onnx.ModelProto, base_dir: Path | None = None) 
     if not count:
         return 0
     graph.initializer.extend(new.values())
-    from mlci.models import walk_nodes  # models imports this module
-
     used = {name for node in walk_nodes(graph) for name in node.input}
     keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
     del graph.initializer[:]

@@ -31,7 +31,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from mlci import interrupt
+from mlci import interrupt, trace_check
 from mlci.budget import KernelState, allocate_trials, progressive_trials, trials_to_search
 from mlci.build_cache import BuildCache
 from mlci.compile import lowering_config, workload_key
@@ -329,6 +329,9 @@ def _read_record(line: bytes, workloads: list[_Workload]) -> tuple[int, Any]:
         raise ValueError(f"a record of workload {index}, but the workloads file has {len(workloads)} lines")
     if not (isinstance(trace, list) and len(trace) == 2 and all(isinstance(t, list) for t in trace)):
         raise ValueError("a record whose schedule trace is malformed")
+    refused = trace_check.refusal(trace)
+    if refused is not None:
+        raise ValueError(f"a record refused because {refused}")
     if run_secs is not None and not (isinstance(run_secs, list) and all(
             isinstance(t, int | float) and not isinstance(t, bool) for t in run_secs)):
         raise ValueError("a record whose run times are not numbers")

@@ -105,7 +105,8 @@ def _commit_naive_records(pipeline: Pipeline, imported) -> None:
         workload = kernel.task.dispatched[0]
         naive = s_tir.Schedule(workload)
         root = naive.get_sblock("root")
-        naive.annotate(naive.get_child_blocks(root)[0], "naive", 1)  # an empty trace is not a valid record
+        # An empty trace is not a valid record: one annotation MetaSchedule itself writes.
+        naive.annotate(naive.get_child_blocks(root)[0], "meta_schedule.unroll_explicit", 0)
         db.commit_tuning_record(ms.database.TuningRecord(
             naive.trace, db.commit_workload(workload), run_secs=[FloatImm("float64", 1e-9)],
             target=pipeline.tvm_target, args_info=ms.arg_info.ArgInfo.from_prim_func(workload["main"])))

@@ -1,0 +1,85 @@
+"""Which MetaSchedule schedule traces a build may replay: only what MetaSchedule's own rules write.
+
+A tuning record is data, until a build replays its trace. A trace may `Annotate` a loop with any
+key and value, and TVM acts on some keys while lowering: `pragma_import_llvm` links the value (LLVM
+IR, `module asm` included) into the library, so a record from a shared cache could run its own
+machine code wherever the library is loaded (tried on TVM 0.27: a `module asm` `.init_array` entry
+runs when the library loads). Records come from places less trusted than the code: an S3 tier other
+repositories and pull requests write, a restored Actions cache, a local database file. So every
+record is checked before it enters a database: each instruction must be one MetaSchedule's CPU and
+GPU schedule rules, postprocessors and mutators emit, and each annotation key one of theirs.
+
+Pure: works on the trace's JSON form (`[[kind, inputs, attrs, outputs], ...], decisions]`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALLOWED_INSTRUCTIONS = frozenset({
+    # Looking blocks and loops up.
+    "GetSBlock", "GetLoops", "GetChildBlocks", "GetProducers", "GetConsumers", "GetOutputBlocks",
+    # Loop transformations.
+    "Split", "Fuse", "Reorder", "AddUnitLoop", "Parallel", "Vectorize", "Bind", "Unroll",
+    # Caching, inlining and placement.
+    "CacheRead", "CacheWrite", "ReindexCacheRead", "ReindexCacheWrite", "ReIndex", "ComputeAt",
+    "ReverseComputeAt", "ComputeInline", "ReverseComputeInline",
+    # Reductions, layouts, tensor intrinsics (registered in TVM, looked up by name).
+    "DecomposeReduction", "RFactor", "StorageAlign", "SetScope", "Blockize", "Tensorize",
+    "TransformLayout", "TransformBlockLayout", "DecomposePadding", "PadEinsum",
+    # Annotations (keys checked below).
+    "Annotate", "Unannotate",
+    # Sampling, and the marker before postprocessing.
+    "SamplePerfectTile", "SamplePartitionedTile", "SampleCategorical", "SampleComputeLocation", "EnterPostproc",
+})
+"""Instruction kinds MetaSchedule's rules emit. Left out on purpose: the `Unsafe*` primitives,
+`AnnotateBufferAccess`, `RollingBuffer`, `LoopPartition`, `Merge`, `CacheInplace`, `CacheIndex`,
+`ReorderBlockIterVar`, `FuseReductionEpilogue` (schedule primitives for hand-written schedules)."""
+
+ANNOTATION_PREFIX = "meta_schedule."
+"""MetaSchedule's own annotations, read by its postprocessors and removed before code generation."""
+
+LOWERING_ANNOTATIONS = frozenset({
+    "pragma_auto_unroll_max_step", "pragma_unroll_explicit", "software_pipeline_stage",
+    "software_pipeline_order", "software_pipeline_async_stages", "double_buffer_scope",
+})
+"""Annotations lowering reads that MetaSchedule's rules write; their values are numbers (or lists of them)."""
+
+
+def refusal(trace: Any) -> str | None:
+    """Why a record's trace must not be replayed, or None when it holds only what MetaSchedule
+    writes. Raises nothing: a malformed trace is refused too."""
+    if not (isinstance(trace, list) and len(trace) == 2 and isinstance(trace[0], list)):
+        return "its schedule trace is malformed"
+    for inst in trace[0]:
+        if not (isinstance(inst, list) and len(inst) == 4 and isinstance(inst[0], str)):
+            return "its schedule trace holds a malformed instruction"
+        kind, inputs, attrs, _outputs = inst
+        if kind not in ALLOWED_INSTRUCTIONS:
+            return f"its schedule trace holds {_quoted(kind)}, which MetaSchedule's rules never write"
+        if kind in ("Annotate", "Unannotate"):
+            key = attrs[0] if isinstance(attrs, list) and attrs and isinstance(attrs[0], str) else None
+            if key is None:
+                return f"its schedule trace holds {kind} without a key"
+            if key.startswith(ANNOTATION_PREFIX):
+                continue
+            if key not in LOWERING_ANNOTATIONS:
+                return (f"its schedule trace annotates a loop with {_quoted(key)}, which MetaSchedule's rules "
+                        "never write" + (" (it links native code into the build)" if "import" in key else ""))
+            value = inputs[1] if kind == "Annotate" and isinstance(inputs, list) and len(inputs) == 2 else 0
+            if not _numbers(value):
+                return f"its schedule trace gives {_quoted(key)} a value that is not a number"
+    return None
+
+
+def _numbers(value: Any) -> bool:
+    """An integer, or a list of them (a software pipeline's stages)."""
+    if isinstance(value, list):
+        return all(_numbers(v) and not isinstance(v, list) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """Untrusted text as it may appear in a log line: quoted, control characters escaped, cut short."""
+    shown = text.encode("unicode_escape").decode("ascii")
+    return f"'{shown if len(shown) <= limit else shown[:limit] + '...'}'"
