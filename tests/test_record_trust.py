@@ -94,16 +94,22 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_a_planted_record_in_the_local_database_never_reaches_a_build(
-        tuned, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def planted_cache(tuned, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tuned cache with a planted record in its database, and the file its code creates."""
     _, imported, cache = tuned
     cache_dir = tmp_path / "cache" / "cpu-fp"
     shutil.copytree(cache.dir, cache_dir)
     marker = tmp_path / "the-planted-code-ran"
     _plant_locally(cache_dir, imported, marker)
+    return cache_dir, marker
 
+
+def test_a_planted_record_in_the_local_database_never_reaches_a_build(
+        tuned, planted_cache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache_dir, marker = planted_cache
     with caplog.at_level(logging.WARNING, logger="mlci"):
-        compiled = _build(cache_dir, imported, tmp_path / "logs")
+        compiled = _build(cache_dir, tuned[1], tmp_path / "logs")
     assert compiled.executable is not None and compiled.library is not None
     assert not marker.exists()
     [warning] = [m for m in _warnings(caplog) if "pragma_import_llvm" in m]
@@ -112,16 +118,11 @@ def test_a_planted_record_in_the_local_database_never_reaches_a_build(
 
 
 def test_without_the_check_the_planted_code_runs_when_the_library_loads(
-        tuned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tuned, planted_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The test above proves something only if the record really carries code that runs."""
-    _, imported, cache = tuned
-    cache_dir = tmp_path / "cache" / "cpu-fp"
-    shutil.copytree(cache.dir, cache_dir)
-    marker = tmp_path / "the-planted-code-ran"
-    _plant_locally(cache_dir, imported, marker)
+    cache_dir, marker = planted_cache
     monkeypatch.setattr(trace_check, "refusal", lambda trace: None)
-
-    _build(cache_dir, imported, tmp_path / "logs")
+    _build(cache_dir, tuned[1], tmp_path / "logs")
     assert marker.exists()
 
 
