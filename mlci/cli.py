@@ -106,6 +106,7 @@ def run(
     """Compile, tune, check and benchmark every model of the config on one target."""
     from mlci.commands.run import RunOptions, execute, run_outputs
     from mlci.console import RunReporter, failure_lines, results_table
+    from mlci.tracking import without_credentials
 
     with _exit_codes(ConfigError):
         cfg = load_config(config)
@@ -124,7 +125,8 @@ def run(
     if outcome.tracking_error:
         err.print(f"[yellow]warning:[/yellow] {escape(outcome.tracking_error)} (results kept in the file above)")
     elif not no_tracking:
-        out.print(f"MLflow: {escape(tracking_uri or cfg.tracking_uri())} (experiment {escape(cfg.tracking.experiment)})")
+        shown = without_credentials(tracking_uri or cfg.tracking_uri())
+        out.print(f"MLflow: {escape(shown)} (experiment {escape(cfg.tracking.experiment)})")
     failed = [m.name for m in outcome.results.models if not m.ok]
     _github_outputs(run_outputs(outcome))
     if failed:

@@ -60,12 +60,28 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):])
 
 
+SECRET_QUERY_KEYS = ("token", "password", "passwd", "pwd", "secret", "key", "signature", "sig", "credential", "auth")
+"""Query parameters whose value is a secret when their name contains one of these (`access_token`,
+`X-Amz-Signature`, `api_key`...)."""
+
+
 def without_credentials(uri: str) -> str:
-    """`uri` without a user name or password in it, for links and messages (a PR comment is public)."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.scheme.startswith("http") or "@" not in parts.netloc:
+    """`uri` without a user name or password (any scheme: `https://u:p@`, `postgresql://u:p@`) and with
+    secret-looking query values replaced by `***`, for links, messages and files (a PR comment and a
+    run's artifacts may be public)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return "<a tracking URI that does not parse>"
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = urllib.parse.urlencode([(k, "***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v)
+                                        for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
         return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def run_name(model: str, target: str) -> str:
@@ -656,7 +672,9 @@ def log_results(
             logging.getLogger("mlci").warning("%s", problem)
     invocation = invocation or uuid.uuid4().hex[:12]
     pending = pending_path(path)
-    PendingLog(uri=uri, experiment=experiment, artifact_root=str(artifact_root.resolve()),
+    # The pending file travels as an artifact (public in a public repository): no credentials in it;
+    # `mlci sync` takes them from the environment (MLFLOW_TRACKING_*) or `--tracking-uri`.
+    PendingLog(uri=without_credentials(uri), experiment=experiment, artifact_root=str(artifact_root.resolve()),
                artifacts_dir=str(artifacts_dir.resolve()), params=json_safe_params(params),
                invocation=invocation, register=register).write(pending)
     handover = _Handover(progress)
@@ -674,10 +692,10 @@ def log_results(
     if worker.is_alive():
         handover.abandon()
         logged = sum(1 for m in results.models if m.mlflow_run_id)
-        return (f"MLflow logging to {uri} gave up after {deadline:g} s ({DEADLINE_ENV}): the server did not "
+        return (f"MLflow logging to {without_credentials(uri)} gave up after {deadline:g} s ({DEADLINE_ENV}): the server did not "
                 f"answer in time; {logged} of {len(results.models)} runs logged{kept}")
     if not outcome:
-        return f"MLflow logging to {uri} failed: the worker ended without a result{kept}"
+        return f"MLflow logging to {without_credentials(uri)} failed: the worker ended without a result{kept}"
     if outcome[0] is None:
         pending.unlink(missing_ok=True)
         return None
@@ -761,5 +779,6 @@ def _log_results(
         if handover.abandoned:  # the caller has warned already; say nothing more
             return None
         logging.getLogger("mlci").error("MLflow logging failed:\n%s", traceback.format_exc())
-        return f"MLflow logging to {uri} failed: {type(exc).__name__}: {exc}"
+        shown = without_credentials(uri)
+        return f"MLflow logging to {shown} failed: {type(exc).__name__}: {str(exc).replace(uri, shown)}"
     return None

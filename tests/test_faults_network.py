@@ -383,3 +383,18 @@ def test_deliver_with_an_app_token_updates_the_comment_of_the_bot_named_in_the_e
     assert done.comment_action == "updated"
     assert [(c["id"], c["body"]) for c in gh.comments[42]] == [
         (planted["id"], planted["body"]), (ours["id"], f"{MARKER}\nnew report")]
+
+
+def test_credentials_in_the_tracking_uri_reach_neither_the_message_nor_the_pending_file(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The pending file travels as a run artifact, which anyone may download from a public repository."""
+    from mlci.tracking import pending_path
+
+    server = request.getfixturevalue("silent")
+    uri = server.url.replace("http://", "http://mlci-user:s3cret-pw@", 1).rstrip("/") + "/?access_token=t0ken&v=1"
+    message, _, _, path = _log(uri, tmp_path, deadline=1.0)
+    assert message is not None and "gave up" in message
+    pending = pending_path(path).read_text()
+    for text in (message, pending):
+        assert "s3cret-pw" not in text and "t0ken" not in text and "mlci-user" not in text
+    assert "access_token=***" in pending and server.url.split("//")[1].rstrip("/") in pending

@@ -148,3 +148,17 @@ def test_mlci_sync_registers_as_the_run_was_configured_to(tmp_path: Path) -> Non
     pending.write_text(json.dumps(older))
     assert PendingLog.read(pending).register is True
     assert _recorded_register(tmp_path / "none") is True
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://user:pw@mlflow.example/", "https://mlflow.example/"),
+    ("postgresql://mlflow:pw@db:5432/mlflow", "postgresql://db:5432/mlflow"),
+    ("https://mlflow.example/?access_token=abc&team=ml", "https://mlflow.example/?access_token=***&team=ml"),
+    ("https://h/p?X-Amz-Signature=zz&v=2", "https://h/p?X-Amz-Signature=***&v=2"),
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_a_tracking_uri_is_shown_without_its_credentials_whatever_its_scheme(uri: str, shown: str) -> None:
+    from mlci.tracking import without_credentials
+
+    assert without_credentials(uri) == shown
