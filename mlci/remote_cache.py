@@ -49,6 +49,9 @@ MAX_ENTRY_BYTES = 1 << 20
 """An entry larger than this is not read (a kernel's few best records take a few KiB)."""
 TOP_RECORDS = 4
 """Best records of a kernel an entry carries: enough to seed a further search."""
+MAX_READS_PER_KERNEL = 4
+"""Entries of one kernel read at most before the kernel goes without the remote level: garbage
+entries written to a shared tier cost a few reads, not one each."""
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 2
@@ -165,7 +168,7 @@ class RemoteCache:
     def _read(self, key: str, sha: str, kernel: Kernel, claimed: int) -> Entry | None:
         """The entry at `key`, or None (with one warning) when it is not to be trusted."""
         def skip(why: str) -> None:
-            log.warning("tuning cache on S3: skipping %s: %s", key, why)
+            log.warning("tuning cache on S3: skipping %s: %s", shown_key(key), why)
 
         response = self.client.get_object(Bucket=self.bucket, Key=key)  # its body is read only when small
         length = int(response.get("ContentLength", 0))
@@ -199,20 +202,27 @@ class RemoteCache:
                     if sha not in shas:
                         continue
                     claimed = _claimed_trials(name)
-                    if claimed is None:
-                        log.warning("tuning cache on S3: skipping %s: its name does not say its trials "
-                                    "(WRITER.tTRIALS.json)", key)
+                    if claimed is None or not key.isprintable():
+                        why = ("its name holds control characters" if not key.isprintable()
+                               else "its name does not say its trials (WRITER.tTRIALS.json)")
+                        log.warning("tuning cache on S3: skipping %s: %s", shown_key(key), why)
                         report.skipped.append(key)
                         continue
                     candidates.setdefault(sha, []).append((claimed, key))
             for sha, found in candidates.items():
                 kernel = shas[sha]
-                for claimed, key in sorted(found, reverse=True):
+                ranked = sorted(found, reverse=True)
+                for claimed, key in ranked[:MAX_READS_PER_KERNEL]:
                     entry = self._read(key, sha, kernel, claimed)
                     if entry is not None:
                         best[kernel.key] = entry
                         break
                     report.skipped.append(key)
+                else:
+                    if len(ranked) > MAX_READS_PER_KERNEL:
+                        log.warning("tuning cache on S3: kernel %s: its %d entries with the most trials were not "
+                                    "to be trusted; its %d others are not read", kernel.name,
+                                    MAX_READS_PER_KERNEL, len(ranked) - MAX_READS_PER_KERNEL)
         except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
             self._give_up("reading", exc)
             return {}
@@ -258,6 +268,12 @@ class RemoteCache:
         except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
             self._give_up("writing", exc)
         return None
+
+
+def shown_key(key: str) -> str:
+    """An S3 key as a log line may show it: quoted, control characters escaped (a key written by
+    someone else must not start a line of its own, such as a GitHub `::error::` command)."""
+    return "'" + key.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def _claimed_trials(name: str) -> int | None:

@@ -172,7 +172,8 @@ def test_a_pull_request_run_reads_the_shared_tier_and_leaves_it_byte_for_byte_un
 
 @pytest.mark.slow
 def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
-        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture) -> None:
+        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_cache, "MAX_READS_PER_KERNEL", 100)  # every kind of poison read (see below)
     _, _, imported, cache, _ = first_run
     bucket = _bucket(s3)
     kernel, other = imported.kernels
@@ -209,6 +210,34 @@ def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
     assert len(messages) == len(poison)
     for key in poison:
         assert sum(key in m for m in messages) == 1, key
+
+
+def test_garbage_entries_cost_a_few_reads_and_lines_and_a_hostile_key_cannot_start_a_log_line(
+        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    kernel = imported.kernels[0]
+    saved = remote_cache.local_entries(cache, imported.kernels)
+    good = _remote(s3, bucket).put_entry("cpu-fp", kernel, 4, workload_line(kernel), saved[kernel.key][1])
+    folder = good.rsplit("/", 1)[0]
+    client = s3.s3()
+    for n in range(30):
+        client.put_object(Bucket=bucket, Key=f"{folder}/junk{n}.t{1000 + n}.json", Body=b"junk")
+    # A newline does not survive S3's HTTP path here; an escape sequence does, and is as hostile to a log.
+    client.put_object(Bucket=bucket, Key=f"{folder}/x\x1b[2K::error::forged.t5.json", Body=b"junk")
+
+    gets: list[str] = []
+    remote = _remote(s3, bucket)
+    remote.client.meta.events.register("provide-client-params.s3.GetObject",
+                                      lambda params, **_: gets.append(params["Key"]))
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        best = remote.best_entries("cpu-fp", imported.kernels)
+    assert kernel.key not in best  # the junk outranks the good entry: the kernel goes without S3, no worse
+    assert len(gets) == remote_cache.MAX_READS_PER_KERNEL
+    messages = _warnings(caplog)
+    assert len(messages) == remote_cache.MAX_READS_PER_KERNEL + 2  # the reads, the rest in one line, the key
+    assert not any("\x1b" in m for m in messages)
+    assert any("x\\x1b[2K::error::forged" in m and "control characters" in m for m in messages)
 
 
 # --- S3 failing: seconds and one warning ------------------------------------------------------
