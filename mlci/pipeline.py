@@ -472,7 +472,7 @@ class Pipeline:
             pulled, before = None, None
             if self.remote is not None:  # what other runners searched is not searched again
                 wanted = [k for k in imported.kernels if only is None or k.key in only]
-                pulled = remote_cache.pull(self.cache, wanted, self.remote)
+                pulled = remote_cache.pull(self.cache, wanted, self.remote, max_trials=settings.trials)
                 before = self.cache.ledger()
             outcome = tuning.tune(
                 imported.kernels,

@@ -354,10 +354,12 @@ def local_trials(cache: TuningCache, kernel: Kernel, ledger: dict[str, int]) -> 
     return max(ledger.get(kernel.key, 0), len(cache.valid_records(kernel)))
 
 
-def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache) -> PullReport:
+def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache, max_trials: int = 0) -> PullReport:
     """Before tuning: bring into the local cache each kernel's remote records where S3 holds more
     trials than the local cache, and credit the local ledger with them, so tuning searches only
-    what the budget owes beyond what any runner already searched."""
+    what the budget owes beyond what any runner already searched. An entry's trial count is its
+    writer's word: with `max_trials` (the run's budget), no kernel is credited more than that, so a
+    claim of 10^12 costs at most this run's search, and a larger budget later searches again."""
     from tvm.s_tir import meta_schedule as ms
 
     report = PullReport()
@@ -372,12 +374,13 @@ def pull(cache: TuningCache, kernels: list[Kernel], remote: RemoteCache) -> Pull
         changed = False
         for kernel in kernels:
             entry = entries.get(kernel.key)
-            if entry is None or entry.trials <= local_trials(cache, kernel, ledger):
-                continue
+            local = local_trials(cache, kernel, ledger)
+            if entry is None or entry.trials <= local or 0 < max_trials <= local:
+                continue  # the local cache holds as much, or all the budget asks
             workload = database.commit_workload(kernel.task.dispatched[0])
             for record in entry.records:
                 database.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
-            ledger[kernel.key] = entry.trials
+            ledger[kernel.key] = min(entry.trials, max_trials) if max_trials > 0 else entry.trials
             if entry.default_seconds is not None and kernel.key not in defaults:
                 defaults[kernel.key] = entry.default_seconds  # so the build weighs the records as the writer's did
             report.kernels_from_remote.append(kernel.name)

@@ -471,3 +471,21 @@ def test_a_run_has_no_remote_level_unless_a_cache_url_is_configured(tmp_path: Pa
     remote = remote_cache_for(_config(tmp_path), pr, GitInfo())
     assert (remote.bucket, remote.prefix, remote.tier, remote.writes) == ("team-bucket", "mlci", "pr-5", True)
     assert remote.read_tiers == ["main", "pr-5"]
+
+
+def test_an_entry_claiming_a_trillion_trials_is_credited_no_more_than_the_runs_budget(
+        s3: MotoServer, first_run, tmp_path: Path) -> None:
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    saved = remote_cache.local_entries(cache, imported.kernels)
+    for kernel in imported.kernels:
+        _remote(s3, bucket).put_entry("cpu-fp", kernel, 10**12, workload_line(kernel), saved[kernel.key][1])
+    runner = _pipeline(tmp_path / "cache" / "cpu-fp", tmp_path / "logs")
+    runner.remote = _remote(s3, bucket)
+    runner.tune(imported, _settings(6))
+    assert all(0 < trials <= 6 for trials in runner.cache.ledger().values())
+    lines = len((tmp_path / "cache" / "cpu-fp" / "database_tuning_record.json").read_text().splitlines())
+    again = _pipeline(tmp_path / "cache" / "cpu-fp", tmp_path / "logs")
+    again.remote = _remote(s3, bucket)
+    again.tune(imported, _settings(6))  # the budget is met: nothing pulled again, nothing searched
+    assert len((tmp_path / "cache" / "cpu-fp" / "database_tuning_record.json").read_text().splitlines()) == lines
