@@ -7,6 +7,7 @@ Exit codes: 0 pass, 1 gate failed (`compare`; for `run`: a model failed),
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -427,14 +428,24 @@ def cache_key(
 def sync(
     results: Annotated[list[Path], typer.Argument(help="Results files of `mlci run` (e.g. .mlci/results/cpu.json).")],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: the one the run tried).")
+        str | None, typer.Option(help="MLflow tracking URI to log to (default: MLFLOW_TRACKING_URI or mlci.toml's, "
+                                      "when it is the server the run tried).")
     ] = None,
+    register: Annotated[
+        bool, typer.Option("--register", help="Register the builds as model versions, as `mlci run` would have.")
+    ] = False,
+    config: Annotated[Path, typer.Option("--config", "-c", help="mlci.toml (its [tracking] uri).")] = Path(
+        DEFAULT_CONFIG_NAME),
 ) -> None:
     """Log to MLflow the runs that `mlci run` could not (kept beside each results file); safe to repeat."""
     from mlci.commands.sync import sync as sync_results
 
+    configured = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if configured is None and config.is_file():
+        with _exit_codes(ConfigError):
+            configured = load_config(config).tracking.uri or None
     failed = False
-    for outcome in sync_results(results, tracking_uri):
+    for outcome in sync_results(results, tracking_uri, configured_uri=configured, register=register):
         if outcome.error:
             failed = True
             err.print(f"[red]error:[/red] {escape(outcome.error)}")

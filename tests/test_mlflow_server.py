@@ -233,14 +233,15 @@ def test_a_run_while_the_server_is_down_is_kept_and_synced_into_one_run(server, 
     key = "tags.`mlci.job_key` = 'acme/models/9002/c0ffee0000000000000000000000000000000000/cpu/tiny'"
     assert _runs(server, key) == []
 
+    uri = f"http://127.0.0.1:{port}"
     with _proxy(server, port, drop_a_create=False):  # the server is back, at the address the run tried
-        synced = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        synced = _mlci("sync", ".mlci/results/cpu.json", cwd=root, MLFLOW_TRACKING_URI=uri)
         assert synced.returncode == 0, synced.stdout + synced.stderr
         assert "1 MLflow run(s) logged" in synced.stdout and not pending.exists()
-        again = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        again = _mlci("sync", ".mlci/results/cpu.json", cwd=root, MLFLOW_TRACKING_URI=uri)
         assert again.returncode == 0 and "nothing pending" in again.stdout
         pending.write_text(payload)  # a sync that died after logging, before it could say so
-        replayed = _mlci("sync", ".mlci/results/cpu.json", cwd=root)
+        replayed = _mlci("sync", ".mlci/results/cpu.json", cwd=root, MLFLOW_TRACKING_URI=uri)
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
 
     [run] = _runs(server, key)
@@ -280,3 +281,68 @@ def test_a_local_run_synced_twice_is_one_run(server, tmp_path: Path) -> None:
     [second] = sync([path], tracking_uri=server.url)
     assert first.error is None and second.error is None and first.runs == second.runs == 1
     assert len(_runs(server, "tags.`mlci.repository` = 'acme/local'")) == 1
+
+
+def _hostile_pair(directory: Path, uri: str, model: str = "tiny", outside: Path | None = None) -> Path:
+    """A results file and its pending file as a fork's artifact could carry them."""
+    from mlci.results import write_results
+    from mlci.tracking import PendingLog, pending_path
+
+    results = _results("acme/models", None)
+    results.models[0].name = model
+    path = write_results(results, directory / ".mlci" / "results" / "cpu.json")
+    elsewhere = str(outside or directory / ".mlci" / "work" / "cpu")
+    PendingLog(uri=uri, experiment="mlci", artifact_root=elsewhere, artifacts_dir=elsewhere, params={},
+               invocation="x", register=True).write(pending_path(path))
+    return path
+
+
+def test_sync_never_sends_runs_or_credentials_to_a_server_only_the_pending_file_names(tmp_path: Path) -> None:
+    from mlci.commands.sync import sync
+
+    with _recording_server() as (attacker, requests):
+        path = _hostile_pair(tmp_path, attacker)
+        [unconfigured] = sync([path])
+        [configured] = sync([path], configured_uri=f"sqlite:///{tmp_path / 'mine.db'}")
+    assert requests == []
+    assert unconfigured.runs == configured.runs == 0
+    assert "--tracking-uri" in unconfigured.error and "never sends runs" in configured.error
+
+
+def test_sync_refuses_a_model_name_that_is_a_path_and_writes_nothing_outside_the_project(tmp_path: Path) -> None:
+    from mlci.commands.sync import sync
+
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    store = f"sqlite:///{tmp_path / 'mine.db'}"
+    [bad] = sync([_hostile_pair(project, store, model="../../../outside/x")], tracking_uri=store)
+    assert bad.runs == 0 and "not a name mlci writes" in bad.error
+    [elsewhere] = sync([_hostile_pair(project, store, outside=outside)], tracking_uri=store)
+    assert elsewhere.error is None and elsewhere.runs == 1
+    assert not outside.exists()
+
+
+@contextmanager
+def _recording_server():
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            requests.append(f"{self.command} {self.path} {self.headers.get('Authorization')}")
+            self.send_response(500)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    finally:
+        httpd.shutdown()
