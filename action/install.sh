@@ -21,12 +21,14 @@ case "${MLCI_INSTALL:-action}" in
     ;;
 esac
 
-pip_install() { python -m pip install --disable-pip-version-check --quiet "$@"; }
+# `python -I`: the job's working directory is the repository's checkout (a pull request's code), and a plain
+# `python -m pip` or `python -` would import a `pip/` or `tomllib.py` from it, with the job's tokens in its environment.
+pip_install() { python -I -m pip install --disable-pip-version-check --quiet "$@"; }
 
 case "${MLCI_COMMAND:-run}" in
   matrix | compare | sync | history | runner-start | runner-stop | runner-reap)
     # The pinned specs of mlci's light dependencies (and sync's, history's and the runners'), read from its own pyproject.toml.
-    mapfile -t light < <(python - "$MLCI_ACTION_PATH/pyproject.toml" "${MLCI_COMMAND:-run}" <<'PY'
+    mapfile -t light < <(python -I - "$MLCI_ACTION_PATH/pyproject.toml" "${MLCI_COMMAND:-run}" <<'PY'
 import re
 import sys
 import tomllib

@@ -655,3 +655,21 @@ def test_an_interruption_reaches_the_report_as_the_targets_results():
     assert step(jobs["report"], uses="actions/download-artifact@")["with"]["pattern"] == "mlci-results-*"
     run_sh = (ROOT / "action" / "run.sh").read_text()
     assert "--report .mlci/runner-stop.json --results-dir .mlci/results" in run_sh
+
+
+def test_the_actions_install_step_runs_no_python_from_the_checkout(tmp_path: Path) -> None:
+    """The install step runs in the repository's checkout, a pull request's code, with the job's tokens
+    in its environment: its Python must not import a `tomllib.py` or `pip/` it finds there."""
+    import re
+
+    script = (ROOT / "action" / "install.sh").read_text()
+    calls = re.findall(r"(?m)^[^#\n]*\bpython\b[^\n]*", script)
+    assert calls and all(re.search(r"\bpython -I\b", call) for call in calls), calls
+    (tmp_path / "tomllib.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nfrom tomli import *\n")
+    reader = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    isolated = subprocess.run([sys.executable, "-I", "-", str(ROOT / "pyproject.toml"), "matrix"], input=reader,
+                              cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert not (tmp_path / "ran").exists() and any(line.startswith("typer") for line in isolated.stdout.split())
+    subprocess.run([sys.executable, "-", str(ROOT / "pyproject.toml"), "matrix"], input=reader, cwd=tmp_path,
+                   capture_output=True, text=True)
+    assert (tmp_path / "ran").exists()  # without -I the checkout's module runs: the check above can fail
