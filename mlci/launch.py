@@ -285,7 +285,7 @@ def _ago(delta: timedelta) -> str:
 
 def iam_policy() -> dict[str, Any]:
     """The least a role for `mlci runner` needs: launch only instances tagged mlci:managed=true at creation,
-    tag only while creating, terminate only mlci's instances, describe anything. Pass-role for an instance
+    tag only while creating, terminate only mlci's instances, read instances and images. Pass-role for an instance
     profile is left to the user (name the role they chose)."""
     managed = f"aws:RequestTag/{MANAGED_TAG}"
     return {
@@ -323,9 +323,11 @@ def iam_policy() -> dict[str, Any]:
                 "Condition": {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}},
             },
             {
+                # The two reads mlci makes; not ec2:Describe*, which includes DescribeInstanceAttribute and
+                # so the user data of a machine still booting (its just-in-time runner configuration).
                 "Sid": "MlciDescribe",
                 "Effect": "Allow",
-                "Action": "ec2:Describe*",
+                "Action": ["ec2:DescribeInstances", "ec2:DescribeImages"],
                 "Resource": "*",
             },
         ],

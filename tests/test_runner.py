@@ -559,4 +559,8 @@ def test_the_policy_lets_mlci_launch_and_terminate_only_what_it_tagged() -> None
     assert statements["MlciTerminateOnlyItsOwn"]["Condition"] == {"StringEquals": {"aws:ResourceTag/mlci:managed": "true"}}
     assert statements["MlciTagOnlyWhenCreating"]["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
     actions = {a for s in statements.values() for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    assert actions == {"ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "ec2:Describe*"}
+    assert actions == {"ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "ec2:DescribeInstances",
+                       "ec2:DescribeImages"}
+    # No wildcard: ec2:Describe* would include DescribeInstanceAttribute, which reads a booting machine's
+    # user data (its unused just-in-time runner configuration).
+    assert not any("*" in action or "Attribute" in action for action in actions)
