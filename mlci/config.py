@@ -289,6 +289,8 @@ _MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 _INPUT_KEYS = {"shape", "value", "range", "distribution"}
 _TARGET_KEYS = {"tvm", "runs_on", "price_per_hour", "launch"}
+RESERVED_LABEL_PREFIX = "mlci-"
+"""Runner labels mlci gives the machines it launches (see mlci.launch): never a target's `runs_on`."""
 _LAUNCH_REQUIRED = ("region", "instance_type", "image", "subnets")
 _LAUNCH_KEYS = {*_LAUNCH_REQUIRED, "provider", "spot", "max_minutes", "security_groups", "instance_profile", "volume_gb",
                 "runner_group_id", "runner_dir", "runner_user"}
@@ -517,6 +519,11 @@ def _check_target(name: str, raw: Any, problems: list[str]) -> TargetConfig | No
             f"{where}runs_on: expected a runner label or a list of labels such as "
             f"[\"self-hosted\", \"gpu\"], got {raw['runs_on']!r}"
         )
+        return None
+    reserved = [label for label in runs_on or [] if label.strip().lower().startswith(RESERVED_LABEL_PREFIX)]
+    if reserved:
+        problems.append(f"{where}runs_on: {reserved[0]!r}: labels starting with {RESERVED_LABEL_PREFIX!r} are "
+                        "the runners mlci launches for one job each; a job naming one could take another's machine")
         return None
     price = raw.get("price_per_hour")
     if price is not None and not (_type_ok(price, _NUM) and math.isfinite(price) and price > 0):

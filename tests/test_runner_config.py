@@ -87,3 +87,13 @@ def test_runs_on_and_launch_together_are_refused() -> None:
         parse_config(config(GOOD) + 'runs_on = ["self-hosted", "gpu"]\n', Path("mlci.toml"))
     [problem] = info.value.problems
     assert problem.startswith("targets.gpu.runs_on: a target with launch runs on the machine it launches")
+
+
+@pytest.mark.parametrize("label", ["mlci-4242-1-gpu", "MLCI-anything"])
+def test_a_target_cannot_run_on_a_label_mlci_gives_the_machines_it_launches(label: str) -> None:
+    """Another run's job, or a fork's, naming a launched machine's label could take that machine."""
+    text = f'[[models]]\npath = "m.onnx"\n[targets.gpu]\ntvm = "host"\nruns_on = ["self-hosted", "{label}"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, Path("mlci.toml"))
+    [problem] = info.value.problems
+    assert problem.startswith(f"targets.gpu.runs_on: {label!r}") and "'mlci-'" in problem
