@@ -23,7 +23,9 @@ import os
 import random
 import re
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -57,6 +59,19 @@ READ_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 2
 """Each S3 call is tried at most this often: S3 down must cost seconds, not minutes."""
 CONFLICT_RETRIES = 3
+DEADLINE_ENV = "MLCI_S3_DEADLINE"
+DEFAULT_DEADLINE_S = 20.0
+"""Seconds one S3 read of the run's entries, or one write, may take in all (a slow S3 costs this once:
+the level is then off for the run)."""
+
+
+def deadline_s() -> float:
+    """`MLCI_S3_DEADLINE` seconds, or the default when unset or not a positive number."""
+    try:
+        value = float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE_S))
+    except ValueError:
+        return DEFAULT_DEADLINE_S
+    return value if value > 0 and math.isfinite(value) else DEFAULT_DEADLINE_S
 FAILED_RUN_SECS = 1e9
 """MetaSchedule records a candidate that failed to build or run with a huge time (1e10 s)."""
 
@@ -151,6 +166,8 @@ class RemoteCache:
         return "/".join(p for p in (self.prefix, *parts) if p)
 
     def _give_up(self, action: str, exc: BaseException) -> None:
+        if self.failed:  # told once (a call left behind at the deadline may fail later)
+            return
         self.failed = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
         log.warning("tuning cache on S3 (%s): %s failed (%s); going on with the local cache only",
                     self.url, action, self.failed)
@@ -185,6 +202,11 @@ class RemoteCache:
 
     def best_entries(self, fingerprint: str, kernels: list[Kernel],
                      report: PullReport | None = None) -> dict[str, Entry]:
+        """`_best_entries` within the S3 deadline: {} (and the S3 level off) when S3 takes longer."""
+        return self._within_deadline("reading", {}, self._best_entries, fingerprint, kernels, report)
+
+    def _best_entries(self, fingerprint: str, kernels: list[Kernel],
+                      report: PullReport | None = None) -> dict[str, Entry]:
         """Kernel key -> the trusted entry with the most trials, over the tiers this run reads. Entry
         names say their trials, so a kernel's entries are read most first until one is trusted: one
         download a kernel, however many runs wrote it."""
@@ -232,6 +254,38 @@ class RemoteCache:
 
     def put_entry(self, fingerprint: str, kernel: Kernel, trials: int, workload: list[str],
                   records: list[Any], default_seconds: float | None = None) -> str | None:
+        """`_put_entry` within the S3 deadline: None (and the S3 level off) when S3 takes longer."""
+        return self._within_deadline("writing", None, self._put_entry, fingerprint, kernel, trials, workload,
+                                     records, default_seconds)
+
+    def _within_deadline(self, action: str, fallback: Any, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)` given at most `deadline_s()` seconds: botocore's timeouts bound each read, not
+        a response trickled a byte at a time, so the call runs in a daemon thread that is left behind
+        (its result unused) when the time is up."""
+        if self.failed:
+            return fallback
+        outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, call(*args)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append((False, exc))
+
+        worker = threading.Thread(target=run, name=f"mlci-s3-{action}", daemon=True)
+        worker.start()
+        limit = deadline_s()
+        worker.join(limit)
+        if not outcome:
+            self._give_up(action, TimeoutError(f"S3 did not answer within {limit:g} s ({DEADLINE_ENV})"))
+            return fallback
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    def _put_entry(self, fingerprint: str, kernel: Kernel, trials: int, workload: list[str],
+                   records: list[Any], default_seconds: float | None = None) -> str | None:
         """Write one kernel's entry; its key, or None when nothing was written. An entry that is
         already there (a retried request of this writer) counts as written."""
         if self.failed or not self.writes:

@@ -277,10 +277,54 @@ def _answering(status: int, code: str) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(params=["unreachable", "throttled", "denied", "no bucket"])
-def broken_s3(request, s3: MotoServer) -> Iterator[tuple[str, str]]:
+class _Trickles(BaseHTTPRequestHandler):
+    """S3 answering 200 and then one byte a second: each read is quick, so botocore's read timeout
+    never trips, and the answer never ends."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        if self.command == "PUT":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(120):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:  # the client gave up
+            pass
+
+    do_GET = do_PUT = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def _trickling() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickles)
+    server.daemon_threads, server.block_on_close = True, False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(params=["unreachable", "throttled", "denied", "no bucket", "trickling"])
+def broken_s3(request, s3: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """An endpoint and a bucket that fail the way the parameter says."""
-    if request.param == "unreachable":
+    if request.param == "trickling":
+        monkeypatch.setenv(remote_cache.DEADLINE_ENV, "3")  # the default, 20 s, is as bounded, and slower
+        with _trickling() as url:
+            yield url, "mlci-cache"
+    elif request.param == "unreachable":
         yield f"http://127.0.0.1:{free_port()}", "mlci-cache"  # nothing listens there
     elif request.param == "throttled":
         with _answering(503, "SlowDown") as url:
