@@ -9,12 +9,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # Credentials that only moto accepts: never a real account's.
@@ -174,3 +175,18 @@ def forwarding_to(upstream: Callable[[], str], base: type[ForwardingHandler] = F
                   **attributes: object) -> type[ForwardingHandler]:
     """A handler class for ThreadingHTTPServer that forwards to `upstream()`."""
     return type("Forward", (base,), {"upstream": staticmethod(upstream), **attributes})
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler], port: int = 0) -> Iterator[ThreadingHTTPServer]:
+    """`handler` serving on 127.0.0.1 (`port` 0: any free one) in a thread, stopped on exit; a handler
+    still writing (a server that trickles) does not hold the exit up."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads, server.block_on_close = True, False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -11,10 +11,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,16 @@ import pytest
 from mlci.results import Fingerprint, GitInfo, Latency, ModelResult, Results, TargetInfo
 
 from .conftest import quick_project
-from .servers import ForwardingHandler, MlflowServer, MotoServer, forwarding_to, free_port, mlflow_server, moto_server
+from .servers import (
+    ForwardingHandler,
+    MlflowServer,
+    MotoServer,
+    forwarding_to,
+    free_port,
+    http_server,
+    mlflow_server,
+    moto_server,
+)
 
 BUCKET = "bucket"
 
@@ -153,14 +160,8 @@ def _proxy(server: MlflowServer, port: int = 0, drop_a_create: bool = True) -> I
     whose reply it dropped."""
     dropped: list[str] = [] if drop_a_create else ["(none: dropping is off)"]
     handler = forwarding_to(lambda: server.url, _DropFirstCreateReply, dropped=dropped)
-    proxy = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(handler, port) as proxy:
         yield f"http://127.0.0.1:{proxy.server_address[1]}", dropped
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
 
 
 @pytest.fixture
@@ -324,7 +325,6 @@ def test_sync_refuses_a_model_name_that_is_a_path_and_writes_nothing_outside_the
 @contextmanager
 def _recording_server():
     import http.server
-    import threading
 
     requests: list[str] = []
 
@@ -339,10 +339,5 @@ def _recording_server():
         def log_message(self, *args) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Record) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
-    finally:
-        httpd.shutdown()

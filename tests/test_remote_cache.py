@@ -19,7 +19,7 @@ from mlci import remote_cache
 from mlci.remote_cache import RemoteCache, RemoteCacheError, parse_url, workload_line, workload_sha
 from mlci.tuning import Kernel
 
-from .servers import FAKE_AWS, MotoServer, free_port, moto_server
+from .servers import FAKE_AWS, MotoServer, free_port, http_server, moto_server
 from .test_tuning import _imported, _pipeline
 
 _buckets = itertools.count()
@@ -266,15 +266,8 @@ class _AlwaysAnswers(BaseHTTPRequestHandler):
 
 @contextmanager
 def _answering(status: int, code: str) -> Iterator[str]:
-    handler = type("Handler", (_AlwaysAnswers,), {"status": status, "code": code})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(type("Handler", (_AlwaysAnswers,), {"status": status, "code": code})) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Trickles(BaseHTTPRequestHandler):
@@ -304,26 +297,13 @@ class _Trickles(BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def _trickling() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickles)
-    server.daemon_threads, server.block_on_close = True, False
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(params=["unreachable", "throttled", "denied", "no bucket", "trickling"])
 def broken_s3(request, s3: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """An endpoint and a bucket that fail the way the parameter says."""
     if request.param == "trickling":
         monkeypatch.setenv(remote_cache.DEADLINE_ENV, "3")  # the default, 20 s, is as bounded, and slower
-        with _trickling() as url:
-            yield url, "mlci-cache"
+        with http_server(_Trickles) as server:
+            yield f"http://127.0.0.1:{server.server_address[1]}", "mlci-cache"
     elif request.param == "unreachable":
         yield f"http://127.0.0.1:{free_port()}", "mlci-cache"  # nothing listens there
     elif request.param == "throttled":
