@@ -14,6 +14,7 @@ Pure: works on the trace's JSON form (`[[kind, inputs, attrs, outputs], ...], de
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ALLOWED_INSTRUCTIONS = frozenset({
@@ -46,6 +47,17 @@ LOWERING_ANNOTATIONS = frozenset({
 """Annotations lowering reads that MetaSchedule's rules write; their values are numbers (or lists of them)."""
 
 
+_ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Mod", "FloorDiv", "FloorMod", "Min", "Max", "Cast", "Select",
+               "EQ", "NE", "LT", "LE", "GT", "GE", "And", "Or", "Not")
+EXPRESSION_NODES = frozenset({
+    "None", "int", "bool", "ffi.String", "ffi.Array", "ffi.Map", "ir.PrimType", "ir.Var", "tirx.Var",
+    "ir.IntImm", "tirx.IntImm", "ir.Range", "tirx.IndexMap",
+    *(f"{namespace}.{op}" for namespace in ("prim", "tirx") for op in _ARITHMETIC),
+})
+"""Object types an instruction's embedded TVM object (a layout's index map) may hold: index arithmetic.
+A call (`call_extern` of a C function) in an index expression would run inside the kernel."""
+
+
 def refusal(trace: Any) -> str | None:
     """Why a record's trace must not be replayed, or None when it holds only what MetaSchedule
     writes. Raises nothing: a malformed trace is refused too."""
@@ -57,6 +69,9 @@ def refusal(trace: Any) -> str | None:
         kind, inputs, attrs, _outputs = inst
         if kind not in ALLOWED_INSTRUCTIONS:
             return f"its schedule trace holds {_quoted(kind)}, which MetaSchedule's rules never write"
+        for node_type in _embedded_types([inputs, attrs]):
+            if node_type not in EXPRESSION_NODES:
+                return f"its schedule trace gives {kind} a {_quoted(node_type)}, which is not index arithmetic"
         if kind in ("Annotate", "Unannotate"):
             key = attrs[0] if isinstance(attrs, list) and attrs and isinstance(attrs[0], str) else None
             if key is None:
@@ -70,6 +85,22 @@ def refusal(trace: Any) -> str | None:
             if not _numbers(value):
                 return f"its schedule trace gives {_quoted(key)} a value that is not a number"
     return None
+
+
+def _embedded_types(value: Any) -> list[str]:
+    """The object types of the TVM objects (saved as JSON text) inside an instruction's operands."""
+    if isinstance(value, list):
+        return [t for v in value for t in _embedded_types(v)]
+    if not (isinstance(value, str) and value.lstrip().startswith("{")):
+        return []
+    try:
+        graph = json.loads(value)
+    except ValueError:
+        return ["<text that is not a TVM object>"]
+    nodes = graph.get("nodes") if isinstance(graph, dict) else None
+    if not isinstance(nodes, list):
+        return ["<text that is not a TVM object>"]
+    return [str(node.get("type")) if isinstance(node, dict) else "<malformed node>" for node in nodes]
 
 
 def _numbers(value: Any) -> bool:

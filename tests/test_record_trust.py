@@ -218,3 +218,20 @@ def test_instructions_metaschedule_never_writes_are_refused_by_name(instruction:
     trace = [[["GetSBlock", [], ["b", "main"], ["b0"]], ["GetLoops", ["b0"], [], ["l1"]], instruction], []]
     refusal = trace_check.refusal(trace)
     assert refusal is not None and why in refusal and "\n" not in refusal
+
+
+def test_a_layout_whose_index_map_calls_a_function_is_refused_and_plain_index_arithmetic_is_not() -> None:
+    from tvm import s_tir, te
+
+    a = te.placeholder((64, 64), "float32", name="a")
+    sch = s_tir.Schedule(te.create_prim_func([a, te.compute((64, 64), lambda i, j: a[i, j] + 1.0, name="b")]))
+    block = sch.get_sblock("b")
+    sch.transform_layout(block, ("write", 0), lambda i, j: (j // 8, i, j % 8))
+    trace = _plain(sch.trace.as_json())
+    assert trace_check.refusal(trace) is None
+    layout = next(inst for inst in trace[0] if inst[0] == "TransformLayout")
+    index_map = json.loads(layout[1][1])
+    index_map["nodes"].append({"type": "tirx.Call", "data": {}})  # e.g. call_extern("system", ...) in an index
+    layout[1][1] = json.dumps(index_map)
+    refusal = trace_check.refusal(trace)
+    assert refusal is not None and "TransformLayout" in refusal and "tirx.Call" in refusal
