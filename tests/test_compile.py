@@ -84,3 +84,26 @@ def test_weight_layout_changes_fold_to_what_relax_folds(tmp_path: Path) -> None:
     assert not tvm_ffi.structural_equal(folded, before)  # there was something to fold
     assert tvm_ffi.structural_equal(folded, relax_folded)
     assert tvm_ffi.structural_equal(mod, before)
+
+
+def test_a_build_failure_names_the_kernel_that_does_not_build_with_tvms_message(tmp_path: Path) -> None:
+    """TVM's LLVM backend has no sinh (mlci converts ONNX's Sinh another way): built as TVM's own op,
+    the kernel fails, and the message says which kernel and why, not the first line of a TVMScript dump."""
+    from tvm import relax
+
+    from mlci.models import ModelError
+
+    pipeline = Pipeline(ResolvedTarget("cpu", detect_host_target()), TuningCache(tmp_path / "cache"),
+                        log_dir=tmp_path / "logs")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((16,), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gv = bb.emit_output(bb.emit(relax.op.sinh(relax.op.add(x, relax.const(1.0)))))
+        bb.emit_func_output(gv)
+    with pytest.raises(ModelError) as failed:
+        tvm_compile.build(bb.get(), pipeline.tvm_target, tvm_compile.empty_database(), pipeline.default_schedule)
+    message = str(failed.value)
+    assert failed.value.status == "compile_failed"
+    assert "in kernel 'fused_add_tir_sinh" in message and "sinh" in message.split(":", 1)[1]
+    assert "Metadata omitted" not in message and "@I.ir_module" not in message
