@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,8 @@ from mlci.results import Fingerprint, TuningInfo
 MS_LOGGER = "tvm.s_tir.meta_schedule"
 WARMUP_SAMPLES = 100
 """Candidates a fresh cost model sees before it ranks the search's (MetaSchedule's default)."""
-COST_MODEL_FILE = "cost_model.tar"
+COST_MODEL_FILE = "cost_model.npz"
+"""What MetaSchedule's cost model learned, in arrays only (no pickle; see `TuningCache.save_cost_model`)."""
 """MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
 BUILDS_DIR = "builds"
 """Compiled libraries, keyed by what they were built from (`mlci.build_cache`)."""
@@ -48,8 +48,6 @@ DEFAULTS_FILE = "default_schedules.json"
 """Measured time of each kernel's rule-based default schedule, so a build never takes a tuned
 record that is slower than it."""
 log = logging.getLogger("mlci")
-# XGBoost's notice that MetaSchedule's "model.bin" is read and written as UBJSON: expected, not the user's concern.
-_XGB_FORMAT_NOTICE = r"(?s).*(UBJSON|Unknown file format)"
 CHUNK_ROUNDS = 2  # the tuning deadline is checked after at most this many rounds of a kernel
 INTERRUPTED = "not built: mlci is stopping (SIGINT or SIGTERM)"
 """What the tuning builder answers once a signal came, so the search's round ends at once."""
@@ -648,34 +646,57 @@ class TuningCache:
     def load_cost_model(self, cores: int, warmup: int) -> Any:
         """MetaSchedule's XGBoost cost model with what earlier runs on this fingerprint measured, so
         the search is guided from its first round; a missing file starts a fresh model, and a
-        damaged one does too, with a warning."""
+        damaged one does too, with a warning. Read as plain arrays and XGBoost's JSON model, never
+        unpickled: the file comes from a cache others may write (TVM's own `XGBModel.load` unpickles
+        whatever its tarball holds)."""
+        from collections import OrderedDict
+
+        import numpy as np
+        import xgboost as xgb
         from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.cost_model.xgb_model import FeatureGroup
 
-        def fresh() -> Any:
-            return ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
-
-        model = fresh()
+        model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
         if not self.cost_model_path.exists():
             return model
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_XGB_FORMAT_NOTICE)
-                model.load(str(self.cost_model_path))
+            with np.load(self.cost_model_path, allow_pickle=False) as saved:
+                hashes = [str(h) for h in saved["hashes"]]
+                data = OrderedDict()
+                for i, group_hash in enumerate(hashes):
+                    rows = saved[f"rows_{i}"].astype(np.int64)
+                    features = np.split(saved[f"features_{i}"], np.cumsum(rows)[:-1])
+                    data[group_hash] = FeatureGroup(group_hash=group_hash, features=list(features),
+                                                    costs=saved[f"costs_{i}"])
+                booster = None
+                if "booster" in saved.files:
+                    booster = xgb.Booster()
+                    booster.load_model(bytearray(saved["booster"].tobytes()))
         except Exception as exc:  # noqa: BLE001 - a bad file costs a cold start, never the run
             log.warning("tuning cache %s: the saved cost model could not be read (%s: %s); starting a fresh one",
                         self.cost_model_path, type(exc).__name__, str(exc).strip()[:200])
-            model = fresh()
+            return ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+        model.data, model.data_size, model.booster = data, sum(len(g.costs) for g in data.values()), booster
         return model
 
     def save_cost_model(self, model: Any) -> None:
-        """Written next to the records it learned from, atomically (a crash leaves the old file)."""
+        """Written next to the records it learned from, atomically (a crash leaves the old file), as
+        numeric arrays and XGBoost's own JSON model: nothing a reader would have to unpickle."""
+        import numpy as np
+
         if getattr(model, "booster", None) is None:
             return  # nothing learned yet
+        arrays: dict[str, Any] = {"hashes": np.array([str(g.group_hash) for g in model.data.values()])}
+        for i, group in enumerate(model.data.values()):
+            features = [np.asarray(f, dtype=np.float32) for f in group.features]
+            arrays[f"rows_{i}"] = np.array([len(f) for f in features], dtype=np.int64)
+            arrays[f"features_{i}"] = (np.concatenate(features) if features else np.zeros((0, 0), np.float32))
+            arrays[f"costs_{i}"] = np.asarray(group.costs, dtype=np.float64)
         tmp = self.cost_model_path.with_name(COST_MODEL_FILE + ".tmp")
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_XGB_FORMAT_NOTICE)
-                model.save(str(tmp))
+            arrays["booster"] = np.frombuffer(bytes(model.booster.save_raw("json")), dtype=np.uint8)
+            with open(tmp, "wb") as file:
+                np.savez(file, **arrays)
             tmp.replace(self.cost_model_path)
         except Exception as exc:  # noqa: BLE001 - the records are saved; only the model's head start is lost
             log.warning("tuning cache %s: could not save the cost model %s (%s)", self.dir, COST_MODEL_FILE,

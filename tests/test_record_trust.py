@@ -235,3 +235,43 @@ def test_a_layout_whose_index_map_calls_a_function_is_refused_and_plain_index_ar
     layout[1][1] = json.dumps(index_map)
     refusal = trace_check.refusal(trace)
     assert refusal is not None and "TransformLayout" in refusal and "tirx.Call" in refusal
+
+
+class _Planted:
+    """Unpickled, it creates a file: what a cost model's object array may carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_cost_model_whose_arrays_would_unpickle_into_a_call_is_never_unpickled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import tarfile
+
+    import numpy as np
+    from tvm.s_tir import meta_schedule as ms
+
+    from mlci.tuning import COST_MODEL_FILE, TuningCache
+
+    marker = tmp_path / "the-planted-code-ran"
+    planted_arrays = np.empty(1, dtype=object)
+    planted_arrays[0] = ("group", [_Planted(marker)], np.zeros(1))
+    np.save(tmp_path / "data.npy", planted_arrays, allow_pickle=True)
+    with tarfile.open(tmp_path / "cost_model.tar", "w") as tar:  # TVM's own format
+        tar.add(tmp_path / "data.npy", arcname="data.npy")
+
+    cache = TuningCache(tmp_path / "cache")
+    cache.cost_model_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / "data.npy", cache.cost_model_path)  # the pickle under mlci's own name
+    shutil.copy(tmp_path / "cost_model.tar", cache.cost_model_path.with_name("cost_model.tar"))  # and TVM's
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        model = cache.load_cost_model(cores=1, warmup=4)
+    assert not marker.exists() and model.data_size == 0 and COST_MODEL_FILE in caplog.text
+
+    # TVM's own loader unpickles it: the file above really carries a call.
+    with pytest.raises(Exception):  # noqa: B017 - it fails after unpickling; that it ran is the point
+        ms.cost_model.XGBModel().load(str(tmp_path / "cost_model.tar"))
+    assert marker.exists()
