@@ -253,12 +253,21 @@ def _extract_runtime(wheels: list[Path], out: Path) -> None:
                     target = out / "include" / name[len(INCLUDE_PREFIX):]
                 else:
                     continue
+                if not target.resolve().is_relative_to(out.resolve()):
+                    raise EmulationError(f"{wheel.name}: member {name!r} would be written outside {out}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(archive.read(name))
                 found.add(name)
     missing = set(RUNTIME_MEMBERS) - found
     if missing:
         raise EmulationError(f"{', '.join(sorted(missing))} not found in {', '.join(w.name for w in wheels)}")
+
+
+def emulation_env(threads: int) -> dict[str, str]:
+    """The environment of the emulated run: qemu-user is no sandbox, so the downloaded runtime gets
+    what it needs to run and nothing of the job's (no tokens, no credentials)."""
+    keep = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TMPDIR") if name in os.environ}
+    return {**keep, "TVM_NUM_THREADS": str(threads)}
 
 
 def _compile_runner(gxx: str, out: Path, timeout: float) -> Path:
@@ -424,7 +433,7 @@ class Emulator:
                   deadline: float) -> tuple[list[EmulatedRun], int | None]:
         request = _write_request(models, work)
         response = work / "response.txt"
-        env = {**os.environ, "TVM_NUM_THREADS": str(self.threads)}
+        env = emulation_env(self.threads)
         cmd = [qemu, "-L", str(self.toolchain.arch.sysroot), str(runtime.runner), str(request), str(response)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,

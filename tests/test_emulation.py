@@ -291,3 +291,27 @@ def test_setup_script_is_quick_when_everything_is_installed() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "installed" in proc.stdout and "installing" not in proc.stdout
     assert time.monotonic() - start < 5
+
+
+def test_a_downloaded_wheel_cannot_write_outside_the_runtime_folder(tmp_path: Path) -> None:
+    import zipfile
+
+    from mlci.emulation import EmulationError, _extract_runtime
+
+    wheel = tmp_path / "apache_tvm_ffi-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("tvm_ffi/include/../../../escaped.txt", "planted")
+        archive.writestr("tvm_ffi/lib/libtvm_ffi.so", "lib")
+    with pytest.raises(EmulationError, match="outside"):
+        _extract_runtime([wheel], tmp_path / "runtime" / "staging")
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_the_emulated_runtime_gets_none_of_the_jobs_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-user is no sandbox: the downloaded runtime runs with what it needs only."""
+    from mlci.emulation import emulation_env
+
+    for name in ("GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_TOKEN"):
+        monkeypatch.setenv(name, "s3cret")
+    env = emulation_env(2)
+    assert env["TVM_NUM_THREADS"] == "2" and "s3cret" not in env.values()
