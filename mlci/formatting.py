@@ -56,6 +56,16 @@ def reveal_invisible(text: str) -> str:
     return _INVISIBLE.sub(lambda m: f"<U+{ord(m.group()):04X}>", _CONTROL.sub("", text))
 
 
+def quoted_for_log(text: str, limit: int | None = None) -> str:
+    """Untrusted text as a log line may show it: in quotes, control characters and quotes escaped
+    (a name from a shared cache must not start a line of its own, such as a GitHub `::error::`
+    command), cut at `limit` characters."""
+    shown = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    if limit is not None and len(shown) > limit:
+        shown = shown[:limit] + "..."
+    return f"'{shown}'"
+
+
 # --- user text in Markdown ----------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mlci.config import s3_url_problem
+from mlci.formatting import quoted_for_log
 from mlci.tuning import (
     RECORDS_FILE,
     WORKLOADS_FILE,
@@ -185,7 +186,7 @@ class RemoteCache:
     def _read(self, key: str, sha: str, kernel: Kernel, claimed: int) -> Entry | None:
         """The entry at `key`, or None (with one warning) when it is not to be trusted."""
         def skip(why: str) -> None:
-            log.warning("tuning cache on S3: skipping %s: %s", shown_key(key), why)
+            log.warning("tuning cache on S3: skipping %s: %s", quoted_for_log(key), why)
 
         response = self.client.get_object(Bucket=self.bucket, Key=key)  # its body is read only when small
         length = int(response.get("ContentLength", 0))
@@ -224,10 +225,10 @@ class RemoteCache:
                     if sha not in shas:
                         continue
                     claimed = _claimed_trials(name)
-                    if claimed is None or not key.isprintable():
-                        why = ("its name holds control characters" if not key.isprintable()
-                               else "its name does not say its trials (WRITER.tTRIALS.json)")
-                        log.warning("tuning cache on S3: skipping %s: %s", shown_key(key), why)
+                    why = ("its name holds control characters" if not key.isprintable()
+                           else "its name does not say its trials (WRITER.tTRIALS.json)" if claimed is None else None)
+                    if why:
+                        log.warning("tuning cache on S3: skipping %s: %s", quoted_for_log(key), why)
                         report.skipped.append(key)
                         continue
                     candidates.setdefault(sha, []).append((claimed, key))
@@ -322,12 +323,6 @@ class RemoteCache:
         except Exception as exc:  # noqa: BLE001 - S3 failing in any way costs the remote level, never the run
             self._give_up("writing", exc)
         return None
-
-
-def shown_key(key: str) -> str:
-    """An S3 key as a log line may show it: quoted, control characters escaped (a key written by
-    someone else must not start a line of its own, such as a GitHub `::error::` command)."""
-    return "'" + key.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def _claimed_trials(name: str) -> int | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlci.formatting import quoted_for_log
+
 ALLOWED_INSTRUCTIONS = frozenset({
     # Looking blocks and loops up.
     "GetSBlock", "GetLoops", "GetChildBlocks", "GetProducers", "GetConsumers", "GetOutputBlocks",
@@ -68,10 +70,10 @@ def refusal(trace: Any) -> str | None:
             return "its schedule trace holds a malformed instruction"
         kind, inputs, attrs, _outputs = inst
         if kind not in ALLOWED_INSTRUCTIONS:
-            return f"its schedule trace holds {_quoted(kind)}, which MetaSchedule's rules never write"
+            return f"its schedule trace holds {quoted_for_log(kind, 60)}, which MetaSchedule's rules never write"
         for node_type in _embedded_types([inputs, attrs]):
             if node_type not in EXPRESSION_NODES:
-                return f"its schedule trace gives {kind} a {_quoted(node_type)}, which is not index arithmetic"
+                return f"its schedule trace gives {kind} a {quoted_for_log(node_type, 60)}, which is not index arithmetic"
         if kind in ("Annotate", "Unannotate"):
             key = attrs[0] if isinstance(attrs, list) and attrs and isinstance(attrs[0], str) else None
             if key is None:
@@ -79,11 +81,11 @@ def refusal(trace: Any) -> str | None:
             if key.startswith(ANNOTATION_PREFIX):
                 continue
             if key not in LOWERING_ANNOTATIONS:
-                return (f"its schedule trace annotates a loop with {_quoted(key)}, which MetaSchedule's rules "
+                return (f"its schedule trace annotates a loop with {quoted_for_log(key, 60)}, which MetaSchedule's rules "
                         "never write" + (" (it links native code into the build)" if "import" in key else ""))
             value = inputs[1] if kind == "Annotate" and isinstance(inputs, list) and len(inputs) == 2 else 0
             if not _numbers(value):
-                return f"its schedule trace gives {_quoted(key)} a value that is not a number"
+                return f"its schedule trace gives {quoted_for_log(key, 60)} a value that is not a number"
     return None
 
 
@@ -108,9 +110,3 @@ def _numbers(value: Any) -> bool:
     if isinstance(value, list):
         return all(_numbers(v) and not isinstance(v, list) for v in value)
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _quoted(text: str, limit: int = 60) -> str:
-    """Untrusted text as it may appear in a log line: quoted, control characters escaped, cut short."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return f"'{shown if len(shown) <= limit else shown[:limit] + '...'}'"

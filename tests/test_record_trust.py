@@ -17,7 +17,7 @@ import pytest
 from mlci import remote_cache, trace_check
 from mlci.pipeline import ModelSettings
 from mlci.remote_cache import workload_line
-from mlci.tuning import RECORDS_FILE, WORKLOADS_FILE
+from mlci.tuning import RECORDS_FILE, WORKLOADS_FILE, _plain
 
 from .servers import moto_server
 from .test_remote_cache import _bucket, _remote
@@ -51,17 +51,6 @@ def planted(record: list, workload: list, marker: Path) -> list:
     block = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get_loops(b))
     sch.annotate(sch.get_loops(block)[0], "pragma_import_llvm", payload(marker))
     return [_plain(sch.trace.as_json()), [1e-9], record[2], record[3]]
-
-
-def _plain(value):
-    """TVM's JSON form as Python lists, strings and numbers."""
-    if isinstance(value, str | int | float) or value is None:
-        return value
-    if hasattr(value, "value"):
-        return value.value
-    if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return [_plain(v) for v in value]
 
 
 @pytest.fixture(scope="module")
