@@ -21,6 +21,11 @@ case "${MLCI_INSTALL:-action}" in
     ;;
 esac
 
+# Installing needs no credential, and pip runs packages' build code: the calling step's env reaches every
+# step of a composite action, so the tokens and keys it carries for mlci's own step are dropped here.
+unset MLCI_RUNNER_TOKEN GITHUB_TOKEN MLFLOW_TRACKING_TOKEN MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD \
+  AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN ACTIONS_ID_TOKEN_REQUEST_TOKEN ACTIONS_ID_TOKEN_REQUEST_URL
+
 # `python -I`: the job's working directory is the repository's checkout (a pull request's code), and a plain
 # `python -m pip` or `python -` would import a `pip/` or `tomllib.py` from it, with the job's tokens in its environment.
 pip_install() { python -I -m pip install --disable-pip-version-check --quiet "$@"; }

@@ -82,19 +82,29 @@ case "${MLCI_COMMAND:-run}" in
   matrix)
     args=(matrix --config "$MLCI_CONFIG")
     if [ -n "${MLCI_SHARDS:-}" ] && [ "$MLCI_SHARDS" != "0" ]; then args+=(--shards "$MLCI_SHARDS"); fi
+    if is_true "${MLCI_FORK_SELF_HOSTED:-}"; then args+=(--fork-self-hosted); fi
     ;;
-  runner-start | runner-stop)
+  runner-start)
     # MLCI_RUNNER_TOKEN (a GitHub App or fine-grained token allowed to register runners) and the AWS
-    # credentials come from the calling step's env.
+    # credentials come from the calling step's env. `target` may name several targets, space-separated:
+    # their machines start side by side, each under GITHUB_RUN_ID-GITHUB_RUN_ATTEMPT-TARGET.
+    if [ -z "${MLCI_TARGET:-}" ]; then
+      echo "::error title=mlci::the runner-start command needs the target input"
+      exit 2
+    fi
+    args=(runner start --config "$MLCI_CONFIG")
+    read -r -a targets <<< "$MLCI_TARGET"
+    for t in "${targets[@]}"; do args+=(--target "$t"); done
+    if [ -n "${MLCI_LAUNCH_ID:-}" ]; then args+=(--launch-id "$MLCI_LAUNCH_ID"); fi
+    ;;
+  runner-stop)
     if [ -z "${MLCI_TARGET:-}" ] || [ -z "${MLCI_LAUNCH_ID:-}" ]; then
       echo "::error title=mlci::the $MLCI_COMMAND command needs the target and launch-id inputs"
       exit 2
     fi
-    args=(runner "${MLCI_COMMAND#runner-}" --config "$MLCI_CONFIG" --target "$MLCI_TARGET" --launch-id "$MLCI_LAUNCH_ID")
-    if [ "$MLCI_COMMAND" = runner-stop ]; then
-      # An interruption leaves a results file saying so, for the report job.
-      args+=(--report .mlci/runner-stop.json --results-dir .mlci/results)
-    fi
+    # An interruption leaves a results file saying so, for the report job.
+    args=(runner stop --config "$MLCI_CONFIG" --target "$MLCI_TARGET" --launch-id "$MLCI_LAUNCH_ID"
+          --report .mlci/runner-stop.json --results-dir .mlci/results)
     ;;
   runner-reap)
     args=(runner reap --config "$MLCI_CONFIG")

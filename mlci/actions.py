@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlci.formatting import SUMMARY_LIMIT
+from mlci.policy import Trust, trust_of
 
 ANNOTATION_LEVELS = ("error", "warning", "notice")
 
@@ -62,6 +63,10 @@ class GitHubContext:
     """GITHUB_HEAD_REF: the pull request's branch (pull_request events only)."""
     ref_name: str | None = None
     """GITHUB_REF_NAME: the branch or tag that triggered the run (``42/merge`` on pull_request events)."""
+    ref: str | None = None
+    """GITHUB_REF: ``refs/heads/BRANCH``, ``refs/tags/TAG`` or ``refs/pull/N/merge``."""
+    ref_type: str | None = None
+    """GITHUB_REF_TYPE: ``branch`` or ``tag``."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, token: str | None = None) -> GitHubContext:
@@ -89,7 +94,15 @@ class GitHubContext:
             github_sha=github_sha,
             head_ref=env.get("GITHUB_HEAD_REF") or None,
             ref_name=env.get("GITHUB_REF_NAME") or None,
+            ref=env.get("GITHUB_REF") or None,
+            ref_type=env.get("GITHUB_REF_TYPE") or None,
         )
+
+    @property
+    def trust(self) -> Trust:
+        """This run's trust tier (mlci.policy): every credential and cache decision derives from it."""
+        return trust_of(self.event_name, self.event, ref=self.ref, ref_type=self.ref_type,
+                        repository=self.repository, in_actions=self.github_actions)
 
     @property
     def run_url(self) -> str | None:
@@ -114,8 +127,9 @@ class GitHubContext:
 
     @property
     def branch(self) -> str | None:
-        """The branch the run is about: the pull request's (GITHUB_HEAD_REF), else GITHUB_REF_NAME."""
-        return self.head_ref or self.ref_name
+        """The branch the run is about: the pull request's (GITHUB_HEAD_REF), else GITHUB_REF_NAME unless that
+        names a tag (a tag called `main` is not the main branch)."""
+        return self.head_ref or (self.ref_name if self.ref_type != "tag" else None)
 
     @property
     def base_sha(self) -> str | None:
@@ -131,9 +145,9 @@ class GitHubContext:
 
     @property
     def default_branch(self) -> str | None:
-        """The repository's default branch, from the event payload."""
-        branch = _dict(self.event.get("repository")).get("default_branch")
-        return str(branch) if branch else None
+        """The repository's default branch, from the event payload (a schedule's payload may name no
+        repository: it runs on the default branch, which GITHUB_REF then names)."""
+        return self.trust.default_branch
 
     # --- what a report is about (delivery) ----------------------------------------------
 

@@ -340,31 +340,47 @@ def matrix(
         typer.Option(min=0, help="Also output `shard-matrix`: one `mlci tune --shard K/N` job per target and "
                                  "K in 1..N (0: none)."),
     ] = 0,
+    fork_self_hosted: Annotated[bool, typer.Option(
+        "--fork-self-hosted", help="Let a fork's pull request run on self-hosted runners too (never on launched ones)."),
+    ] = False,
 ) -> None:
     """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels.
 
-    In GitHub Actions, outputs `matrix` (targets on existing runners), `launch-matrix` (targets whose
-    machine `mlci runner start` launches for this run, labelled with GITHUB_RUN_ID and GITHUB_RUN_ATTEMPT),
-    `targets`, `launch-targets` and `shard-matrix`."""
+    In GitHub Actions, outputs this run's trust tier (`trust`, with `trust-reason`), the AWS role its jobs
+    assume (`role`: default-branch, pull-request or none), whether it may use the S3 cache URL
+    (`cache`) and launch machines (`launch`), the repository's `default-branch`, and the plan:
+    `matrix` (targets on existing runners), `launch-matrix` (targets whose machine `mlci runner start`
+    launches for this run), `targets` (every target expected to report), `hosted-targets`,
+    `launch-targets` and `shard-matrix`."""
     import json
     import os
 
+    from mlci.actions import GitHubContext
     from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, split_launched
 
+    trust = GitHubContext.from_env().trust
     with _exit_codes(ConfigError, MatrixError):
         cfg = load_config(config)
         plan = build_matrix(cfg, only=target or None, run_id=os.environ.get("GITHUB_RUN_ID") or "local",
-                            attempt=os.environ.get("GITHUB_RUN_ATTEMPT") or "1")
-        shard_plan = build_shard_matrix(cfg, shards, only=target or None)
-    text = json.dumps(plan, separators=(",", ":"))
-    print(text)
+                            attempt=os.environ.get("GITHUB_RUN_ATTEMPT") or "1", trust=trust,
+                            fork_self_hosted=fork_self_hosted)
+        shard_plan = build_shard_matrix(cfg, shards, only=target or None, trust=trust,
+                                        fork_self_hosted=fork_self_hosted) if trust.may_launch else {"include": []}
+    print(json.dumps(plan.matrix(), separators=(",", ":")))
+    err.print(f"trust: {trust.tier} ({trust.reason})", markup=False, highlight=False)
+    for name, why in plan.left_out.items():
+        err.print(f"target {name} does not run for this {trust.tier} run: {why}", markup=False, highlight=False)
     hosted, launched = split_launched(plan)
     _github_outputs({"matrix": json.dumps(hosted, separators=(",", ":")),
                      "launch-matrix": json.dumps(launched, separators=(",", ":")),
-                     "targets": " ".join(entry["target"] for entry in plan["include"]),
+                     "targets": " ".join(entry["target"] for entry in plan.include),
                      "hosted-targets": " ".join(entry["target"] for entry in hosted["include"]),
                      "launch-targets": " ".join(entry["target"] for entry in launched["include"]),
-                     "shard-matrix": json.dumps(shard_plan, separators=(",", ":")), "shards": str(shards)})
+                     "shard-matrix": json.dumps(shard_plan, separators=(",", ":")), "shards": str(shards),
+                     "trust": str(trust.tier), "trust-reason": trust.reason, "role": str(trust.role),
+                     "cache": "true" if trust.uses_cache_url else "false",
+                     "launch": "true" if trust.may_launch else "false",
+                     "default-branch": trust.default_branch or ""})
 
 
 @app.command()

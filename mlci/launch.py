@@ -9,6 +9,7 @@ secret but its one-job registration, it is tagged so it can always be found) is 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,11 @@ CAPACITY_ERRORS = frozenset({
 """Error codes of RunInstances that say "not here, not now": the next subnet or market may still have room."""
 
 
+def launch_id(run_id: str, attempt: str, target: str) -> str:
+    """The id of one launched machine: this workflow run, this attempt, this target (a rerun launches anew)."""
+    return f"{run_id}-{attempt}-{target}"
+
+
 def launch_id_problem(launch_id: str) -> str | None:
     """What is wrong with a launch id (None when usable): it becomes a tag, a runner label and part of a name."""
     if _LAUNCH_ID.fullmatch(launch_id or ""):
@@ -56,9 +62,14 @@ def launch_id_problem(launch_id: str) -> str | None:
             "or digit (the workflow passes ${{ github.run_id }}-${{ github.run_attempt }}-TARGET)")
 
 
-def runner_label(launch_id: str) -> str:
-    """The one label a job's `runs-on` names: unique to the job, so no other job can take its machine."""
-    return f"{NAME_PREFIX}{launch_id}"
+def runner_label(launch_id: str, key: str | None) -> str:
+    """The one label a job's `runs-on` names: unique to the job, and unguessable, so no other job can ask for
+    its machine first. The launch id is printed in logs; the label adds an HMAC of it under `key` (the runner
+    token, a secret the plan and start jobs hold), and travels only in job outputs. Without a key (a local
+    `mlci matrix`) it is the launch id alone."""
+    if not key:
+        return f"{NAME_PREFIX}{launch_id}"
+    return f"{NAME_PREFIX}{launch_id}-{hmac.new(key.encode(), launch_id.encode(), hashlib.sha256).hexdigest()[:20]}"
 
 
 def runner_name(launch_id: str, created: float) -> str:
@@ -73,11 +84,9 @@ def parse_runner_name(name: str) -> tuple[str, int] | None:
 
 
 def runner_belongs_to(runner: Mapping[str, Any], launch_id: str) -> bool:
-    """Whether a runner (GitHub's runner object) was registered for this launch id, by its label or its name."""
+    """Whether a runner (GitHub's runner object) was registered for this launch id, by its name."""
     parsed = parse_runner_name(str(runner.get("name", "")))
-    if parsed is not None and parsed[0] == launch_id:
-        return True
-    return runner_label(launch_id) in label_names(runner)
+    return parsed is not None and parsed[0] == launch_id
 
 
 def label_names(runner: Mapping[str, Any]) -> list[str]:
@@ -169,27 +178,6 @@ def client_token(launch_id: str, runner_id: int, attempt: Attempt) -> str:
 def is_capacity_error(code: str) -> bool:
     """Whether RunInstances' error code means "no room here" (try the next subnet or market)."""
     return code in CAPACITY_ERRORS
-
-
-def fork_problem(event_name: str | None, event: Mapping[str, Any]) -> str | None:
-    """Why this run must not get a runner (None when it may): a fork's pull request would run its own code on a
-    machine registered to this repository."""
-    if event_name in ("pull_request", "pull_request_target"):
-        pr = event.get("pull_request") if isinstance(event.get("pull_request"), dict) else {}
-        head = _full_name((pr.get("head") or {}).get("repo")) if isinstance(pr.get("head"), dict) else None
-        base = _full_name((pr.get("base") or {}).get("repo")) if isinstance(pr.get("base"), dict) else None
-        if head is None or base is None or head.casefold() != base.casefold():
-            return f"pull request from {head or 'an unknown or deleted repository'} into {base or '?'}"
-    if event_name == "workflow_run":
-        run = event.get("workflow_run") if isinstance(event.get("workflow_run"), dict) else {}
-        head, base = _full_name(run.get("head_repository")), _full_name(run.get("repository"))
-        if head is None or base is None or head.casefold() != base.casefold():
-            return f"workflow run of {head or 'an unknown repository'}'s commit in {base or '?'}"
-    return None
-
-
-def _full_name(repo: Any) -> str | None:
-    return repo.get("full_name") if isinstance(repo, dict) and isinstance(repo.get("full_name"), str) else None
 
 
 # --- stop -----------------------------------------------------------------------------------------------------

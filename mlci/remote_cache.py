@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 from mlci.config import s3_url_problem
 from mlci.formatting import quoted_for_log
+from mlci.policy import SHARED_TIER
 from mlci.tuning import (
     RECORDS_FILE,
     WORKLOADS_FILE,
@@ -45,8 +46,6 @@ from mlci.tuning import (
 
 log = logging.getLogger("mlci")
 
-SHARED_TIER = "main"
-"""The tier the default branch writes and every run reads."""
 FORMAT_VERSION = 1
 MAX_ENTRY_BYTES = 1 << 20
 """An entry larger than this is not read (a kernel's few best records take a few KiB)."""

@@ -117,6 +117,8 @@ class StartRequest:
     target: str
     launch: LaunchConfig
     run_url: str | None = None
+    label_key: str | None = field(default=None, repr=False)
+    """The secret the runner label's nonce is derived from (see launch.runner_label)."""
 
 
 @dataclass
@@ -162,7 +164,7 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
     """One runner for one job, online. A repeated start of the same launch id resumes the instance an earlier
     start launched instead of launching a second. On failure nothing is left running: the instance is
     terminated and the runner deleted before RunnerError is raised (`stop` covers a start killed mid-way)."""
-    launch_id, label = request.launch_id, L.runner_label(request.launch_id)
+    launch_id, label = request.launch_id, L.runner_label(request.launch_id, request.label_key)
     live = _managed_instances(ec2, launch_id, ("pending", "running"))
     # GitHub is asked about earlier registrations only when an earlier start launched: a runner registered by a
     # start that died before launching is offline with an unused configuration, and stop removes it with this one.
@@ -243,7 +245,7 @@ def _launch(request: StartRequest, ec2: Any, runner: dict, jit: str, now: float,
             raise RunnerError(_fatal_message(code, message, launch, attempt)) from None
         instance = reply["Instances"][0]
         log(f"launched {attempt.market} {launch.instance_type} {instance['InstanceId']} in {attempt.subnet}")
-        return Started(request.launch_id, L.runner_label(request.launch_id), int(runner["id"]), str(runner["name"]),
+        return Started(request.launch_id, L.runner_label(request.launch_id, request.label_key), int(runner["id"]), str(runner["name"]),
                        str(instance["InstanceId"]), attempt.market, attempt.subnet, tried=tried)
     raise RunnerError(f"no capacity for {launch.instance_type} ({launch.image}) in {launch.region}: "
                       + "; ".join(tried) + ". Add subnets in other availability zones, or retry later")

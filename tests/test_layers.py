@@ -16,7 +16,7 @@ LAYERS: dict[str, set[str]] = {
     "contracts": {"mlci", "mlci.config", "mlci.results"},
     "pure logic": {"mlci.stats", "mlci.gate", "mlci.budget", "mlci.formatting", "mlci.templating", "mlci.report",
                    "mlci.console", "mlci.trend", "mlci.launch", "mlci.trace_check",
-                   "mlci.graph"},
+                   "mlci.graph", "mlci.policy"},
     "adapters": {"mlci.models", "mlci.converters", "mlci.converters.rnn", "mlci.converters.quantized", "mlci.converters.standard",
                  "mlci.compile", "mlci.schedules", "mlci.build_cache", "mlci.tuning", "mlci.remote_cache", "mlci.targets",
                  "mlci.measure", "mlci.pipeline", "mlci.ab", "mlci.gitinfo", "mlci.tracking", "mlci.actions", "mlci.github",

@@ -162,16 +162,3 @@ def test_the_faster_backend_and_by_how_much() -> None:
     assert faster_backend(1.0) == ("tvm", 1.0)
     assert faster_backend(None) is None and faster_backend(math.nan) is None and faster_backend(0.0) is None
 
-
-def test_progressive_tuning_is_on_by_default_only_for_the_default_branchs_own_ci_runs() -> None:
-    from mlci.actions import GitHubContext
-    from mlci.commands.run import progressive_by_default
-    from mlci.results import GitInfo
-
-    main, feature = GitInfo(branch="main", default_branch="main"), GitInfo(branch="fix", default_branch="main")
-    actions = GitHubContext(github_actions=True, event_name="push")
-    assert progressive_by_default(actions, main)
-    assert progressive_by_default(GitHubContext(github_actions=True, event_name="schedule"), main)
-    assert not progressive_by_default(actions, feature)
-    assert not progressive_by_default(GitHubContext(github_actions=True, event_name="pull_request"), main)
-    assert not progressive_by_default(GitHubContext(github_actions=False), main)  # a local run: warm runs stay free

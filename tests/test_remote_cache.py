@@ -459,42 +459,54 @@ def test_the_cache_url_is_configured_in_mlci_toml_or_by_environment(tmp_path: Pa
         assert message in str(caught.value)
 
 
-def test_only_the_default_branch_writes_the_shared_tier_and_a_pull_request_writes_its_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "tier", "writes"), [
+    ("push to the default branch", "main", True),
+    ("schedule", "main", True),
+    ("same-repository pull request", "pr-2", True),
+    ("push to a branch", "main", False),
+    ("push of a tag", "main", False),
+    ("fork pull request", "main", False),
+])
+def test_only_the_default_branch_writes_the_shared_tier_and_a_pull_request_writes_its_own(
+        kind: str, tier: str, writes: bool, tmp_path: Path) -> None:
     from mlci.actions import GitHubContext
-    from mlci.commands.run import remote_tier
-    from mlci.results import GitInfo
+    from mlci.commands.run import remote_cache_for
+
+    from .events import actions_env
 
     config = _config(tmp_path, '[cache]\nurl = "s3://b/x"')
-    main = GitInfo(branch="main", default_branch="main")
-    pr_event = {"pull_request": {"number": 12}}
-    assert remote_tier(config, GitHubContext(github_actions=True, event_name="push"), main) == ("main", True)
-    assert remote_tier(config, GitHubContext(github_actions=True, event_name="schedule"), main) == ("main", True)
-    assert remote_tier(config, GitHubContext(github_actions=True, event_name="pull_request", event=pr_event),
-                       GitInfo(branch="feature", default_branch="main")) == ("pr-12", True)
+    remote = remote_cache_for(config, GitHubContext.from_env(actions_env(tmp_path, kind)))
+    assert (remote.tier, remote.writes) == (tier, writes)
+
+
+def test_pr_writes_and_local_writes_say_whether_those_runs_write(tmp_path: Path) -> None:
+    from mlci.actions import GitHubContext
+    from mlci.commands.run import remote_cache_for
+
+    from .events import actions_env
+
     read_only = _config(tmp_path, '[cache]\nurl = "s3://b/x"\npr_writes = false')
-    assert remote_tier(read_only, GitHubContext(github_actions=True, event_name="pull_request", event=pr_event),
-                       GitInfo(branch="feature", default_branch="main")) == ("pr-12", False)
-    # A push to another branch, and a run on a laptop, read the shared tier and write nothing.
-    assert remote_tier(config, GitHubContext(github_actions=True, event_name="push"),
-                       GitInfo(branch="feature", default_branch="main")) == ("main", False)
-    assert remote_tier(config, GitHubContext(), main) == ("main", False)
-    writes_locally = _config(tmp_path, '[cache]\nurl = "s3://b/x"\nlocal_writes = true')
-    assert remote_tier(writes_locally, GitHubContext(), main) == ("main", True)
+    pr = GitHubContext.from_env(actions_env(tmp_path, "same-repository pull request"))
+    assert (remote_cache_for(read_only, pr).tier, remote_cache_for(read_only, pr).writes) == ("pr-2", False)
+    laptop = GitHubContext()
+    assert remote_cache_for(_config(tmp_path, '[cache]\nurl = "s3://b/x"'), laptop).writes is False
+    assert remote_cache_for(_config(tmp_path, '[cache]\nurl = "s3://b/x"\nlocal_writes = true'), laptop).writes is True
 
 
 def test_a_run_has_no_remote_level_unless_a_cache_url_is_configured(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from mlci.actions import GitHubContext
     from mlci.commands.run import remote_cache_for
-    from mlci.results import GitInfo
+
+    from .events import actions_env
 
     monkeypatch.delenv("MLCI_CACHE_URL", raising=False)
-    pr = GitHubContext(github_actions=True, event_name="pull_request", event={"pull_request": {"number": 5}})
-    assert remote_cache_for(_config(tmp_path), pr, GitInfo()) is None
+    pr = GitHubContext.from_env(actions_env(tmp_path, "same-repository pull request"))
+    assert remote_cache_for(_config(tmp_path), pr) is None
     monkeypatch.setenv("MLCI_CACHE_URL", "s3://team-bucket/mlci")
-    remote = remote_cache_for(_config(tmp_path), pr, GitInfo())
-    assert (remote.bucket, remote.prefix, remote.tier, remote.writes) == ("team-bucket", "mlci", "pr-5", True)
-    assert remote.read_tiers == ["main", "pr-5"]
+    remote = remote_cache_for(_config(tmp_path), pr)
+    assert (remote.bucket, remote.prefix, remote.tier, remote.writes) == ("team-bucket", "mlci", "pr-2", True)
+    assert remote.read_tiers == ["main", "pr-2"]
 
 
 def test_an_entry_claiming_a_trillion_trials_is_credited_no_more_than_the_runs_budget(

@@ -181,7 +181,7 @@ def test_a_retried_start_of_the_same_launch_launches_one_instance_not_two(moto, 
 
 def test_a_retry_after_a_start_that_died_before_launching_registers_afresh_and_stop_removes_both(moto, gh, subnets) -> None:
     launch_id = new_id()
-    github(gh).register(L.runner_name(launch_id, time.time() - 60), [L.runner_label(launch_id)], 1)  # died right here
+    github(gh).register(L.runner_name(launch_id, time.time() - 60), [L.runner_label(launch_id, TOKEN)], 1)  # died right here
     started = run_start(moto, gh, subnets, launch_id)
     assert gh.runner_named(started.runner_name)["status"] == "online" and len(gh.runners) == 2
     assert len(instances(moto, launch_id)) == 1
@@ -358,24 +358,32 @@ def write_config(tmp_path: Path, subnets: tuple[str, str], **launch: Any) -> Pat
 def cli_env(gh: FakeGitHub, moto: MotoServer, **extra: str) -> dict[str, str]:
     return {**FAKE_AWS, "AWS_ENDPOINT_URL_EC2": moto.url, "GITHUB_API_URL": gh.url, "GITHUB_REPOSITORY": gh.repository,
             "MLCI_RUNNER_TOKEN": TOKEN, "GITHUB_SERVER_URL": "https://github.com", "GITHUB_RUN_ID": "4242",
-            "GITHUB_EVENT_NAME": "push", "GITHUB_EVENT_PATH": "", "GITHUB_OUTPUT": "", **extra}
+            "GITHUB_EVENT_NAME": "push", "GITHUB_EVENT_PATH": "", "GITHUB_OUTPUT": "", "GITHUB_ACTIONS": "true", **extra}
 
 
 def cli(args: list[str], gh: FakeGitHub, moto: MotoServer, **extra: str) -> Any:
     return CliRunner().invoke(app, args, env=cli_env(gh, moto, **extra))
 
 
-def test_cli_start_prints_the_label_for_runs_on_and_stop_cleans_up_without_showing_the_token(moto, gh, subnets, tmp_path) -> None:
+def test_cli_start_outputs_an_unguessable_label_it_never_prints_and_stop_cleans_up_without_showing_the_token(
+        moto, gh, subnets, tmp_path) -> None:
     config, outputs, report = write_config(tmp_path, subnets), tmp_path / "outputs", tmp_path / "stop.json"
     outputs.touch()
     launch_id = new_id()
     start = cli(["runner", "start", "--config", str(config), "--target", "gpu", "--launch-id", launch_id,
                  "--online-timeout", "10", "--poll-interval", "0.02"], gh, moto, GITHUB_OUTPUT=str(outputs))
     assert start.exit_code == 0, start.output
-    assert f"label=mlci-{launch_id}\n" in start.stdout
     written = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
     (inst,) = instances(moto, launch_id)
-    assert written["label"] == f"mlci-{launch_id}" and written["instance-id"] == inst["InstanceId"]
+    label = written["label"]
+    assert label == L.runner_label(launch_id, TOKEN) and label.startswith(f"mlci-{launch_id}-") and len(label) > len(
+        f"mlci-{launch_id}-") + 16
+    assert json.loads(written["labels"]) == {"gpu": label} and written["instance-id"] == inst["InstanceId"]
+    assert label not in start.output  # a reader of the log cannot ask for the machine before the bench job does
+    (runner,) = gh.runners.values()
+    # its one custom label (GitHub adds its read-only defaults, self-hosted and the OS and architecture, to every runner)
+    assert [x["name"] for x in runner["labels"] if x.get("type") == "custom"] == [label]
+    assert L.runner_label(launch_id, "another-token") != label
     assert {t["Key"]: t["Value"] for t in inst["Tags"]}[L.RUN_TAG] == f"https://github.com/{gh.repository}/actions/runs/4242"
 
     stop = cli(["runner", "stop", "--config", str(config), "--target", "gpu", "--launch-id", launch_id, "--report", str(report)],
@@ -386,6 +394,28 @@ def test_cli_start_prints_the_label_for_runs_on_and_stop_cleans_up_without_showi
     secret = json.loads(base64.b64decode(next(iter(gh.jit_configs.values()))))[".credentials"]
     for text in (start.output, stop.output, outputs.read_text(), report.read_text()):
         assert TOKEN not in text and secret not in text and next(iter(gh.jit_configs.values())) not in text
+
+
+def test_one_start_job_starts_every_target_and_one_that_cannot_start_holds_up_no_other(moto, gh, subnets, tmp_path) -> None:
+    """Two launched targets in one start: the second's subnet does not exist. The first's machine comes online and
+    its label is output; the second's registration is removed; the command fails naming the second target."""
+    config = write_config(tmp_path, subnets)
+    config.write_text(config.read_text() + config.read_text().split("[targets.gpu]", 1)[1].join(
+        ["[targets.gpu2]", ""]).replace(subnets[0], "subnet-00000000deadbeef0").replace(subnets[1], "subnet-00000000deadbeef1"))
+    outputs = tmp_path / "outputs"
+    outputs.touch()
+    run_id = f"77{uuid.uuid4().hex[:6]}"
+    start = cli(["runner", "start", "--config", str(config), "--target", "gpu", "--target", "gpu2", "--online-timeout", "10",
+                 "--poll-interval", "0.02"], gh, moto, GITHUB_OUTPUT=str(outputs), GITHUB_RUN_ID=run_id, GITHUB_RUN_ATTEMPT="1")
+    assert start.exit_code == 1, start.output
+    assert "1 of 2 machines did not start" in start.output and "gpu2:" in start.output
+    written = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert json.loads(written["labels"]) == {"gpu": L.runner_label(f"{run_id}-1-gpu", TOKEN)}
+    assert len(instances(moto, f"{run_id}-1-gpu")) == 1 and instances(moto, f"{run_id}-1-gpu2") == []
+    assert [r["name"] for r in gh.runners.values()] == [L.runner_name(f"{run_id}-1-gpu", 0)[:-10] + r["name"][-10:]
+                                                        for r in gh.runners.values()] and len(gh.runners) == 1
+    runners.stop(f"{run_id}-1-gpu", "gpu", client(moto), github(gh))
+    assert gh.runners == {}
 
 
 def test_cli_start_without_the_runner_token_is_a_usage_error_naming_it(moto, gh, subnets, tmp_path) -> None:
@@ -431,14 +461,20 @@ def test_start_refuses_when_the_workflow_says_fork(moto, gh, subnets, tmp_path) 
     assert result.exit_code == 2 and "--fork" in result.stderr and gh.requests == []
 
 
-def test_the_fork_rule_lets_a_same_repository_pull_request_through() -> None:
-    same = {"pull_request": {"head": {"repo": {"full_name": "octo-org/widgets"}}, "base": {"repo": {"full_name": "Octo-Org/widgets"}}}}
-    assert L.fork_problem("pull_request", same) is None
-    assert L.fork_problem("push", {}) is None
-    deleted = {"pull_request": {"head": {"repo": None}, "base": {"repo": {"full_name": "octo-org/widgets"}}}}
-    assert L.fork_problem("pull_request", deleted) is not None
-    run = {"workflow_run": {"head_repository": {"full_name": "mallory/widgets"}, "repository": {"full_name": "octo-org/widgets"}}}
-    assert L.fork_problem("workflow_run", run) is not None
+def test_start_refuses_a_forks_workflow_run_and_lets_a_same_repository_pull_request_through(moto, gh, subnets, tmp_path) -> None:
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"workflow_run": {"head_repository": {"full_name": "mallory/widgets"},
+                                                "repository": {"full_name": "octo-org/widgets"}}}))
+    config = write_config(tmp_path, subnets)
+    refused = cli(["runner", "start", "--config", str(config), "--target", "gpu", "--launch-id", new_id()], gh, moto,
+                  GITHUB_EVENT_NAME="workflow_run", GITHUB_EVENT_PATH=str(run))
+    assert refused.exit_code == 2 and "mallory/widgets" in refused.stderr and gh.requests == []
+    launch_id = new_id()
+    same = cli(["runner", "start", "--config", str(config), "--target", "gpu", "--launch-id", launch_id, "--online-timeout",
+                "10", "--poll-interval", "0.02"], gh, moto, GITHUB_EVENT_NAME="pull_request",
+               GITHUB_EVENT_PATH=fork_event(tmp_path, "Octo-Org/widgets"))
+    assert same.exit_code == 0, same.output
+    runners.stop(launch_id, "gpu", client(moto), github(gh))
 
 
 def test_a_start_killed_after_the_launch_is_cleaned_up_by_stop(moto, gh, subnets, tmp_path) -> None:
@@ -456,7 +492,7 @@ def test_a_start_killed_after_the_launch_is_cleaned_up_by_stop(moto, gh, subnets
     finally:
         proc.send_signal(signal.SIGKILL)  # no chance to clean up
         out, err = proc.communicate(timeout=10)
-    assert b"label=" not in out and len(gh.runners) == 1
+    assert b"label" not in out + err and len(gh.runners) == 1
     stop = cli(["runner", "stop", "--config", str(config), "--target", "gpu", "--launch-id", launch_id], gh, moto)
     assert stop.exit_code == 0, stop.output
     assert "outcome=stopped" in stop.stdout

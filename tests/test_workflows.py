@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import yaml
 from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, default_runs_on, split_launched
 from mlci.config import TargetConfig, parse_config
 
+from .events import matrix_outputs, run_kinds
 from .gh_expr import condition, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,13 +217,13 @@ def test_matrix_one_entry_per_target_with_runner_labels(tmp_path: Path):
         tmp_path / "mlci.toml",
     )
     plan = build_matrix(config)
-    assert plan == {"include": [
+    assert plan.matrix() == {"include": [
         {"target": "cpu", "runs-on": ["ubuntu-latest"], "kind": "llvm"},
         {"target": "arm", "runs-on": ["ubuntu-24.04-arm"], "kind": "llvm"},
         {"target": "gpu", "runs-on": ["self-hosted", "linux", "gpu"], "kind": "cuda"},
         {"target": "lab", "runs-on": ["self-hosted", "bench-box"], "kind": "llvm"},
     ]}
-    assert build_matrix(config, only=["gpu"])["include"][0]["target"] == "gpu"
+    assert build_matrix(config, only=["gpu"]).include[0]["target"] == "gpu"
     assert default_runs_on(TargetConfig("x", {"kind": "llvm", "mcpu": "apple-m1"})) == ["ubuntu-24.04-arm"]
 
 
@@ -272,24 +274,33 @@ REPOSITORY = {"full_name": "octo-org/widgets", "default_branch": "main"}
 
 
 def github_context(kind: str) -> dict:
-    """The `github` context of one kind of run of octo-org/widgets (default branch: main)."""
-    def pull_request(head_repo: dict | None) -> dict:
-        return {"event_name": "pull_request", "ref": "refs/pull/7/merge", "event": {
-            "number": 7, "repository": REPOSITORY,
-            "pull_request": {"number": 7, "head": {"ref": "topic", "repo": head_repo}, "base": {"ref": "main"}}}}
+    """The `github` context of one kind of run (tests/events.py: GitHub's own example payloads)."""
+    name, payload, ref, _ = run_kinds()[kind]
+    return {"event_name": name, "ref": ref, "event": payload, "run_id": "4242",
+            "repository": (payload.get("repository") or {}).get("full_name", "Codertocat/Hello-World")}
 
-    kinds = {
-        "push to main": {"event_name": "push", "ref": "refs/heads/main", "event": {"repository": REPOSITORY}},
-        "schedule": {"event_name": "schedule", "ref": "refs/heads/main", "event": {"schedule": "17 3 * * *"}},
-        "manual run on main": {"event_name": "workflow_dispatch", "ref": "refs/heads/main", "event": {"repository": REPOSITORY}},
-        "push to a branch": {"event_name": "push", "ref": "refs/heads/topic", "event": {"repository": REPOSITORY}},
-        "manual run on a branch": {"event_name": "workflow_dispatch", "ref": "refs/heads/topic",
-                                   "event": {"repository": REPOSITORY}},
-        "same-repository pull request": pull_request({"full_name": "octo-org/widgets"}),
-        "fork pull request": pull_request({"full_name": "someone/widgets"}),
-        "pull request from a deleted fork": pull_request(None),
-    }
-    return {"repository": "octo-org/widgets", "run_id": "1", **kinds[kind]}
+
+_MATRIX_OUTPUTS: dict[str, dict[str, str]] = {}
+
+
+def plan_step_outputs(kind: str) -> dict[str, str]:
+    """What the plan job's `mlci matrix` step outputs for a run of `kind` (really run, once per kind)."""
+    if kind not in _MATRIX_OUTPUTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "mlci.toml"
+            config.write_text(PLAN_CONFIG)
+            _MATRIX_OUTPUTS[kind] = matrix_outputs(config, Path(tmp), kind)
+    return _MATRIX_OUTPUTS[kind]
+
+
+PLAN_CONFIG = """
+[targets.cpu]
+[targets.gpu]
+tvm = { kind = "cuda", arch = "sm_86" }
+launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
+[[models]]
+path = "m.onnx"
+"""
 
 
 def reusable_inputs(**given) -> dict:
@@ -298,10 +309,11 @@ def reusable_inputs(**given) -> dict:
     return {**{name: spec.get("default") for name, spec in declared.items()}, **given}
 
 
-def plan_outputs(context: dict) -> dict:
+def plan_outputs(kind: str) -> dict:
+    """The plan job as the later jobs see it (`needs.plan`): its outputs from the real `mlci matrix` step."""
     plan = load(REUSABLE)["jobs"]["plan"]
-    outputs = {name: render(value, context) for name, value in plan["outputs"].items()}
-    return {"result": "success", "outputs": outputs}
+    context = {"steps": {"matrix": {"outputs": plan_step_outputs(kind)}}}
+    return {"result": "success", "outputs": {name: render(value, context) for name, value in plan["outputs"].items()}}
 
 
 def credentials(job_name: str, kind: str, tune_result: str = "skipped", **given) -> dict:
@@ -309,9 +321,7 @@ def credentials(job_name: str, kind: str, tune_result: str = "skipped", **given)
     the cache URL the action gets, the AWS keys the mlci step sees, and whether the job runs at all."""
     context = {"github": github_context(kind), "inputs": reusable_inputs(**given), "secrets": {}, "vars": {},
                "matrix": {"target": "cpu", "runs-on": ["ubuntu-latest"], "shard": "1/2"}}
-    context["needs"] = {"plan": plan_outputs({**context, "steps": {"matrix": {"outputs": {"targets": "cpu",
-                                                                                         "hosted-targets": "cpu"}}}}),
-                        "tune": {"result": tune_result, "outputs": {}}}
+    context["needs"] = {"plan": plan_outputs(kind), "tune": {"result": tune_result, "outputs": {}}}
     job = load(REUSABLE)["jobs"][job_name]
     runs = condition(job.get("if"), context)
     role_step = step(job, id="aws")
@@ -335,9 +345,11 @@ ROLES = {"cache-url": CACHE_URL, "aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE}
 
 
 @pytest.mark.parametrize(("kind", "role", "cache_url"), [
-    ("push to main", MAIN_ROLE, CACHE_URL),
+    ("push to the default branch", MAIN_ROLE, CACHE_URL),
     ("schedule", MAIN_ROLE, CACHE_URL),
-    ("manual run on main", MAIN_ROLE, CACHE_URL),
+    ("manual run on the default branch", MAIN_ROLE, CACHE_URL),
+    ("push of a tag", None, CACHE_URL),
+    ("workflow_run of a fork", None, "none"),
     ("same-repository pull request", PR_ROLE, CACHE_URL),
     ("push to a branch", None, CACHE_URL),
     ("manual run on a branch", None, CACHE_URL),
@@ -356,15 +368,15 @@ def test_each_trust_tier_assumes_its_own_role_and_a_fork_gets_the_s3_cache_turne
 
 
 def test_no_cache_url_means_no_role_and_a_missing_role_means_none_assumed():
-    without_url = credentials("bench", "push to main", **{"aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE})
+    without_url = credentials("bench", "push to the default branch", **{"aws-role": MAIN_ROLE, "aws-pr-role": PR_ROLE})
     assert without_url["role"] is None and without_url["cache-url"] == ""
     # The PR role is never a stand-in for a missing main role, nor the other way round.
-    only_pr = credentials("bench", "push to main", **{"cache-url": CACHE_URL, "aws-pr-role": PR_ROLE})
+    only_pr = credentials("bench", "push to the default branch", **{"cache-url": CACHE_URL, "aws-pr-role": PR_ROLE})
     assert only_pr["role"] is None
     only_main = credentials("bench", "same-repository pull request", **{"cache-url": CACHE_URL, "aws-role": MAIN_ROLE})
     assert only_main["role"] is None
-    assert credentials("bench", "push to main", **ROLES)["region"] == "us-east-1"
-    assert credentials("bench", "push to main", **ROLES, **{"aws-region": "eu-west-1"})["region"] == "eu-west-1"
+    assert credentials("bench", "push to the default branch", **ROLES)["region"] == "us-east-1"
+    assert credentials("bench", "push to the default branch", **ROLES, **{"aws-region": "eu-west-1"})["region"] == "eu-west-1"
 
 
 def test_the_roles_keys_win_over_static_keys_which_still_serve_where_no_role_is_assumed():
@@ -493,14 +505,14 @@ def test_the_history_report_is_uploaded_after_the_report_job_on_the_default_bran
     upload = step(history, uses="actions/upload-artifact@")
     assert upload["with"]["name"] == "mlci-history"
     inputs = {"tracking-uri": "https://mlflow.example"}
-    for event, runs in (("push", True), ("schedule", True), ("workflow_dispatch", True), ("pull_request", False)):
-        context = {"needs": {"plan": {"result": "success"}}, "inputs": inputs, "github": {"event_name": event}}
-        assert condition(history["if"], context, status="success") is runs, event
-    no_server = {"needs": {"plan": {"result": "success"}}, "inputs": {"tracking-uri": ""},
-                 "github": {"event_name": "push"}}
+    for kind, runs in (("push to the default branch", True), ("schedule", True), ("manual run on the default branch", True),
+                       ("same-repository pull request", False), ("fork pull request", False)):
+        context = {"needs": {"plan": plan_outputs(kind)}, "inputs": inputs, "github": github_context(kind)}
+        assert condition(history["if"], context, status="success") is runs, kind
+    no_server = {"needs": {"plan": plan_outputs("schedule")}, "inputs": {"tracking-uri": ""}}
     assert not condition(history["if"], no_server, status="success")  # a throwaway store has one run
-    schedule = {"github": {"event": {"schedule": "17 3 * * *"}, "ref_name": "main"}}
-    assert render(mlci["with"]["branch"], schedule) == "main"
+    # a schedule's bare payload names no repository: the report is still the default branch's
+    assert render(mlci["with"]["branch"], {"needs": {"plan": plan_outputs("schedule")}}) == "master"
 
 
 def test_the_action_exports_the_cache_url_only_when_given(tmp_path: Path):
@@ -558,11 +570,11 @@ path = "m.onnx"
 """
 
 
-def test_matrix_gives_a_launched_target_its_own_runner_label_and_no_tuning_shards(tmp_path: Path):
+def test_matrix_gives_a_launched_target_its_launch_id_and_no_tuning_shards(tmp_path: Path):
     config = parse_config(LAUNCH_CONFIG, tmp_path / "mlci.toml")
     plan = build_matrix(config, run_id="9876", attempt="2")
-    assert plan["include"][1] == {"target": "gpu", "runs-on": ["mlci-9876-2-gpu"], "kind": "cuda",
-                                  "launch-id": "9876-2-gpu"}
+    # no runs-on: the bench job runs on the label `mlci runner start` outputs for it, which no plan can predict
+    assert plan.include[1] == {"target": "gpu", "kind": "cuda", "launch-id": "9876-2-gpu"}
     hosted, launched = split_launched(plan)
     assert [e["target"] for e in hosted["include"]] == ["cpu"] and [e["target"] for e in launched["include"]] == ["gpu"]
     assert {e["target"] for e in build_shard_matrix(config, 2)["include"]} == {"cpu"}
@@ -584,16 +596,16 @@ def test_matrix_cli_outputs_the_launch_matrix_for_this_run(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     text = output.read_text()
     assert "targets=cpu gpu\n" in text and "hosted-targets=cpu\n" in text and "launch-targets=gpu\n" in text
-    assert 'launch-matrix={"include":[{"target":"gpu","runs-on":["mlci-55-1-gpu"],"kind":"cuda","launch-id":"55-1-gpu"}]}' in text
+    assert 'launch-matrix={"include":[{"target":"gpu","kind":"cuda","launch-id":"55-1-gpu"}]}' in text
+    assert "mlci-55-1-gpu" not in done.stdout + done.stderr + text  # no label is made, let alone printed, here
 
 
-def launch_context(kind: str, **results: str) -> dict:
+def launch_context(kind: str, labels: str = "", **results: str) -> dict:
     return {"github": github_context(kind), "inputs": reusable_inputs(), "secrets": {}, "vars": {},
-            "needs": {"plan": {"result": "success", "outputs": {
-                "trust": plan_outputs({"github": github_context(kind), "inputs": reusable_inputs(),
-                                       "steps": {"matrix": {"outputs": {}}}})["outputs"]["trust"],
-                "launch-targets": "gpu", "hosted-targets": "cpu", "targets": "cpu gpu"}},
-                **{job: {"result": result} for job, result in results.items()}}}
+            "matrix": {"target": "gpu", "launch-id": "4242-1-gpu"},
+            "needs": {"plan": plan_outputs(kind), "start": {"result": results.get("start", "skipped"),
+                                                            "outputs": {"labels": labels}},
+                      **{job: {"result": result, "outputs": {}} for job, result in results.items() if job != "start"}}}
 
 
 def test_a_launched_target_runs_start_then_bench_on_its_machine_then_stop_whatever_happened():
@@ -601,16 +613,20 @@ def test_a_launched_target_runs_start_then_bench_on_its_machine_then_stop_whatev
     start, bench, stop = jobs["start"], jobs["bench-launched"], jobs["stop"]
     assert start["needs"] == "plan" and bench["needs"] == ["plan", "start"]
     assert stop["needs"] == ["plan", "start", "bench-launched"]
-    for job in (start, bench, stop):
+    for job in (bench, stop):
         assert job["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.launch-matrix) }}"
-    assert bench["runs-on"] == "${{ matrix.runs-on }}"  # the label only this job's runner carries
     assert start["runs-on"] == stop["runs-on"] == "ubuntu-latest"
-    assert step(start, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-start"
+    mlci = step(start, uses=f"{MLCI_REPO}@")
+    assert mlci["with"]["command"] == "runner-start"
     assert step(stop, uses=f"{MLCI_REPO}@")["with"]["command"] == "runner-stop"
     kind = "same-repository pull request"
-    assert condition(start["if"], launch_context(kind))
-    assert condition(bench["if"], launch_context(kind, start="success"))
-    assert not condition(bench["if"], launch_context(kind, start="failure"), status="failure")  # never waits for no machine
+    assert render(mlci["with"]["target"], launch_context(kind)) == "gpu"  # one job starts every launched target
+    label = '{"gpu": "mlci-4242-1-gpu-0123456789abcdef0123"}'
+    started = launch_context(kind, labels=label, start="success")
+    assert condition(start["if"], started) and condition(bench["if"], started)
+    assert render(bench["runs-on"], started) == "mlci-4242-1-gpu-0123456789abcdef0123"  # only its runner has it
+    no_machine = step(bench, name="No machine started for this target")
+    assert not condition(no_machine["if"], started)
     for start_result, bench_result, status in (("success", "success", "success"), ("success", "failure", "failure"),
                                                ("failure", "skipped", "failure"), ("cancelled", "skipped", "cancelled"),
                                                ("success", "cancelled", "cancelled")):
@@ -618,17 +634,32 @@ def test_a_launched_target_runs_start_then_bench_on_its_machine_then_stop_whatev
                          status=status), (start_result, bench_result)
 
 
+def test_a_target_whose_machine_did_not_start_fails_at_once_and_the_others_still_bench():
+    """One start job for every launched target: its result is "failure" when one machine did not start, and
+    the labels it output name only those that did. No bench job is skipped for another's machine, and none
+    waits for a machine that will never come (GitHub never times out a queued job before 24 hours)."""
+    jobs = load(REUSABLE)["jobs"]
+    bench = jobs["bench-launched"]
+    kind = "push to the default branch"
+    partly = launch_context(kind, labels='{"other": "mlci-4242-1-other-aaaa"}', start="failure")
+    assert condition(bench["if"], partly, status="failure")  # the started target's bench job runs
+    assert render(bench["runs-on"], partly) == "ubuntu-latest"  # gpu's: on a hosted runner, to fail at once
+    no_machine = step(bench, name="No machine started for this target")
+    assert condition(no_machine["if"], partly) and "exit 1" in no_machine["run"]
+    assert bench["steps"][0] is no_machine  # before anything could run the target's code
+    nothing = launch_context(kind, labels="", start="failure")
+    assert render(bench["runs-on"], nothing) == "ubuntu-latest" and condition(no_machine["if"], nothing)
+    assert not condition(bench["if"], launch_context(kind, start="skipped"), status="success")
+
+
 def test_a_forks_pull_request_launches_no_machine_and_is_not_expected_to_bench_there():
     jobs = load(REUSABLE)["jobs"]
     context = launch_context("fork pull request")
+    assert context["needs"]["plan"]["outputs"]["launch-targets"] == ""  # mlci matrix left gpu out
     assert not condition(jobs["start"]["if"], context) and not condition(jobs["stop"]["if"], context)
     compare = step(jobs["report"], id="compare")
     assert render(compare["with"]["expect-targets"], context).split() == ["cpu"]
-    only_launched = launch_context("fork pull request")
-    only_launched["needs"]["plan"]["outputs"]["hosted-targets"] = ""
-    assert render(compare["with"]["expect-targets"], only_launched).split() == []
-    assert render(compare["with"]["expect-targets"], launch_context(
-        "same-repository pull request")) == "cpu gpu"
+    assert render(compare["with"]["expect-targets"], launch_context("same-repository pull request")).split() == ["cpu", "gpu"]
 
 
 def test_the_runner_token_reaches_only_the_start_and_stop_steps():

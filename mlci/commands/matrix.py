@@ -1,19 +1,43 @@
 """`mlci matrix`: the plan job's target matrix, one bench job per target with its runner labels.
 
-Pure: reads only the parsed config, so the plan job needs neither TVM nor a GPU to run it.
+Pure: reads only the parsed config and the run's trust tier (mlci.policy), so the plan job needs
+neither TVM nor a GPU to run it. A fork's pull request gets only the targets that run on GitHub's own
+machines: a self-hosted runner would run the fork's code (its `prepare`, its models) on a machine of
+this repository's owners, and a launched one gets a runner registered to this repository.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlci.config import HOST_TARGET, Config, TargetConfig
-from mlci.launch import launch_id_problem, runner_label
+from mlci.launch import launch_id, launch_id_problem
+from mlci.policy import Tier, Trust
 from mlci.targets import GPU_KINDS
 
 GITHUB_X64 = "ubuntu-latest"
 GITHUB_ARM = "ubuntu-24.04-arm"
 _ARM_HINTS = ("aarch64", "arm64", "armv8", "armv9", "neoverse", "cortex-a", "apple-")
+_GITHUB_HOSTED = re.compile(r"(ubuntu|windows|macos)-(latest|\d[\w.-]*)")
+"""Labels of GitHub's standard hosted runners (ubuntu-latest, ubuntu-24.04-arm, macos-15, ...)."""
+
+
+def github_hosted(labels: list[str]) -> bool:
+    """Whether `runs-on` names one of GitHub's standard hosted machines (fresh for every job, owned by GitHub)."""
+    return len(labels) == 1 and _GITHUB_HOSTED.fullmatch(labels[0]) is not None
+
+
+@dataclass
+class Plan:
+    """The bench jobs of one run: the matrix entries, and the targets left out for this run's tier with why."""
+
+    include: list[dict[str, Any]] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def matrix(self) -> dict[str, Any]:
+        return {"include": self.include}
 
 
 class MatrixError(Exception):
@@ -38,54 +62,61 @@ def target_kind(target: TargetConfig) -> str:
     return "llvm" if target.tvm == HOST_TARGET else str(target.tvm.get("kind", "llvm"))  # type: ignore[union-attr]
 
 
-def launch_id(run_id: str, attempt: str, target: str) -> str:
-    """The id of one launched machine: this workflow run, this attempt, this target (a rerun launches anew)."""
-    return f"{run_id}-{attempt}-{target}"
-
-
 def build_matrix(config: Config, only: list[str] | None = None, *, run_id: str = "local",
-                 attempt: str = "1") -> dict[str, Any]:
-    """{"include": [{"target", "runs-on", "kind"}, ...]} in config order, for `strategy.matrix: fromJSON(...)`.
+                 attempt: str = "1", trust: Trust | None = None, fork_self_hosted: bool = False) -> Plan:
+    """The bench jobs, in config order: {"target", "runs-on", "kind"} per target, for `strategy.matrix`.
 
     A target with `launch` gets its machine from `mlci runner start`: its entry has the `launch-id`
-    and, as `runs-on`, the one label the machine's just-in-time runner carries."""
+    and no `runs-on` (its bench job runs on the label start outputs, see launch.runner_label). A fork's
+    pull request (`trust`) gets no launched target, and no self-hosted one unless the workflow opts in
+    (`fork_self_hosted`)."""
     names = list(config.targets)
     unknown = [name for name in only or [] if name not in config.targets]
     if unknown:
         raise MatrixError(
             f"{config.path}: unknown target(s) {', '.join(map(repr, unknown))}; the config has {', '.join(names)}"
         )
-    chosen = [name for name in names if not only or name in only]
-    include = []
-    for name in chosen:
+    fork = trust is not None and trust.tier is Tier.FORK
+    plan = Plan()
+    for name in [name for name in names if not only or name in only]:
         target = config.targets[name]
         entry: dict[str, Any] = {"target": name, "runs-on": list(target.runs_on or default_runs_on(target)),
                                  "kind": target_kind(target)}
         if target.launch is not None:
+            if fork:
+                plan.left_out[name] = "it launches a machine, and a fork's pull request never gets one"
+                continue
             entry["launch-id"] = launch_id(run_id, attempt, name)
             problem = launch_id_problem(entry["launch-id"])
             if problem:
                 raise MatrixError(f"{config.path}: targets.{name}: {problem} (shorten the target's name)")
-            entry["runs-on"] = [runner_label(entry["launch-id"])]
-        include.append(entry)
-    return {"include": include}
+            # Its runs-on is the label `mlci runner start` outputs for it (an HMAC nobody else can compute).
+            del entry["runs-on"]
+        elif fork and not fork_self_hosted and not github_hosted(entry["runs-on"]):
+            plan.left_out[name] = (f"runs_on {entry['runs-on']} is not one of GitHub's hosted runners, and a fork's "
+                                   "pull request runs only there (the workflow's fork-self-hosted input opts in)")
+            continue
+        plan.include.append(entry)
+    return plan
 
 
-def split_launched(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_launched(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     """The matrix of targets on runners that exist, and that of targets whose machine is launched
     (their bench jobs wait for `mlci runner start`, and `mlci runner stop` follows them)."""
-    include = plan["include"]
+    include = plan.include
     return ({"include": [e for e in include if "launch-id" not in e]},
             {"include": [e for e in include if "launch-id" in e]})
 
 
-def build_shard_matrix(config: Config, shards: int, only: list[str] | None = None) -> dict[str, Any]:
+def build_shard_matrix(config: Config, shards: int, only: list[str] | None = None,
+                       trust: Trust | None = None, fork_self_hosted: bool = False) -> dict[str, Any]:
     """{"include": [{"target", "runs-on", "shard": "K/N"}, ...]}: one `mlci tune --shard K/N` job per
     target and shard, on the runners that target's bench job uses (tuning records are only valid on
     the machine kind that made them). Empty when `shards` is 0; targets with `launch` are not sharded."""
     if shards < 0:
         raise MatrixError(f"--shards {shards}: expected 0 (no sharded tuning) or more")
-    targets, _ = split_launched(build_matrix(config, only))  # a launched machine serves its bench job alone
+    # A launched machine serves its bench job alone.
+    targets, _ = split_launched(build_matrix(config, only, trust=trust, fork_self_hosted=fork_self_hosted))
     return {
         "include": [
             {"target": entry["target"], "runs-on": entry["runs-on"], "shard": f"{index}/{shards}"}

@@ -26,11 +26,10 @@ from mlci.console import RunReporter
 from mlci.gitinfo import detect_git, toplevel
 from mlci.measure import TvmModel, use_threads
 from mlci.pipeline import Compiled, Emulator, Evaluation, ModelSettings, Pipeline, run_prepare
-from mlci.remote_cache import SHARED_TIER, RemoteCache
+from mlci.remote_cache import RemoteCache
 from mlci.results import (
     CostInfo,
     GateSettings,
-    GitInfo,
     Latency,
     ModelResult,
     Results,
@@ -185,32 +184,13 @@ def setup_logging(config: Config) -> None:
     log.setLevel(logging.INFO)
 
 
-def progressive_by_default(ctx: GitHubContext, git: GitInfo) -> bool:
-    """Progressive tuning on the default branch's own CI runs (pushes, schedules, manual runs): they
-    write the tuning cache that pull requests restore. Pull requests and local runs search only what
-    the budget still owes, so an unchanged model costs nothing."""
-    return (ctx.github_actions and ctx.event_name in ("push", "schedule", "workflow_dispatch")
-            and git.branch is not None and git.branch == git.default_branch)
-
-
-def remote_tier(config: Config, ctx: GitHubContext, git: GitInfo) -> tuple[str, bool]:
-    """The S3 tier this run reads besides the shared one, and whether it writes it. Only the default
-    branch's own runs write the shared tier every run trusts; a pull request writes its own `pr-N`
-    (unless ``[cache] pr_writes = false``); a local run reads, and writes only with ``local_writes``."""
-    if progressive_by_default(ctx, git):
-        return SHARED_TIER, True
-    if ctx.github_actions:
-        number = ctx.pull_request_event_number
-        return (f"pr-{number}", config.cache.pr_writes) if number is not None else (SHARED_TIER, False)
-    return SHARED_TIER, config.cache.local_writes
-
-
-def remote_cache_for(config: Config, ctx: GitHubContext, git: GitInfo) -> RemoteCache | None:
-    """The tuning cache's second level on S3 when one is configured (None: the local cache only)."""
+def remote_cache_for(config: Config, ctx: GitHubContext) -> RemoteCache | None:
+    """The tuning cache's second level on S3 when one is configured (None: the local cache only). The
+    run's trust tier (mlci.policy) says which tier it reads besides the shared one and whether it writes."""
     url = config.cache_url()
     if not url:
         return None
-    tier, writes = remote_tier(config, ctx, git)
+    tier, writes = ctx.trust.cache_tier(pr_writes=config.cache.pr_writes, local_writes=config.cache.local_writes)
     return RemoteCache(url, tier, writes=writes)
 
 
@@ -289,7 +269,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     ctx = GitHubContext.from_env()
     git = detect_git(config.root, ctx)
     if options.progressive is None:
-        options = dataclasses.replace(options, progressive=progressive_by_default(ctx, git))
+        options = dataclasses.replace(options, progressive=ctx.trust.progressive)
     base_ref = options.base or git.base_commit or config.gate.base
     # Threads first: TVM sizes its pool once, and the fingerprint records what it reports.
     fingerprint = environment_fingerprint(target, threads=use_threads(target.threads))
@@ -297,7 +277,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
     cross_cc, emulator, emulation_problem = cross_tools(target, config)
     pipeline = Pipeline(target, cache, log_dir=config.state_dir / "logs" / "tuning" / target.name,
                         cross_cc=cross_cc, emulator=emulator, emulation_problem=emulation_problem,
-                        progress=reporter, root=config.root, remote=remote_cache_for(config, ctx, git))
+                        progress=reporter, root=config.root, remote=remote_cache_for(config, ctx))
     with contextlib.ExitStack() as stack:
         base = None
         if base_ref:
@@ -343,7 +323,7 @@ def execute(config: Config, options: RunOptions, reporter: RunReporter) -> RunOu
             artifacts_dir=runner.work_dir,
             params={"samples": config.measure.samples},
             progress=reporter,
-            register=config.tracking.register,
+            register=config.tracking.register if ctx.trust.may_register else False,
         )
         write_results(results, path)  # now with the MLflow run ids and history baselines
     return outcome

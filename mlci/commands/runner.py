@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -134,12 +135,13 @@ def _write_outputs(values: dict[str, str], env: Mapping[str, str]) -> None:
 
 
 def _fork_refusal(fork: bool, env: Mapping[str, str]) -> str | None:
-    from mlci.actions import read_event
-    from mlci.launch import fork_problem
+    """Why this run may not get a machine (None when it may): the run's trust tier (mlci.policy) says so."""
+    from mlci.actions import GitHubContext
 
     if fork:
         return "--fork: the workflow says this run comes from a fork"
-    return fork_problem(env.get("GITHUB_EVENT_NAME"), read_event(env.get("GITHUB_EVENT_PATH")))
+    trust = GitHubContext.from_env(env).trust
+    return None if trust.may_launch else trust.reason
 
 
 def _run_url(value: str | None, env: Mapping[str, str]) -> str | None:
@@ -169,8 +171,10 @@ RepoOpt = Annotated[str | None, typer.Option("--repo", help="OWNER/NAME the runn
 
 @runner_app.command("start")
 def start_command(
-    launch_id: LaunchIdOpt,
-    target: TargetOpt,
+    target: Annotated[list[str], typer.Option("--target", "-t", help="A target whose launch table says what machine to "
+                                              "start (repeatable: the machines start side by side).")],
+    launch_id: Annotated[str | None, typer.Option(
+        "--launch-id", help="With one target: its launch id (default: GITHUB_RUN_ID-GITHUB_RUN_ATTEMPT-TARGET).")] = None,
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     repo: RepoOpt = None,
     run_url: Annotated[str | None, typer.Option("--run-url",
@@ -180,27 +184,79 @@ def start_command(
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.0, hidden=True)] = 5.0,
     fork: Annotated[bool, typer.Option("--fork", help="Refuse: the run is a fork's pull request (the workflow knows).")] = False,
 ) -> None:
-    """Register a one-job runner, launch its instance and wait until it is online; prints label=... for runs-on."""
+    """Register a one-job runner per target, launch its instance and wait until it is online.
+
+    Outputs `labels`, a JSON object target -> the runner label its bench job's runs-on names, holding only
+    the targets whose machine is online: one target that cannot start never holds up the others (exit 1
+    after all have been tried). The labels are never printed (see launch.runner_label)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlci import runners
+    from mlci.launch import launch_id as launch_id_of
 
     env = _env()
     with _exit_codes():
-        launch_id = _launch_id(launch_id)
+        if launch_id is not None and len(target) != 1:
+            raise UsageError("--launch-id names one machine: give it with one --target")
         refusal = _fork_refusal(fork, env)
         if refusal:
             raise UsageError(f"refusing to start a runner for a fork's code ({refusal}): it would run on a machine "
                              "registered to this repository")
-        launch = _launch_of(config, target)
+        ids = {name: _launch_id(launch_id if launch_id is not None else launch_id_of(
+            env.get("GITHUB_RUN_ID") or "local", env.get("GITHUB_RUN_ATTEMPT") or "1", name)) for name in target}
+        requests = [runners.StartRequest(ids[name], name, _launch_of(config, name), _run_url(run_url, env),
+                                         label_key=env.get(TOKEN_ENV, "").strip()) for name in target]
         repository = _repository(repo, env)
         github = _github(repository, env, required=True)
         _terminate_on_sigterm()
-        started = runners.start(runners.StartRequest(launch_id, target, launch, _run_url(run_url, env)), _ec2(launch.region),
-                                github, online_timeout=online_timeout, poll_interval=poll_interval, log=_say)
-        values = {"label": started.label, "instance-id": started.instance_id, "runner-name": started.runner_name,
-                  "market": started.market}
-        for key, value in values.items():
-            print(f"{key}={value}")
+
+        cancelled = threading.Event()
+
+        def wait(seconds: float) -> None:
+            """The pause between polls; a cancelled start (SIGTERM) ends it, and start then cleans up."""
+            if cancelled.wait(seconds):
+                raise runners.RunnerError("cancelled")
+
+        def start_one(request: runners.StartRequest) -> runners.Started:
+            def say(text: str) -> None:
+                _say(f"{request.target}: {text}" if len(requests) > 1 else text)
+
+            return runners.start(request, _ec2(request.launch.region), github, online_timeout=online_timeout,
+                                 poll_interval=poll_interval, log=say, sleep=wait)
+
+        pool = ThreadPoolExecutor(max_workers=len(requests))
+        futures = [(request, pool.submit(start_one, request)) for request in requests]
+        try:
+            for _, future in futures:
+                future.exception()
+        except BaseException:  # SIGTERM (a cancelled workflow) arrives here: every start cleans up before exiting
+            cancelled.set()
+            pool.shutdown(wait=True)
+            raise
+        pool.shutdown()
+        started: dict[str, runners.Started] = {}
+        failed: list[str] = []
+        for request, future in futures:
+            try:
+                started[request.target] = future.result()
+            except (runners.RunnerError, UsageError) as exc:
+                failed.append(f"{request.target}: {exc}")
+        values: dict[str, str] = {"labels": json.dumps({name: s.label for name, s in started.items()})}
+        if len(requests) == 1 and started:
+            [one] = started.values()
+            values.update({"label": one.label, "instance-id": one.instance_id, "runner-name": one.runner_name,
+                           "market": one.market})
+        for name, one in started.items():
+            print(f"{name}: instance-id={one.instance_id} runner-name={one.runner_name} market={one.market}")
+        # The labels are outputs only, never printed: whoever reads this log must not be able to ask for a
+        # machine before its bench job does (see launch.runner_label).
         _write_outputs(values, env)
+        if failed:
+            from mlci.runners import RunnerError
+
+            raise RunnerError("; ".join(failed) if len(requests) == 1 else
+                              f"{len(failed)} of {len(requests)} machines did not start (their bench jobs fail at "
+                              f"once; the others run): " + "; ".join(failed))
 
 
 @runner_app.command("stop")

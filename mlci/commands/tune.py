@@ -28,7 +28,6 @@ from mlci.budget import ShardKernel, allocate_trials, assign_shards
 from mlci.commands.run import RunOptions, check_output_paths, remote_cache_for, select_models, setup_logging
 from mlci.config import Config, check_model_files
 from mlci.console import RunReporter
-from mlci.gitinfo import detect_git
 from mlci.measure import use_threads
 from mlci.models import ModelError
 from mlci.pipeline import Imported, ModelSettings, Pipeline, run_prepare, target_device
@@ -156,16 +155,18 @@ def shared_remote(config: Config, shard: Shard) -> RemoteCache | None:
     """The shared cache this job reads and writes; raises ShardError when there are several shards
     and their records could not meet (no shared cache, or one this run may not write)."""
     ctx = GitHubContext.from_env()
-    remote = remote_cache_for(config, ctx, detect_git(config.root, ctx))
+    remote = remote_cache_for(config, ctx)
     if shard.count > 1 and remote is None:
         raise ShardError(
             f"--shard {shard}: no shared tuning cache is configured ([cache] url in {config.path}, or "
             "MLCI_CACHE_URL): each shard's records would stay on its own runner and never meet")
     if shard.count > 1 and remote is not None and not remote.writes:
-        setting = "pr_writes" if remote.tier.startswith("pr-") else "local_writes"
+        trust = ctx.trust
+        why = {"pull-request": f"[cache] pr_writes = false in {config.path}",
+               "local": f"[cache] local_writes = false in {config.path}"}.get(trust.tier, f"a {trust.tier} run: {trust.reason}")
         raise ShardError(
-            f"--shard {shard}: this run may not write the shared tuning cache (tier {remote.tier!r}; "
-            f"[cache] {setting} = false in {config.path}), so the shards' records would never meet")
+            f"--shard {shard}: this run may not write the shared tuning cache (tier {remote.tier!r}; {why}), "
+            "so the shards' records would never meet")
     return remote
 
 
