@@ -14,6 +14,8 @@ import shutil
 
 import pytest
 
+from mlci.launch import runner_label
+
 from .conftest import git, new_git_repo
 from .github_server import FakeGitHub
 from .servers import FAKE_AWS, moto_server
@@ -21,7 +23,7 @@ from .test_act_e2e import MAIN_ROLE, ROOT, push_event, roles_asked, run_act, tai
 
 pytestmark = pytest.mark.slow
 
-LABEL = "mlci-1-1-gpu"  # act's run id and attempt are 1
+LAUNCH_ID = "1-1-gpu"  # act's run id and attempt are 1
 RUNNER_ROLE = "arn:aws:iam::123456789012:role/mlci-runners"
 IMAGE = "ami-03cf127a"  # one of moto's stock images
 CONFIG = f"""\
@@ -62,7 +64,7 @@ def launched_run(world: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         git(root, "add", "-A")
         git(root, "commit", "-qm", "a launched target")
         done = run_act(root, world, "main", "launch", event=("push", push_event(root)),
-                       platforms=(LABEL,), secrets={"MLCI_RUNNER_TOKEN": gh.token},
+                       platforms=(runner_label(LAUNCH_ID, gh.token),), secrets={"MLCI_RUNNER_TOKEN": gh.token},
                        variables={"MLCI_RUNNER_ROLE": RUNNER_ROLE}, env_extra={"AWS_ENDPOINT_URL_EC2": moto.url})
         instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
     calls = [(r.method, r.path) for r in gh.requests if "/actions/runners" in r.path]
@@ -77,10 +79,14 @@ def job_lines(log: str, job: str) -> list[int]:
 def test_start_then_bench_on_the_launched_machine_then_stop(launched_run: dict, world: dict) -> None:  # noqa: F811
     log, done = launched_run["log"], launched_run["done"]
     assert world["gh"].errors == [], world["gh"].errors
-    start, bench, stop = (job_lines(log, f"{name} (gpu)") for name in ("start", "bench", "stop"))
+    start, bench, stop = job_lines(log, "start"), job_lines(log, "bench (gpu)"), job_lines(log, "stop (gpu)")
     assert start and bench and stop, tail(done, 150)
     assert max(start) < min(bench) and max(bench) < min(stop), tail(done, 150)  # one after the other
-    assert f"label={LABEL}" in log  # the bench job ran on the label only this machine's runner carries
+    # The bench job ran on the label only this machine's runner carries (act maps no other label to this host),
+    # which no step printed: it is an HMAC under the runner token, passed as start's output.
+    label = runner_label(LAUNCH_ID, world["gh"].token)
+    assert not any(label in line for i in start + bench for line in [log.splitlines()[i]] if "::set-output::" not in line)
+    assert not any("No machine started" in log.splitlines()[i] for i in bench), tail(done, 150)
     # start and stop, and only they, assumed the runner role (GitHub OIDC); bench the tuning cache's
     roles = set(roles_asked(world, "launch"))
     assert {job for job, role in roles if role == RUNNER_ROLE} == {"start", "stop"}, roles
@@ -100,4 +106,4 @@ def test_stop_runs_when_the_bench_job_fails_and_leaves_no_machine(launched_run: 
     [instance] = launched_run["instances"]  # one machine was launched, and it is gone
     assert instance["State"]["Name"] in ("terminated", "shutting-down")
     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-    assert tags["mlci:launch-id"] == "1-1-gpu" and tags["mlci:managed"] == "true"
+    assert tags["mlci:launch-id"] == LAUNCH_ID and tags["mlci:managed"] == "true"

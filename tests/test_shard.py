@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,43 @@ def test_two_shards_search_every_kernel_once_and_the_run_then_searches_nothing(t
         for kernel in pipeline.load_and_import(model).kernels:
             assert merged.best_record_json(kernel) == shard_caches[owner[kernel.key]].best_record_json(kernel)
             assert merged.ledger()[kernel.key] == 1
+
+
+@pytest.mark.slow
+def test_a_shard_killed_while_tuning_its_second_model_has_left_the_first_models_kernels_on_s3(tmp_path: Path) -> None:
+    """The second model is given a budget that keeps the shard busy for minutes; it is killed (SIGKILL: no
+    chance to push anything more) once S3 holds entries, which must already name the first model's kernels."""
+    from mlci.config import load_config
+    from mlci.pipeline import Pipeline
+    from mlci.targets import select_target
+    from mlci.tuning import TuningCache
+
+    root = _project(tmp_path / "shard", '[cache]\nurl = "s3://shared/team"\nlocal_writes = true')
+    config_text = (root / "mlci.toml").read_text()
+    (root / "mlci.toml").write_text(config_text.replace('name = "b"', 'name = "b"\ntrials = 5000\nseconds = 600'))
+    with moto_server() as s3:
+        s3.s3().create_bucket(Bucket="shared")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MLCI_", "AWS_"))}
+        env.update(s3.env, MLCI_PROGRESS_INTERVAL="600")
+        job = _mlci(root, env, "tune", "--shard", "1/1")
+        try:
+            deadline = time.monotonic() + 240
+            entries: list = []
+            while not entries and time.monotonic() < deadline and job.poll() is None:
+                time.sleep(0.5)
+                entries = s3.s3().list_objects_v2(Bucket="shared").get("Contents", [])
+            still_tuning = job.poll() is None
+        finally:
+            job.kill()
+            output = job.communicate(timeout=30)[0]
+        assert entries and still_tuning, output  # on S3 while the shard was still busy with model b
+        keys = [entry["Key"] for entry in entries]
+    config = load_config(root / "mlci.toml")
+    pipeline = Pipeline(select_target(config, None), TuningCache(tmp_path / "unused"), log_dir=tmp_path / "logs")
+    from mlci.remote_cache import workload_line, workload_sha
+
+    first = {workload_sha(workload_line(kernel)[1]) for kernel in pipeline.load_and_import(config.models[0]).kernels}
+    assert {key.split("/")[-2] for key in keys} == first  # every kernel of model a, one entry each
 
 
 def test_a_model_name_the_config_lacks_is_refused_by_run_and_tune_alike(tmp_path: Path) -> None:

@@ -258,18 +258,21 @@ def execute(config: Config, options: TuneOptions, reporter: RunReporter) -> Tune
                 owned[key].searched += trials
             result.trials_searched = sum(tuned.searched.values())
         result.seconds = round(time.monotonic() - started, 3)
+        outcome.seconds = time.monotonic() - start
+        write_report(outcome)  # before anything is sent: what was searched is known even if S3 hangs
+        if remote is not None and before is not None:
+            # After each model, not once at the end: a shard killed later (a timeout, expired credentials)
+            # leaves what it finished on S3 for the bench job.
+            mine_here = [k for k in model.kernels if k.key in keys]
+            outcome.pushed = (outcome.pushed or 0) + len(remote_cache.push(cache, mine_here, remote, before))
+            with cache.lock():
+                before = {**before, **{k: v for k, v in cache.ledger().items() if k in keys}}
         reporter.finish(result.name, result.status)
 
     outcome.seconds = time.monotonic() - start
-    write_report(outcome)  # before anything is sent: what was searched is known even if S3 hangs
-    if remote is not None and before is not None:
-        outcome.pushed = len(remote_cache.push(cache, my_kernels, remote, before))
-        outcome.remote_error = remote.failed
-        outcome.seconds = time.monotonic() - start
-        write_report(outcome)
-    elif remote is not None:
-        outcome.pushed, outcome.remote_error = 0, remote.failed
-        write_report(outcome)
+    if remote is not None:
+        outcome.pushed, outcome.remote_error = outcome.pushed or 0, remote.failed
+    write_report(outcome)
     return outcome
 
 
