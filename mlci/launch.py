@@ -28,6 +28,8 @@ TARGET_TAG = "mlci:target"
 RUN_TAG = "mlci:run"
 EXPIRES_TAG = "mlci:expires-at"
 RUNNER_TAG = "mlci:runner"
+REPOSITORY_TAG = "mlci:repository"
+"""OWNER/NAME of the repository whose run launched the instance: reap touches only its own repository's."""
 BOOT_MARGIN_MIN = 10
 """Minutes a machine may take to boot before its dead-man timer starts: the expiry tag allows for them."""
 DEFAULT_MAX_AGE_MIN = 6 * 60
@@ -114,7 +116,8 @@ def expires_at(launched: datetime, max_minutes: int) -> datetime:
     return launched + timedelta(minutes=max_minutes + BOOT_MARGIN_MIN)
 
 
-def instance_tags(launch_id: str, target: str, run_url: str | None, expiry: datetime, runner: str) -> dict[str, str]:
+def instance_tags(launch_id: str, target: str, run_url: str | None, expiry: datetime, runner: str,
+                  repository: str | None = None) -> dict[str, str]:
     """The tags every instance gets at creation (the IAM policy allows tagging only then)."""
     tags = {
         "Name": runner,
@@ -126,6 +129,8 @@ def instance_tags(launch_id: str, target: str, run_url: str | None, expiry: date
     }
     if run_url:
         tags[RUN_TAG] = run_url[:256]
+    if repository:
+        tags[REPOSITORY_TAG] = repository[:256]
     return tags
 
 
@@ -212,15 +217,19 @@ class ReapPlan:
 
 
 def plan_reap(instances: Iterable[Mapping[str, Any]], runners: Iterable[Mapping[str, Any]], now: datetime,
-              grace: timedelta) -> ReapPlan:
+              grace: timedelta, repository: str | None = None) -> ReapPlan:
     """What reap terminates and deletes: mlci instances past their expiry plus `grace`, and mlci's offline,
     idle runners registered more than `grace` ago whose launch has no live instance. Busy runners and anything
-    younger than `grace` are kept."""
+    younger than `grace` are kept. With `repository`, only that repository's instances count (an account
+    shared by several repositories: each reaps its own); `instances` should span every region, so that a
+    runner whose machine boots in another region is not taken for stale."""
     plan = ReapPlan()
     live_launches: set[str] = set()
     for inst in instances:
         tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags") or [] if isinstance(t, dict)}
         if tags.get(MANAGED_TAG) != "true":
+            continue
+        if repository is not None and str(tags.get(REPOSITORY_TAG) or "").casefold() != repository.casefold():
             continue
         state = (inst.get("State") or {}).get("Name")
         iid, launch = str(inst.get("InstanceId")), str(tags.get(LAUNCH_TAG) or "?")
@@ -311,11 +320,12 @@ def iam_policy() -> dict[str, Any]:
                 "Condition": {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}},
             },
             {
-                # The two reads mlci makes; not ec2:Describe*, which includes DescribeInstanceAttribute and
-                # so the user data of a machine still booting (its just-in-time runner configuration).
+                # The reads mlci makes (reap looks in every enabled region); not ec2:Describe*, which includes
+                # DescribeInstanceAttribute and so the user data of a machine still booting (its just-in-time
+                # runner configuration).
                 "Sid": "MlciDescribe",
                 "Effect": "Allow",
-                "Action": ["ec2:DescribeInstances", "ec2:DescribeImages"],
+                "Action": ["ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeRegions"],
                 "Resource": "*",
             },
         ],

@@ -119,6 +119,8 @@ class StartRequest:
     run_url: str | None = None
     label_key: str | None = field(default=None, repr=False)
     """The secret the runner label's nonce is derived from (see launch.runner_label)."""
+    repository: str | None = None
+    """OWNER/NAME, tagged on the instance (reap touches only its own repository's instances)."""
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _launch(request: StartRequest, ec2: Any, runner: dict, jit: str, now: float,
     launch = request.launch
     launched = datetime.fromtimestamp(now, UTC)
     tags = L.instance_tags(request.launch_id, request.target, request.run_url,
-                           L.expires_at(launched, launch.max_minutes), str(runner["name"]))
+                           L.expires_at(launched, launch.max_minutes), str(runner["name"]), request.repository)
     tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
     script = L.user_data(jit, launch)
     params: dict[str, Any] = {
@@ -384,20 +386,43 @@ def stop(launch_id: str, target: str | None, ec2: Any, github: RunnerGitHub | No
 
 # --- reap -----------------------------------------------------------------------------------------------------
 
-def reap(ec2: Any, github: RunnerGitHub, *, grace: timedelta, dry_run: bool, now: datetime | None = None,
-         log: Log = lambda _: None) -> tuple[L.ReapPlan, list[str]]:
-    """Terminate expired mlci instances and delete stale mlci runners (see `launch.plan_reap`); returns the plan
-    and what failed."""
+def enabled_regions(ec2: Any) -> list[str]:
+    """Every region this account may use (DescribeRegions), so reap finds instances in regions no config names."""
+    return sorted(str(r["RegionName"]) for r in ec2.describe_regions().get("Regions", []) if r.get("RegionName"))
+
+
+def reap(ec2_for: Callable[[str], Any], regions: list[str], github: RunnerGitHub, *, grace: timedelta, dry_run: bool,
+         repository: str | None = None, now: datetime | None = None,
+         log: Log = lambda _: None) -> tuple[L.ReapPlan, dict[str, str], list[str]]:
+    """Terminate expired mlci instances of `repository` in every region of `regions`, and delete stale mlci
+    runners (see `launch.plan_reap`), judged against the live instances of all regions together. Returns the
+    plan, instance id -> region, and what failed (a region that cannot be read is one problem, not the end)."""
     now = now or datetime.now(UTC)
-    plan = L.plan_reap(_managed_instances(ec2, states=L.LIVE_STATES), list(github.all()), now, grace)
+    instances: list[dict] = []
+    region_of: dict[str, str] = {}
     problems: list[str] = []
+    clients: dict[str, Any] = {}
+    for region in regions:
+        try:
+            clients[region] = ec2_for(region)
+            found = _managed_instances(clients[region], states=L.LIVE_STATES)
+        except _botocore_errors() as exc:
+            code, message = aws_error(exc)
+            problems.append(f"region {region} not read: {code + ': ' if code else ''}{message}")
+            continue
+        instances += found
+        region_of.update({str(i.get("InstanceId")): region for i in found})
+    plan = L.plan_reap(instances, list(github.all()), now, grace, repository)
     if dry_run:
-        return plan, problems
-    problems += _terminate(ec2, [f.id for f in plan.todo("instance")], log)
+        return plan, region_of, problems
+    for region in regions:
+        doomed = [f.id for f in plan.todo("instance") if region_of.get(f.id) == region]
+        if doomed:
+            problems += _terminate(clients[region], doomed, log)
     for found in plan.todo("runner"):
         try:
             github.delete(int(found.id))
             log(f"deleted runner {found.name}")
         except GitHubError as exc:
             problems.append(f"runner {found.name} (id {found.id}) not deleted: {exc}")
-    return plan, problems
+    return plan, region_of, problems

@@ -50,8 +50,8 @@ def moto() -> Iterator[MotoServer]:
             os.environ["MOTO_ENABLE_AMI_VALIDATION"] = saved
 
 
-def client(moto: MotoServer) -> Any:
-    return runners.ec2_client(REGION, endpoint_url=moto.url, aws_access_key_id="testing", aws_secret_access_key="testing")
+def client(moto: MotoServer, region: str = REGION) -> Any:
+    return runners.ec2_client(region, endpoint_url=moto.url, aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
 @pytest.fixture(scope="module")
@@ -520,12 +520,24 @@ def test_a_start_cancelled_with_sigterm_cleans_up_itself(moto, gh, subnets, tmp_
 
 # --- reap -------------------------------------------------------------------------------------------------------
 
-def seed_instance(moto: MotoServer, subnet: str, launch_id: str, expires: datetime) -> str:
-    tags = L.instance_tags(launch_id, "gpu", None, expires, L.runner_name(launch_id, time.time()))
-    reply = client(moto).run_instances(ImageId=IMAGE, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, SubnetId=subnet,
-                                       TagSpecifications=[{"ResourceType": "instance",
-                                                           "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+def seed_instance(moto: MotoServer, subnet: str | None, launch_id: str, expires: datetime, repository: str | None = None,
+                  region: str = REGION) -> str:
+    tags = L.instance_tags(launch_id, "gpu", None, expires, L.runner_name(launch_id, time.time()), repository)
+    where = {"SubnetId": subnet} if subnet else {}
+    reply = client(moto, region).run_instances(ImageId=IMAGE if region == REGION else _image(moto, region),
+                                               InstanceType="g5.xlarge", MinCount=1, MaxCount=1, **where,
+                                               TagSpecifications=[{"ResourceType": "instance",
+                                                                   "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
     return reply["Instances"][0]["InstanceId"]
+
+
+def _image(moto: MotoServer, region: str) -> str:
+    return client(moto, region).describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+
+def reap_in(moto: MotoServer, gh: FakeGitHub, regions: tuple[str, ...] = (REGION,), **kw: Any) -> tuple[L.ReapPlan, list[str]]:
+    plan, _, problems = runners.reap(lambda region: client(moto, region), list(regions), github(gh), **kw)
+    return plan, problems
 
 
 def test_reap_removes_the_expired_and_the_stale_and_keeps_the_busy_and_the_young(moto, gh, subnets) -> None:
@@ -539,7 +551,7 @@ def test_reap_removes_the_expired_and_the_stale_and_keeps_the_busy_and_the_young
     busy = gh.add_runner(L.runner_name(new_id(), (now - timedelta(hours=3)).timestamp()), status="online", busy=True)
     other = gh.add_runner("build-box-1", status="offline")
 
-    plan, problems = runners.reap(client(moto), github(gh), grace=grace, dry_run=True, now=now)
+    plan, problems = reap_in(moto, gh, grace=grace, dry_run=True, now=now)
     actions = {f.id: f.action for f in plan.actions}
     assert actions[expired] == "terminate" and actions[in_grace] == "keep" and actions[in_time] == "keep"
     assert actions[str(stale["id"])] == "delete" and actions[str(young["id"])] == "keep" and actions[str(busy["id"])] == "keep"
@@ -548,7 +560,7 @@ def test_reap_removes_the_expired_and_the_stale_and_keeps_the_busy_and_the_young
             if i["State"]["Name"] == "running" or i["State"]["Name"] == "pending"}
     assert live == {expired} and len(gh.runners) == 4  # a dry run changes nothing
 
-    plan, problems = runners.reap(client(moto), github(gh), grace=grace, dry_run=False, now=now)
+    plan, problems = reap_in(moto, gh, grace=grace, dry_run=False, now=now)
     assert problems == []
     state = {i["InstanceId"]: i["State"]["Name"] for r in client(moto).describe_instances(
         InstanceIds=[expired, in_grace, in_time])["Reservations"] for i in r["Instances"]}
@@ -556,6 +568,30 @@ def test_reap_removes_the_expired_and_the_stale_and_keeps_the_busy_and_the_young
     assert state[in_grace] in ("pending", "running") and state[in_time] in ("pending", "running")
     assert set(gh.runners) == {young["id"], busy["id"], other["id"]}
     client(moto).terminate_instances(InstanceIds=[in_grace, in_time])
+
+
+def test_reap_looks_in_every_region_and_touches_only_this_repositorys_instances(moto, gh, subnets, tmp_path) -> None:
+    """An expired instance in a region no config names is reaped; another repository's expired instance in the same
+    account is left alone; a runner whose machine is live in the second region is not taken for stale."""
+    past = datetime.now(UTC) - timedelta(hours=3)
+    ours_far = seed_instance(moto, None, new_id(), past, gh.repository, region="eu-west-1")
+    theirs = seed_instance(moto, subnets[0], new_id(), past, "someone-else/other-repo")
+    booting = new_id()
+    seed_instance(moto, None, booting, datetime.now(UTC) + timedelta(hours=1), gh.repository, region="eu-west-1")
+    waiting = gh.add_runner(L.runner_name(booting, time.time() - 3600), status="offline")
+    config = write_config(tmp_path, subnets)  # names only us-east-1
+    result = cli(["runner", "reap", "--config", str(config), "--grace-minutes", "0"], gh, moto)
+    assert result.exit_code == 0, result.output
+    assert f"terminate instance {ours_far} (" in result.stdout and ", eu-west-1)" in result.stdout
+    assert theirs not in result.stdout and waiting["id"] in gh.runners
+    states = {i["InstanceId"]: i["State"]["Name"] for r in client(moto, "eu-west-1").describe_instances()["Reservations"]
+              for i in r["Instances"]}
+    assert states[ours_far] in ("terminated", "shutting-down")
+    [theirs_now] = [i for r in client(moto).describe_instances(InstanceIds=[theirs])["Reservations"] for i in r["Instances"]]
+    assert theirs_now["State"]["Name"] in ("pending", "running")
+    client(moto).terminate_instances(InstanceIds=[theirs])
+    client(moto, "eu-west-1").terminate_instances(InstanceIds=[i for i, state in states.items() if state in ("pending", "running")])
+    del gh.runners[waiting["id"]]
 
 
 def test_cli_reap_dry_run_lists_what_it_would_do(moto, gh, subnets, tmp_path) -> None:
@@ -596,7 +632,7 @@ def test_the_policy_lets_mlci_launch_and_terminate_only_what_it_tagged() -> None
     assert statements["MlciTagOnlyWhenCreating"]["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
     actions = {a for s in statements.values() for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert actions == {"ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "ec2:DescribeInstances",
-                       "ec2:DescribeImages"}
+                       "ec2:DescribeImages", "ec2:DescribeRegions"}
     # No wildcard: ec2:Describe* would include DescribeInstanceAttribute, which reads a booting machine's
     # user data (its unused just-in-time runner configuration).
     assert not any("*" in action or "Attribute" in action for action in actions)

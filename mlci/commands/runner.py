@@ -204,9 +204,10 @@ def start_command(
                              "registered to this repository")
         ids = {name: _launch_id(launch_id if launch_id is not None else launch_id_of(
             env.get("GITHUB_RUN_ID") or "local", env.get("GITHUB_RUN_ATTEMPT") or "1", name)) for name in target}
-        requests = [runners.StartRequest(ids[name], name, _launch_of(config, name), _run_url(run_url, env),
-                                         label_key=env.get(TOKEN_ENV, "").strip()) for name in target]
         repository = _repository(repo, env)
+        requests = [runners.StartRequest(ids[name], name, _launch_of(config, name), _run_url(run_url, env),
+                                         label_key=env.get(TOKEN_ENV, "").strip(), repository=repository)
+                    for name in target]
         github = _github(repository, env, required=True)
         _terminate_on_sigterm()
 
@@ -297,37 +298,32 @@ def stop_command(
 @runner_app.command("reap")
 def reap_command(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
-    region: Annotated[list[str] | None, typer.Option("--region", help="AWS region (repeatable; default: every "
-                                                                      "region of the config's launch tables).")] = None,
+    region: Annotated[list[str] | None, typer.Option("--region", help="AWS region (repeatable; default: every region "
+                                                                      "the account has enabled).")] = None,
     repo: RepoOpt = None,
     grace_minutes: Annotated[float, typer.Option("--grace-minutes", min=0.0, help="Leave alone what is younger or "
                                                   "expired less than this long ago.")] = DEFAULT_GRACE_MIN,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done; change nothing.")] = False,
 ) -> None:
-    """Terminate expired mlci instances and delete stale mlci runners (a scheduled workflow runs this)."""
+    """Terminate this repository's expired mlci instances in every region and delete stale mlci runners (a
+    scheduled workflow runs this). Instances are told apart by their mlci:repository tag."""
     from mlci import runners
 
     env = _env()
     with _exit_codes():
+        repository = _repository(repo, env)
         regions = list(region or [])
         if not regions:
-            cfg = load_config(config)
-            regions = sorted({t.launch.region for t in cfg.targets.values() if t.launch is not None})
-            if not regions:
-                raise UsageError(f"{config}: no target has a launch table; pass --region")
-        github = _github(_repository(repo, env), env, required=True)
-        problems: list[str] = []
-        for i, name in enumerate(regions):
-            plan, failed = runners.reap(_ec2(name), github, grace=timedelta(minutes=grace_minutes), dry_run=dry_run, log=_say)
-            for found in plan.actions:
-                if found.kind == "runner" and i > 0:
-                    continue  # runners are per repository, not per region: listed once
-                verb = f"would {found.action}" if dry_run and found.action != "keep" else found.action
-                print(f"{verb} {found.kind} {found.id} ({found.name}, {name if found.kind == 'instance' else 'github'}): "
-                      f"{found.reason}")
-            problems += failed
-            if i == 0 and len(regions) > 1:
-                github = _NoRunners(github)
+            cfg = load_config(config) if config.exists() else None
+            named = sorted({t.launch.region for t in cfg.targets.values() if t.launch is not None}) if cfg else []
+            regions = runners.enabled_regions(_ec2(named[0] if named else "us-east-1"))
+        github = _github(repository, env, required=True)
+        plan, region_of, problems = runners.reap(_ec2, regions, github, grace=timedelta(minutes=grace_minutes),
+                                                 dry_run=dry_run, repository=repository, log=_say)
+        for found in plan.actions:
+            verb = f"would {found.action}" if dry_run and found.action != "keep" else found.action
+            where = region_of.get(found.id, "?") if found.kind == "instance" else "github"
+            print(f"{verb} {found.kind} {found.id} ({found.name}, {where}): {found.reason}")
         if problems:
             raise runners.RunnerError("; ".join(problems))
 
@@ -357,16 +353,6 @@ def write_interrupted_results(config: Path, target: str, reason: str, results_di
         interrupted=reason,
     )
     return write_results(results, path)
-
-
-class _NoRunners:
-    """The repository's runners were reaped with the first region; later regions only reap instances."""
-
-    def __init__(self, github: Any) -> None:
-        self.repository = github.repository
-
-    def all(self, deadline: float = 0) -> Iterator[dict]:
-        return iter(())
 
 
 @runner_app.command("policy")
