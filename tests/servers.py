@@ -73,13 +73,18 @@ class MotoServer:
 
 
 @contextmanager
-def moto_server() -> Iterator[MotoServer]:
-    """`moto_server` in its own process on a free port of 127.0.0.1."""
+def moto_server(setup_calls_before_iam: int | None = None) -> Iterator[MotoServer]:
+    """`moto_server` in its own process on a free port of 127.0.0.1. With `setup_calls_before_iam`, moto
+    enforces IAM after that many requests (the setup: buckets, users, their policies): from then on every
+    request needs an identity's keys and is allowed only by its policies."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     assert exe, "moto_server is not installed (pip install -e '.[test]')"
     port = free_port()
+    env = {**os.environ, **FAKE_AWS}
+    if setup_calls_before_iam is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(setup_calls_before_iam)
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **FAKE_AWS})
+                            stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{url}/moto-api/", proc=proc)

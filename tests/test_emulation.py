@@ -6,6 +6,7 @@ runtime is downloaded from PyPI once and cached in .mlci/test-cache/emulation (g
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -315,3 +316,19 @@ def test_the_emulated_runtime_gets_none_of_the_jobs_secrets(monkeypatch: pytest.
         monkeypatch.setenv(name, "s3cret")
     env = emulation_env(2)
     assert env["TVM_NUM_THREADS"] == "2" and "s3cret" not in env.values()
+
+
+def test_a_downloaded_wheel_whose_bytes_are_not_the_pinned_ones_is_refused(tmp_path: Path) -> None:
+    """A mirror or extra index serving another file under the pinned wheel's name never gets run under qemu."""
+    from mlci.emulation import RUNTIME_WHEEL_SHA256, EmulationError, check_wheel_hashes
+
+    name = next(n for n in RUNTIME_WHEEL_SHA256 if n.startswith("apache_tvm_ffi-"))
+    planted = tmp_path / name
+    planted.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: same name, other bytes
+    with pytest.raises(EmulationError, match="is not the .* mlci ships for it"):
+        check_wheel_hashes([planted])
+    other = tmp_path / "apache_tvm_ffi-9.9.9-cp311-cp311-manylinux_2_28_aarch64.whl"
+    other.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    with pytest.raises(EmulationError, match="ships no sha256 for this wheel"):
+        check_wheel_hashes([other])
+    check_wheel_hashes([planted], known={name: hashlib.sha256(planted.read_bytes()).hexdigest()})  # the right bytes pass

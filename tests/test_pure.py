@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +69,15 @@ def test_progressive_tuning_moves_on_as_a_kernel_collects_trials() -> None:
 def test_allocation_is_deterministic_and_handles_edges() -> None:
     assert allocate_trials([], 10, 4) == []
     assert allocate_trials([3.0, 3.0], 0, 4) == [0, 0]
-    assert allocate_trials([0.0, 0.0], 8, 4) == allocate_trials([0.0, 0.0], 8, 4)
-    assert sum(allocate_trials([2.0, 1.0, 1.0], 7, 16)) == 7
+    assert allocate_trials([0.0, 0.0], 8, 4) == [4, 4]  # kernels with no cost estimate share evenly
+    assert allocate_trials([2.0, 1.0, 1.0], 7, 16) == [3, 2, 2]  # the costliest gets the odd trial
+    assert allocate_trials([1.0, 1.0, 1.0], 2, 4) == [1, 1, 0]  # fewer trials than kernels: ties to the earlier
+    assert allocate_trials([1.0, 3.0], 1, 4) == [0, 1]  # ... after the costlier
+    # the same in another process with another hash seed (shards in separate jobs must agree)
+    code = "from mlci.budget import allocate_trials as a; print(a([2.0, 1.0, 1.0], 7, 16), a([0.5] * 5, 3, 4))"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert runs == {"[3, 2, 2] [1, 1, 1, 0, 0]\n"}
 
 
 def test_larger_budget_only_owes_the_difference() -> None:

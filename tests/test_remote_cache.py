@@ -170,6 +170,58 @@ def test_a_pull_request_run_reads_the_shared_tier_and_leaves_it_byte_for_byte_un
     assert new_kernel.key not in _remote(s3, bucket).best_entries("cpu-fp", changed.kernels)
 
 
+def readme_s3_policies(bucket: str, prefix: str) -> dict[str, str]:
+    """The two S3 policies the README tells users to attach, as written there, for one bucket and prefix."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    main = readme.split("The\npermissions of `mlci-cache-main`", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    pr = readme.split("and of `mlci-cache-pr`:", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    return {name: text.replace("BUCKET", bucket).replace("PREFIX", prefix) for name, text in (("main", main), ("pr", pr))}
+
+
+@pytest.mark.slow
+def test_with_the_readmes_policies_enforced_a_pull_request_identity_cannot_write_the_shared_tier(
+        first_run, caplog: pytest.LogCaptureFixture) -> None:
+    """moto enforcing IAM (every request signed by one identity, allowed only by its policies), one identity per
+    role with the README's policy: the pull-request identity reads the shared tier and writes its own tier; a
+    write to the shared tier (a pull request run told it is the default branch) is denied, costs one warning,
+    and leaves the shared tier as it was. moto does not evaluate ListBucket's s3:prefix condition."""
+    import boto3
+
+    _, _, imported, cache, _ = first_run
+    with moto_server(setup_calls_before_iam=7) as server:
+        setup = {"endpoint_url": server.url, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                 "aws_secret_access_key": "setup"}
+        boto3.client("s3", **setup).create_bucket(Bucket="tuning")
+        iam = boto3.client("iam", **setup)
+        clients = {}
+        for name, policy in readme_s3_policies("tuning", "team").items():
+            iam.create_user(UserName=f"mlci-cache-{name}")
+            key = iam.create_access_key(UserName=f"mlci-cache-{name}")["AccessKey"]
+            iam.put_user_policy(UserName=f"mlci-cache-{name}", PolicyName="mlci", PolicyDocument=policy)
+            clients[name] = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1",
+                                         aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+
+        def remote(identity: str, tier: str) -> RemoteCache:
+            return RemoteCache("s3://tuning/team", tier, client=clients[identity])
+
+        def stored(prefix: str) -> list[str]:
+            listed = clients["main"].list_objects_v2(Bucket="tuning", Prefix=prefix).get("Contents", [])
+            return sorted(o["Key"] for o in listed)
+
+        kernels = imported.kernels
+        assert len(remote_cache.push(cache, kernels, remote("main", "main"))) == len(kernels)  # the default branch writes
+        shared = stored("team/main/")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mlci"):
+            forged = remote("pr", "main")
+            assert remote_cache.push(cache, kernels, forged) == [] and forged.failed
+        assert stored("team/main/") == shared  # not one object more
+        [warning] = _warnings(caplog)
+        assert "AccessDenied" in warning
+        assert len(remote_cache.push(cache, kernels, remote("pr", "pr-7"))) == len(kernels)  # its own tier: allowed
+        assert set(remote("pr", "pr-7").best_entries(cache.dir.name, kernels)) == {k.key for k in kernels}  # reads main
+
+
 @pytest.mark.slow
 def test_poisoned_entries_are_skipped_with_one_warning_each_naming_the_object(
         s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -709,10 +709,16 @@ def test_formatters():
     assert re.fullmatch(r"\+10\.\d% \[\+\d+\.\d%, \+\d+\.\d%\]", format_change(cell))
 
 
-def test_templates_load_from_the_package():
+def test_every_template_the_package_ships_compiles_and_the_ones_mlci_renders_are_there():
+    """Jinja compiles a template when it is loaded, so a syntax error in any of them fails here (not in a PR
+    comment months later), including the history page and the config `mlci init` writes."""
+    import templates
+
     env = environment()
-    for name in ("comment.md.j2", "summary.md.j2", "_macros.md.j2"):
-        assert env.get_template(name) is not None
+    shipped = sorted(p.name for p in Path(templates.__file__).parent.glob("*.j2"))
+    assert set(shipped) >= {"comment.md.j2", "summary.md.j2", "_macros.md.j2", "history.html.j2", "mlci.toml.j2"}
+    for name in shipped:
+        env.get_template(name)  # raises TemplateSyntaxError on a broken template
     with pytest.raises(Exception, match="nope"):
         env.get_template("nope.j2")
 
