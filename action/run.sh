@@ -53,6 +53,8 @@ case "${MLCI_COMMAND:-run}" in
     # The results files that have an MLflow payload waiting beside them (cpu.json.mlflow-pending).
     args=(sync)
     if [ -n "${MLCI_TRACKING_URI:-}" ]; then args+=(--tracking-uri "$MLCI_TRACKING_URI"); fi
+    # Only the default branch's report job registers what its own bench jobs could not log.
+    if is_true "${MLCI_REGISTER:-}"; then args+=(--register); fi
     pending=0
     while IFS= read -r path; do
       if [ -z "$path" ]; then continue; fi

@@ -316,10 +316,10 @@ def plan_outputs(kind: str) -> dict:
     return {"result": "success", "outputs": {name: render(value, context) for name, value in plan["outputs"].items()}}
 
 
-def credentials(job_name: str, kind: str, tune_result: str = "skipped", **given) -> dict:
+def credentials(job_name: str, kind: str, tune_result: str = "skipped", secrets: dict | None = None, **given) -> dict:
     """What one bench or tune job of a run of `kind` is given: the role it assumes (None: no role step),
     the cache URL the action gets, the AWS keys the mlci step sees, and whether the job runs at all."""
-    context = {"github": github_context(kind), "inputs": reusable_inputs(**given), "secrets": {}, "vars": {},
+    context = {"github": github_context(kind), "inputs": reusable_inputs(**given), "secrets": secrets or {}, "vars": {},
                "matrix": {"target": "cpu", "runs-on": ["ubuntu-latest"], "shard": "1/2"}}
     context["needs"] = {"plan": plan_outputs(kind), "tune": {"result": tune_result, "outputs": {}}}
     job = load(REUSABLE)["jobs"][job_name]
@@ -365,6 +365,24 @@ def test_each_trust_tier_assumes_its_own_role_and_a_fork_gets_the_s3_cache_turne
     assert tune["runs"] == (cache_url not in ("", "none"))
     if tune["runs"]:
         assert tune["role"] == role and tune["cache-url"] == CACHE_URL
+
+
+def test_pull_requests_log_to_mlflow_with_their_own_credentials_and_only_the_default_branch_registers():
+    both = {"MLFLOW_TRACKING_TOKEN": "main-token", "MLFLOW_PR_TRACKING_TOKEN": "pr-token"}
+    for job in ("bench", "bench-launched"):
+        assert credentials(job, "push to the default branch", secrets=both, **ROLES)["env"]["MLFLOW_TRACKING_TOKEN"] == "main-token"
+        assert credentials(job, "same-repository pull request", secrets=both, **ROLES)["env"][
+            "MLFLOW_TRACKING_TOKEN"] == "pr-token"
+        # without the pull-request user, pull requests log as before (the README says what that allows)
+        assert credentials(job, "same-repository pull request", secrets={"MLFLOW_TRACKING_TOKEN": "main-token"},
+                           **ROLES)["env"]["MLFLOW_TRACKING_TOKEN"] == "main-token"
+    sync = step(load(REUSABLE)["jobs"]["report"], name="Log to MLflow what a bench job could not")
+    assert sync["with"]["command"] == "sync"
+    for kind, registers in (("push to the default branch", True), ("schedule", True),
+                            ("same-repository pull request", False), ("push to a branch", False)):
+        assert render(sync["with"]["register"], {"needs": {"plan": plan_outputs(kind)}}) is registers, kind
+    context = {"needs": {"plan": plan_outputs("same-repository pull request")}, "secrets": both}
+    assert render(sync["env"]["MLFLOW_TRACKING_TOKEN"], context) == "pr-token"
 
 
 def test_no_cache_url_means_no_role_and_a_missing_role_means_none_assumed():
