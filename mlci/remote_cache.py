@@ -51,6 +51,8 @@ MAX_ENTRY_BYTES = 1 << 20
 """An entry larger than this is not read (a kernel's few best records take a few KiB)."""
 TOP_RECORDS = 4
 """Best records of a kernel an entry carries: enough to seed a further search."""
+MAX_LISTED_PER_KERNEL = 1000
+"""Keys of one kernel's folder listed at most (one ListObjectsV2 page)."""
 MAX_READS_PER_KERNEL = 4
 """Entries of one kernel read at most before the kernel goes without the remote level: garbage
 entries written to a shared tier cost a few reads, not one each."""
@@ -174,13 +176,17 @@ class RemoteCache:
 
     # reading
 
-    def _list(self, tier: str, fingerprint: str) -> list[str]:
-        """Keys of every entry under a tier's fingerprint."""
-        prefix = self._key(tier, fingerprint) + "/"
-        found = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            found.extend(obj["Key"] for obj in page.get("Contents", []))
-        return found
+    def _list(self, tier: str, fingerprint: str, sha: str, kernel: Kernel) -> list[str]:
+        """Keys of one kernel's entries in a tier: one listing of its own folder, at most MAX_LISTED_PER_KERNEL
+        keys (a tier the default branch has written for months lists in one call per kernel, not in
+        thousands of pages for the whole fingerprint)."""
+        prefix = self._key(tier, fingerprint, sha) + "/"
+        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=MAX_LISTED_PER_KERNEL)
+        if page.get("IsTruncated"):
+            log.warning("tuning cache on S3: kernel %s has more than %d entries in %s: only the first %d listed "
+                        "are considered (delete superseded entries, see the README)", kernel.name,
+                        MAX_LISTED_PER_KERNEL, quoted_for_log(prefix), MAX_LISTED_PER_KERNEL)
+        return [obj["Key"] for obj in page.get("Contents", [])]
 
     def _read(self, key: str, sha: str, kernel: Kernel, claimed: int) -> Entry | None:
         """The entry at `key`, or None (with one warning) when it is not to be trusted."""
@@ -218,11 +224,9 @@ class RemoteCache:
         try:
             candidates: dict[str, list[tuple[int, str]]] = {}
             for tier in self.read_tiers:
-                for key in self._list(tier, fingerprint):
-                    folder, _, name = key.rpartition("/")
-                    sha = folder.rpartition("/")[2]
-                    if sha not in shas:
-                        continue
+                listed = [(key, sha) for sha, kernel in shas.items() for key in self._list(tier, fingerprint, sha, kernel)]
+                for key, sha in listed:
+                    name = key.rpartition("/")[2]
                     claimed = _claimed_trials(name)
                     why = ("its name holds control characters" if not key.isprintable()
                            else "its name does not say its trials (WRITER.tTRIALS.json)" if claimed is None else None)

@@ -306,7 +306,11 @@ def test_slower_head_fails_the_workflow_with_one_sticky_comment(consumer: Path, 
     assert gh.statuses[head][-1]["state"] == "failure"
     # the bench jobs restored what the push to main saved (same target, another config), and saved what they filled
     assert "Cache restored from key: mlci-tuning-v1-cpu-" in log, tail(done)
-    assert any((world["tmp"] / "actions-cache").iterdir()), tail(done)
+    assert "(saved by refs_heads_main)" in log, tail(done)  # what the default branch saved: GitHub lets a PR read it
+    # The pull request's own entries are scoped to it (GitHub's rule): the default branch's runs never restore them.
+    scopes = {p.name: sorted(e.name for e in p.iterdir()) for p in (world["tmp"] / "actions-cache").iterdir()}
+    assert set(scopes) == {"refs_heads_main", f"refs_pull_{PR}_merge"}, scopes
+    assert scopes[f"refs_pull_{PR}_merge"], scopes
 
 
 @contextmanager

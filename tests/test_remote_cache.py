@@ -292,6 +292,34 @@ def test_garbage_entries_cost_a_few_reads_and_lines_and_a_hostile_key_cannot_sta
     assert any("x\\x1b[2K::error::forged" in m and "control characters" in m for m in messages)
 
 
+def test_a_kernel_is_listed_in_its_own_folder_only_and_an_overfull_folder_is_cut_with_one_warning(
+        s3: MotoServer, first_run, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing costs one call per kernel and tier, whatever else the fingerprint holds; a folder with more
+    entries than one listing returns is read as far as that listing goes, and says so once."""
+    _, _, imported, cache, _ = first_run
+    bucket = _bucket(s3)
+    kernel, other = imported.kernels[0], imported.kernels[1]
+    saved = remote_cache.local_entries(cache, imported.kernels)
+    good = _remote(s3, bucket).put_entry("cpu-fp", kernel, 4, workload_line(kernel), saved[kernel.key][1])
+    folder = good.rsplit("/", 1)[0]
+    client = s3.s3()
+    for n in range(5):  # another kernel's folder under the same fingerprint: never listed for this model
+        client.put_object(Bucket=bucket, Key=f"{folder.rsplit('/', 1)[0]}/{'0' * 64}/w{n}.t9.json", Body=b"junk")
+    for n in range(3):
+        client.put_object(Bucket=bucket, Key=f"{folder}/aaa{n}.t1.json", Body=b"junk")
+    lists: list[dict] = []
+    remote = _remote(s3, bucket)
+    remote.client.meta.events.register("provide-client-params.s3.ListObjectsV2", lambda params, **_: lists.append(params))
+    monkeypatch.setattr(remote_cache, "MAX_LISTED_PER_KERNEL", 2)  # the good entry sorts after two junk keys
+    with caplog.at_level(logging.WARNING, logger="mlci"):
+        best = remote.best_entries("cpu-fp", [kernel, other])
+    assert [p["Prefix"].rsplit("/", 2)[-2] for p in lists] == [workload_sha(workload_line(k)[1]) for k in (kernel, other)]
+    assert all(p["MaxKeys"] == 2 for p in lists)
+    assert kernel.key not in best  # cut before the good one: no worse than no S3
+    [cut] = [m for m in _warnings(caplog) if "more than 2 entries" in m]
+    assert kernel.name in cut
+
+
 # --- S3 failing: seconds and one warning ------------------------------------------------------
 
 

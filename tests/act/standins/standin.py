@@ -4,8 +4,9 @@ act runs the jobs on this host but cannot download actions (no GitHub here), so 
 actions/setup-python, actions/cache, actions/upload-artifact, actions/download-artifact and
 aws-actions/configure-aws-credentials to these (`act --local-repository`). They keep the contract the
 workflows rely on: inputs, outputs, where files land, and the Actions cache's immutable keys with
-restore-keys prefix matching. Storage lives in directories the test hands over through MLCI_TEST_*
-variables. Standard library only.
+restore-keys prefix matching, scoped by ref as GitHub scopes them (a run restores what its own ref, the
+pull request's base or the default branch saved; never another pull request's or branch's entries).
+Storage lives in directories the test hands over through MLCI_TEST_* variables. Standard library only.
 """
 
 from __future__ import annotations
@@ -61,31 +62,57 @@ def setup_python() -> None:
     _output(**{"python-version": _input("python-version"), "python-path": str(venv / "bin" / "python")})
 
 
-def _cache_root() -> Path:
-    root = Path(os.environ["MLCI_TEST_CACHE"])
+def _cache_root(ref: str | None = None) -> Path:
+    """Where the entries one ref saved live: GitHub scopes each cache entry to the ref whose run saved it."""
+    ref = ref if ref is not None else os.environ.get("GITHUB_REF", "")
+    root = Path(os.environ["MLCI_TEST_CACHE"]) / (ref.replace("/", "_") or "_no_ref")
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
+def _readable_refs() -> list[str]:
+    """GitHub's rule: a run restores entries of its own ref, then of the pull request's base branch, then of the
+    default branch, and never those of another branch or pull request."""
+    import json
+
+    refs = [os.environ.get("GITHUB_REF", "")]
+    if os.environ.get("GITHUB_BASE_REF"):
+        refs.append(f"refs/heads/{os.environ['GITHUB_BASE_REF']}")
+    try:
+        with open(os.environ.get("GITHUB_EVENT_PATH", ""), encoding="utf-8") as f:
+            default = (json.load(f).get("repository") or {}).get("default_branch")
+    except (OSError, ValueError):
+        default = None
+    if default:
+        refs.append(f"refs/heads/{default}")
+    return list(dict.fromkeys(refs))
+
+
 def cache_restore() -> None:
     key, paths = _input("key"), _lines(_input("path"))
-    root = _cache_root()
-    matched = key if (root / key).is_dir() else None
-    if matched is None:
-        for prefix in _lines(_input("restore-keys")):
-            entries = [e for e in root.iterdir() if e.name.startswith(prefix)]
+    matched, where = None, None
+    for ref in _readable_refs():  # the exact key first, in scope order; then each restore key, in scope order
+        if (_cache_root(ref) / key).is_dir():
+            matched, where = key, _cache_root(ref)
+            break
+    for prefix in _lines(_input("restore-keys")) if matched is None else []:
+        for ref in _readable_refs():
+            root = _cache_root(ref)
+            entries = [e for e in root.iterdir() if e.name.startswith(prefix) and not e.name.endswith(".partial")]
             if entries:
-                matched = max(entries, key=lambda e: e.stat().st_mtime_ns).name
+                matched, where = max(entries, key=lambda e: e.stat().st_mtime_ns).name, root
                 break
-    if matched is None:
+        if matched is not None:
+            break
+    if matched is None or where is None:
         print(f"Cache not found for input keys: {key}")
         _output(**{"cache-hit": "false", "cache-primary-key": key})
         return
     for i, path in enumerate(paths):
-        stored = root / matched / str(i)
+        stored = where / matched / str(i)
         if stored.exists():
             _copy(stored, _workspace_path(path))
-    print(f"Cache restored from key: {matched}")
+    print(f"Cache restored from key: {matched} (saved by {where.name})")
     _output(**{"cache-hit": str(matched == key).lower(), "cache-primary-key": key, "cache-matched-key": matched})
 
 
