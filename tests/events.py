@@ -82,3 +82,18 @@ def matrix_outputs(config: Path, tmp: Path, kind: str, *args: str, **extra: str)
         key, _, value = line.partition("=")
         found[key] = value
     return found
+
+
+MIXED_TARGETS = """
+[targets.cpu]
+[targets.arm]
+tvm = { kind = "llvm", mtriple = "aarch64-linux-gnu", mcpu = "neoverse-n1" }
+[targets.lab]
+runs_on = ["self-hosted", "bench-box"]
+[targets.gpu]
+tvm = { kind = "cuda", arch = "sm_86" }
+launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
+[[models]]
+path = "m.onnx"
+"""
+"""A config with a target of every kind of runner: GitHub-hosted x64 and Arm, self-hosted, launched."""

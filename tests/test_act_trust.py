@@ -15,23 +15,11 @@ import pytest
 import yaml
 
 from .conftest import git, new_git_repo
-from .events import FORK
+from .events import FORK, MIXED_TARGETS
 from .test_act_e2e import REPOSITORY, ROOT, run_act, tail, world  # noqa: F401 - world is a fixture
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """\
-[targets.cpu]
-[targets.lab]
-runs_on = ["self-hosted", "bench-box"]
-[targets.gpu]
-tvm = { kind = "cuda", arch = "sm_86" }
-launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
-
-[[models]]
-name = "net"
-path = "models/net.onnx"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def plan_only(world: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     (root / ".github" / "workflows").mkdir(parents=True)
     for name in ("mlci.yml", "mlci-nightly.yml"):
         shutil.copyfile(ROOT / "workflows" / name, root / ".github" / "workflows" / name)
-    (root / "mlci.toml").write_text(CONFIG)
+    (root / "mlci.toml").write_text(MIXED_TARGETS)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "three targets")
     return root, {**world, "action": action}
@@ -73,7 +61,7 @@ def test_the_nightly_on_a_bare_schedule_payload_is_the_default_branch(plan_only:
     assert done.returncode == 0, tail(done, 80)
     assert (outputs.get("trust"), outputs.get("role"), outputs.get("cache"), outputs.get("launch")) == (
         "default-branch", "default-branch", "true", "true"), tail(done, 80)
-    assert outputs["default-branch"] == "main" and outputs["targets"] == "cpu lab gpu"
+    assert outputs["default-branch"] == "main" and outputs["targets"] == "cpu arm lab gpu"
 
 
 def test_a_forks_pull_request_gets_no_role_no_cache_url_no_machine_and_only_hosted_targets(
@@ -89,5 +77,5 @@ def test_a_forks_pull_request_gets_no_role_no_cache_url_no_machine_and_only_host
     assert done.returncode == 0, tail(done, 80)
     assert (outputs.get("trust"), outputs.get("role"), outputs.get("cache"), outputs.get("launch")) == (
         "fork", "none", "false", "false"), tail(done, 80)
-    assert outputs["targets"] == "cpu" and outputs["launch-targets"] == "" and outputs["hosted-targets"] == "cpu"
+    assert outputs["targets"] == "cpu arm" and outputs["launch-targets"] == "" and outputs["hosted-targets"] == "cpu arm"
     assert "target lab does not run for this fork run" in log and "target gpu does not run for this fork run" in log

@@ -11,7 +11,7 @@ import pytest
 from mlci.actions import GitHubContext
 from mlci.policy import Tier, trust_of
 
-from .events import actions_env, matrix_outputs, run_kinds
+from .events import MIXED_TARGETS, actions_env, matrix_outputs, run_kinds
 
 EXPECTED = {
     # kind: (tier, role, cache URL given, may launch, writes the shared tier, registers)
@@ -73,18 +73,7 @@ def test_unknown_events_and_missing_payloads_are_never_trusted() -> None:
     assert trust_of("pull_request", {}, ref="refs/pull/1/merge").tier is Tier.FORK  # no head repository: a fork
 
 
-CONFIG = """
-[targets.cpu]
-[targets.arm]
-tvm = { kind = "llvm", mtriple = "aarch64-linux-gnu", mcpu = "neoverse-n1" }
-[targets.lab]
-runs_on = ["self-hosted", "bench-box"]
-[targets.gpu]
-tvm = { kind = "cuda", arch = "sm_86" }
-launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
-[[models]]
-path = "m.onnx"
-"""
+CONFIG = MIXED_TARGETS
 
 
 def test_mlci_matrix_hands_the_workflow_the_tier_and_role(tmp_path: Path) -> None:

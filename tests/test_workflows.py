@@ -288,19 +288,9 @@ def plan_step_outputs(kind: str) -> dict[str, str]:
     if kind not in _MATRIX_OUTPUTS:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "mlci.toml"
-            config.write_text(PLAN_CONFIG)
+            config.write_text(LAUNCH_CONFIG)
             _MATRIX_OUTPUTS[kind] = matrix_outputs(config, Path(tmp), kind)
     return _MATRIX_OUTPUTS[kind]
-
-
-PLAN_CONFIG = """
-[targets.cpu]
-[targets.gpu]
-tvm = { kind = "cuda", arch = "sm_86" }
-launch = { region = "us-east-1", instance_type = "g5.xlarge", image = "ami-0123456789abcdef0", subnets = ["subnet-0a1b2c3d"] }
-[[models]]
-path = "m.onnx"
-"""
 
 
 def reusable_inputs(**given) -> dict:
