@@ -85,6 +85,7 @@ case "${MLCI_COMMAND:-run}" in
     args=(matrix --config "$MLCI_CONFIG")
     if [ -n "${MLCI_SHARDS:-}" ] && [ "$MLCI_SHARDS" != "0" ]; then args+=(--shards "$MLCI_SHARDS"); fi
     if is_true "${MLCI_FORK_SELF_HOSTED:-}"; then args+=(--fork-self-hosted); fi
+    if [ -n "${MLCI_JOB_MINUTES:-}" ]; then args+=(--job-minutes "$MLCI_JOB_MINUTES"); fi
     ;;
   runner-start)
     # MLCI_RUNNER_TOKEN (a GitHub App or fine-grained token allowed to register runners) and the AWS

@@ -343,6 +343,10 @@ def matrix(
     fork_self_hosted: Annotated[bool, typer.Option(
         "--fork-self-hosted", help="Let a fork's pull request run on self-hosted runners too (never on launched ones)."),
     ] = False,
+    job_minutes: Annotated[int | None, typer.Option(
+        "--job-minutes", min=1, help="The bench jobs' timeout-minutes: warn where a launched machine's max_minutes "
+                                     "is shorter."),
+    ] = None,
 ) -> None:
     """Print the target matrix as JSON (the plan job's `strategy.matrix`): each target with its `runs-on` labels.
 
@@ -355,8 +359,8 @@ def matrix(
     import json
     import os
 
-    from mlci.actions import GitHubContext
-    from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, split_launched
+    from mlci.actions import Annotation, GitHubContext, format_annotation
+    from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, short_dead_man, split_launched
 
     trust = GitHubContext.from_env().trust
     with _exit_codes(ConfigError, MatrixError):
@@ -370,6 +374,10 @@ def matrix(
     err.print(f"trust: {trust.tier} ({trust.reason})", markup=False, highlight=False)
     for name, why in plan.left_out.items():
         err.print(f"target {name} does not run for this {trust.tier} run: {why}", markup=False, highlight=False)
+    for line in short_dead_man(cfg, plan, job_minutes):
+        err.print(f"warning: {line}", markup=False, highlight=False)
+        if trust.tier != "local":
+            err.print(format_annotation(Annotation("warning", "mlci", line)), markup=False, highlight=False)
     hosted, launched = split_launched(plan)
     _github_outputs({"matrix": json.dumps(hosted, separators=(",", ":")),
                      "launch-matrix": json.dumps(launched, separators=(",", ":")),

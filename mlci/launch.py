@@ -280,11 +280,19 @@ def _ago(delta: timedelta) -> str:
 
 # --- the IAM policy -------------------------------------------------------------------------------------------
 
-def iam_policy() -> dict[str, Any]:
+def iam_policy(launches: Iterable[LaunchConfig] = ()) -> dict[str, Any]:
     """The least a role for `mlci runner` needs: launch only instances tagged mlci:managed=true at creation,
     tag only while creating, terminate only mlci's instances, read instances and images. Pass-role for an instance
-    profile is left to the user (name the role they chose)."""
+    profile is left to the user (name the role they chose). Given the config's launch tables, launches are also
+    confined to the instance types and images they name (a pull request's config cannot ask for another machine
+    or a community image with this role)."""
     managed = f"aws:RequestTag/{MANAGED_TAG}"
+    launches = list(launches)
+    condition: dict[str, Any] = {"StringEquals": {managed: "true"}}
+    images = ["arn:aws:ec2:*::image/*"]
+    if launches:
+        condition["StringEquals"]["ec2:InstanceType"] = sorted({launch.instance_type for launch in launches})
+        images = sorted({f"arn:aws:ec2:{launch.region}::image/{launch.image}" for launch in launches})
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -293,14 +301,14 @@ def iam_policy() -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": "ec2:RunInstances",
                 "Resource": ["arn:aws:ec2:*:*:instance/*", "arn:aws:ec2:*:*:volume/*"],
-                "Condition": {"StringEquals": {managed: "true"}},
+                "Condition": condition,
             },
             {
                 "Sid": "MlciLaunchFromImagesAndSubnets",
                 "Effect": "Allow",
                 "Action": "ec2:RunInstances",
                 "Resource": [
-                    "arn:aws:ec2:*::image/*", "arn:aws:ec2:*:*:subnet/*", "arn:aws:ec2:*:*:network-interface/*",
+                    *images, "arn:aws:ec2:*:*:subnet/*", "arn:aws:ec2:*:*:network-interface/*",
                     "arn:aws:ec2:*:*:security-group/*", "arn:aws:ec2:*:*:spot-instances-request/*",
                 ],
             },

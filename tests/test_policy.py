@@ -113,3 +113,19 @@ def test_the_plan_log_says_the_tier_and_which_targets_a_fork_does_not_run(tmp_pa
 
 def test_every_kind_the_tests_use_is_expected() -> None:
     assert set(run_kinds()) == set(EXPECTED)
+
+
+def test_the_plan_warns_where_a_launched_machine_would_power_off_before_its_bench_job_may_end(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlci.cli import app
+
+    config = tmp_path / "mlci.toml"
+    config.write_text(CONFIG.replace('subnets = ["subnet-0a1b2c3d"] }', 'subnets = ["subnet-0a1b2c3d"], max_minutes = 60 }'))
+    env = actions_env(tmp_path, "push to the default branch")
+    long_jobs = CliRunner().invoke(app, ["matrix", "-c", str(config), "--job-minutes", "120"], env=env)
+    assert long_jobs.exit_code == 0
+    assert "::warning title=mlci::targets.gpu.launch.max_minutes = 60" in long_jobs.output
+    assert "shorter than the bench job's timeout-minutes (120)" in long_jobs.output
+    short_jobs = CliRunner().invoke(app, ["matrix", "-c", str(config), "--job-minutes", "45"], env=env)
+    assert short_jobs.exit_code == 0 and "max_minutes" not in short_jobs.output

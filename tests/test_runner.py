@@ -636,3 +636,20 @@ def test_the_policy_lets_mlci_launch_and_terminate_only_what_it_tagged() -> None
     # No wildcard: ec2:Describe* would include DescribeInstanceAttribute, which reads a booting machine's
     # user data (its unused just-in-time runner configuration).
     assert not any("*" in action or "Attribute" in action for action in actions)
+
+
+def test_the_policy_for_a_config_allows_only_its_instance_types_and_images(tmp_path: Path, subnets) -> None:
+    """Given the default branch's config, the printed policy confines RunInstances to the machine types and images
+    its launch tables name: a pull request's config asking for a p5.48xlarge or a community image is refused by IAM."""
+    config = write_config(tmp_path, subnets)
+    result = CliRunner().invoke(app, ["runner", "policy", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    statements = {s["Sid"]: s for s in json.loads(result.stdout)["Statement"]}
+    launch = statements["MlciLaunchTaggedInstances"]["Condition"]["StringEquals"]
+    assert launch == {"aws:RequestTag/mlci:managed": "true", "ec2:InstanceType": ["g5.xlarge"]}
+    images = [r for r in statements["MlciLaunchFromImagesAndSubnets"]["Resource"] if ":image/" in r]
+    assert images == [f"arn:aws:ec2:{REGION}::image/{IMAGE}"]
+    unconfined = {s["Sid"]: s for s in json.loads(CliRunner().invoke(app, ["runner", "policy"]).stdout)["Statement"]}
+    assert "ec2:InstanceType" not in unconfined["MlciLaunchTaggedInstances"]["Condition"]["StringEquals"]
+    (tmp_path / "none.toml").write_text('[targets.cpu]\n[[models]]\npath = "m.onnx"\n')
+    assert CliRunner().invoke(app, ["runner", "policy", "--config", str(tmp_path / "none.toml")]).exit_code == 2

@@ -100,6 +100,22 @@ def build_matrix(config: Config, only: list[str] | None = None, *, run_id: str =
     return plan
 
 
+def short_dead_man(config: Config, plan: Plan, job_minutes: int | None) -> list[str]:
+    """One line per launched target whose dead-man timer (`max_minutes`) is shorter than its bench job may
+    run (`job_minutes`, the workflow's timeout-minutes): the machine would power off under a long job, which
+    the report could only show as a failed target."""
+    if not job_minutes:
+        return []
+    lines = []
+    for entry in plan.include:
+        launch = config.targets[entry["target"]].launch
+        if "launch-id" in entry and launch is not None and launch.max_minutes < job_minutes:
+            lines.append(f"targets.{entry['target']}.launch.max_minutes = {launch.max_minutes} in {config.path} is "
+                         f"shorter than the bench job's timeout-minutes ({job_minutes}): a job that runs that long "
+                         "loses its machine; raise max_minutes or lower timeout-minutes")
+    return lines
+
+
 def split_launched(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     """The matrix of targets on runners that exist, and that of targets whose machine is launched
     (their bench jobs wait for `mlci runner start`, and `mlci runner stop` follows them)."""

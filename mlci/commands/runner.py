@@ -356,8 +356,15 @@ def write_interrupted_results(config: Path, target: str, reason: str, results_di
 
 
 @runner_app.command("policy")
-def policy_command() -> None:
+def policy_command(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Also confine launches to the instance types "
+                                                "and images this config's launch tables name.")] = None,
+) -> None:
     """Print the IAM policy for the role `mlci runner` assumes (GitHub OIDC): launch, tag and terminate only mlci's."""
     from mlci.launch import iam_policy
 
-    print(json.dumps(iam_policy(), indent=2))
+    with _exit_codes():
+        launches = [t.launch for t in load_config(config).targets.values() if t.launch is not None] if config else []
+        if config and not launches:
+            raise UsageError(f"{config}: no target has a launch table")
+    print(json.dumps(iam_policy(launches), indent=2))
