@@ -10,6 +10,7 @@ message (GitHubClient scrubs it) and the user data is never logged.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ GITHUB_DEADLINE_S = 120.0
 
 class RunnerError(Exception):
     """A runner could not be started, stopped or reaped; the message says what and what is left behind."""
+
+
+class SpotReclaimed(RunnerError):
+    """EC2 reclaimed a spot instance before its runner came online (start then tries on-demand)."""
 
 
 def ec2_client(region: str, **kwargs: Any) -> Any:
@@ -190,7 +195,19 @@ def start(request: StartRequest, ec2: Any, github: RunnerGitHub, *, online_timeo
     started = None
     try:
         started = _launch(request, ec2, runner, jit, now, log)
-        _wait_online(started, ec2, github, online_timeout, poll_interval, log, clock, sleep)
+        try:
+            _wait_online(started, ec2, github, online_timeout, poll_interval, log, clock, sleep)
+        except SpotReclaimed as exc:
+            # EC2 took the spot machine back while it booted: that is "no capacity", not a broken image. A fresh
+            # registration (the first one's configuration may have been read) and on-demand of the same type.
+            log(f"{exc}; starting on-demand instead")
+            _terminate(ec2, [started.instance_id], log)  # gone already as EC2 tells it; never left running
+            github.delete(int(runner["id"]))
+            now = clock()
+            runner, jit = github.register(L.runner_name(launch_id, now), [label], request.launch.runner_group_id)
+            on_demand = dataclasses.replace(request, launch=dataclasses.replace(request.launch, spot=False))
+            started = _launch(on_demand, ec2, runner, jit, now, log)
+            _wait_online(started, ec2, github, online_timeout, poll_interval, log, clock, sleep)
         return started
     except BaseException as exc:
         # A RunInstances whose reply was lost may still have launched: look for the launch's tag too.
@@ -290,6 +307,8 @@ def _wait_online(started: Started, ec2: Any, github: RunnerGitHub, timeout: floa
         state = (instances[0].get("State") or {}).get("Name") if instances else "gone"
         if state not in ("pending", "running"):
             reason = (instances[0].get("StateReason") or {}).get("Message", "") if instances else ""
+            if instances and L.interruption(instances) and started.market == "spot":
+                raise SpotReclaimed(f"spot instance {started.instance_id} was reclaimed before its runner came online")
             raise RunnerError(f"instance {started.instance_id} is {state} before its runner came online"
                               + (f" ({reason})" if reason else ""))
         if clock() >= deadline:

@@ -278,6 +278,28 @@ def test_a_runner_that_never_comes_online_is_terminated_and_deleted(moto, gh, su
 
 # --- stop -------------------------------------------------------------------------------------------------------
 
+def test_a_spot_machine_reclaimed_while_it_boots_is_replaced_by_an_on_demand_one(moto, gh, subnets) -> None:
+    """Before its runner is online, EC2 takes the spot instance back: start registers afresh and launches the same
+    type on demand, instead of failing the target."""
+    ec2 = client(moto)
+    faults = Faults(ec2)
+
+    def reclaim_spot(parsed: dict, **_: Any) -> None:
+        for inst in parsed.get("Instances", []):
+            if inst.get("InstanceLifecycle") == "spot" or len(faults.calls) == 1:
+                faults.reclaimed.add(inst["InstanceId"])
+
+    ec2.meta.events.register("after-call.ec2.RunInstances", reclaim_spot)
+    launch_id = new_id()
+    started = run_start(moto, gh, subnets, launch_id, ec2=ec2)
+    assert [("InstanceMarketOptions" in call) for call in faults.calls] == [True, False]  # spot, then on-demand
+    assert started.market == "on-demand" and started.instance_id not in faults.reclaimed
+    (runner,) = gh.runners.values()  # the first registration is gone, the second is online
+    assert runner["name"] == started.runner_name and runner["status"] == "online"
+    runners.stop(launch_id, "gpu", client(moto), github(gh))
+    assert instances(moto, launch_id) == [] and gh.runners == {}
+
+
 def test_a_spot_interruption_is_reported_as_interrupted_not_as_a_failure(moto, gh, subnets, tmp_path, monkeypatch) -> None:
     launch_id = new_id()
     started = run_start(moto, gh, subnets, launch_id)
