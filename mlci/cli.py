@@ -357,10 +357,10 @@ def matrix(
     launches for this run), `targets` (every target expected to report), `hosted-targets`,
     `launch-targets` and `shard-matrix`."""
     import json
-    import os
 
     from mlci.actions import Annotation, GitHubContext, format_annotation
     from mlci.commands.matrix import MatrixError, build_matrix, build_shard_matrix, short_dead_man, split_launched
+    from mlci.policy import Tier
 
     trust = GitHubContext.from_env().trust
     with _exit_codes(ConfigError, MatrixError):
@@ -368,16 +368,14 @@ def matrix(
         plan = build_matrix(cfg, only=target or None, run_id=os.environ.get("GITHUB_RUN_ID") or "local",
                             attempt=os.environ.get("GITHUB_RUN_ATTEMPT") or "1", trust=trust,
                             fork_self_hosted=fork_self_hosted)
-        shard_plan = build_shard_matrix(cfg, shards, only=target or None, trust=trust,
-                                        fork_self_hosted=fork_self_hosted) if trust.may_launch else {"include": []}
+        shard_plan = build_shard_matrix(cfg, shards, only=target or None, trust=trust, fork_self_hosted=fork_self_hosted)
     print(json.dumps(plan.matrix(), separators=(",", ":")))
     err.print(f"trust: {trust.tier} ({trust.reason})", markup=False, highlight=False)
     for name, why in plan.left_out.items():
         err.print(f"target {name} does not run for this {trust.tier} run: {why}", markup=False, highlight=False)
-    for line in short_dead_man(cfg, plan, job_minutes):
-        err.print(f"warning: {line}", markup=False, highlight=False)
-        if trust.tier != "local":
-            err.print(format_annotation(Annotation("warning", "mlci", line)), markup=False, highlight=False)
+    for line in short_dead_man(cfg, plan, job_minutes):  # in Actions, an annotation on the run; else a plain line
+        shown = format_annotation(Annotation("warning", "mlci", line)) if trust.tier is not Tier.LOCAL else f"warning: {line}"
+        err.print(shown, markup=False, highlight=False)
     hosted, launched = split_launched(plan)
     _github_outputs({"matrix": json.dumps(hosted, separators=(",", ":")),
                      "launch-matrix": json.dumps(launched, separators=(",", ":")),

@@ -302,15 +302,15 @@ _UNIX_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_NAME = _TARGET_NAME
 """A model's name becomes file and directory names under .mlci/: no separators, no leading dot."""
+_FRACTIONS = {"threshold", "confidence"}
+_BRANCH_OR_FLAG = {"register"}
+"""Keys that take true, false or a branch name."""
+_POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
 
 def valid_name(name: object) -> bool:
     """A model or target name as the config accepts it (a results file from elsewhere may say anything)."""
     return isinstance(name, str) and _MODEL_NAME.fullmatch(name) is not None
-_FRACTIONS = {"threshold", "confidence"}
-_BRANCH_OR_FLAG = {"register"}
-"""Keys that take true, false or a branch name."""
-_POSITIVE = {"samples", "trials_per_round", "min_sample_ms", "max_seconds", "seconds"}
 
 
 def seconds_from_env(name: str, default: float, environ: Mapping[str, str] | None = None, *,

@@ -67,8 +67,8 @@ def launch_id_problem(launch_id: str) -> str | None:
 def runner_label(launch_id: str, key: str | None) -> str:
     """The one label a job's `runs-on` names: unique to the job, and unguessable, so no other job can ask for
     its machine first. The launch id is printed in logs; the label adds an HMAC of it under `key` (the runner
-    token, a secret the plan and start jobs hold), and travels only in job outputs. Without a key (a local
-    `mlci matrix`) it is the launch id alone."""
+    token, a secret only the start job holds), and travels only as that job's output. Without a key it is the
+    launch id alone."""
     if not key:
         return f"{NAME_PREFIX}{launch_id}"
     return f"{NAME_PREFIX}{launch_id}-{hmac.new(key.encode(), launch_id.encode(), hashlib.sha256).hexdigest()[:20]}"

@@ -97,7 +97,7 @@ class Trust:
 
     def cache_tier(self, *, pr_writes: bool, local_writes: bool) -> tuple[str, bool]:
         """The S3 tier this run reads besides the shared one, and whether it writes it."""
-        if self.tier is Tier.DEFAULT_BRANCH:
+        if self.writes_shared_cache:
             return SHARED_TIER, True
         if self.tier is Tier.PULL_REQUEST and self.pull_request is not None:
             return f"pr-{self.pull_request}", pr_writes

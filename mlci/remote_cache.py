@@ -65,6 +65,8 @@ DEADLINE_ENV = "MLCI_S3_DEADLINE"
 DEFAULT_DEADLINE_S = 20.0
 """Seconds one S3 read of the run's entries, or one write, may take in all (a slow S3 costs this once:
 the level is then off for the run)."""
+FAILED_RUN_SECS = 1e9
+"""MetaSchedule records a candidate that failed to build or run with a huge time (1e10 s)."""
 
 
 def deadline_s() -> float:
@@ -74,8 +76,6 @@ def deadline_s() -> float:
     except ValueError:
         return DEFAULT_DEADLINE_S
     return value if value > 0 and math.isfinite(value) else DEFAULT_DEADLINE_S
-FAILED_RUN_SECS = 1e9
-"""MetaSchedule records a candidate that failed to build or run with a huge time (1e10 s)."""
 
 
 class RemoteCacheError(ValueError):

@@ -40,8 +40,8 @@ MS_LOGGER = "tvm.s_tir.meta_schedule"
 WARMUP_SAMPLES = 100
 """Candidates a fresh cost model sees before it ranks the search's (MetaSchedule's default)."""
 COST_MODEL_FILE = "cost_model.npz"
-"""What MetaSchedule's cost model learned, in arrays only (no pickle; see `TuningCache.save_cost_model`)."""
-"""MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records."""
+"""MetaSchedule's XGBoost cost model and the features it was trained on, kept with the records, in arrays
+only (no pickle; see `TuningCache.save_cost_model`)."""
 BUILDS_DIR = "builds"
 """Compiled libraries, keyed by what they were built from (`mlci.build_cache`)."""
 DEFAULTS_FILE = "default_schedules.json"
@@ -656,7 +656,10 @@ class TuningCache:
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.cost_model.xgb_model import FeatureGroup
 
-        model = ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+        def fresh() -> Any:
+            return ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+
+        model = fresh()
         if not self.cost_model_path.exists():
             return model
         try:
@@ -675,7 +678,7 @@ class TuningCache:
         except Exception as exc:  # noqa: BLE001 - a bad file costs a cold start, never the run
             log.warning("tuning cache %s: the saved cost model could not be read (%s: %s); starting a fresh one",
                         self.cost_model_path, type(exc).__name__, str(exc).strip()[:200])
-            return ms.cost_model.XGBModel(num_tuning_cores=max(1, cores), num_warmup_samples=warmup)
+            return fresh()
         model.data, model.data_size, model.booster = data, sum(len(g.costs) for g in data.values()), booster
         return model
 

@@ -96,6 +96,9 @@ def test_a_forks_pull_request_runs_only_on_githubs_hosted_runners_unless_the_wor
     assert opted_in["targets"] == "cpu arm lab" and opted_in["launch-targets"] == ""  # a launched machine: never
     same = matrix_outputs(config, tmp_path, "same-repository pull request")
     assert same["targets"] == "cpu arm lab gpu" and same["launch-targets"] == "gpu"
+    # shards meet on S3, which a fork's pull request is never given: it gets none, whatever is asked
+    assert matrix_outputs(config, tmp_path, "fork pull request", "--shards", "2")["shard-matrix"] == '{"include":[]}'
+    assert '"shard":"2/2"' in matrix_outputs(config, tmp_path, "same-repository pull request", "--shards", "2")["shard-matrix"]
 
 
 def test_the_plan_log_says_the_tier_and_which_targets_a_fork_does_not_run(tmp_path: Path) -> None:

@@ -128,9 +128,12 @@ def build_shard_matrix(config: Config, shards: int, only: list[str] | None = Non
                        trust: Trust | None = None, fork_self_hosted: bool = False) -> dict[str, Any]:
     """{"include": [{"target", "runs-on", "shard": "K/N"}, ...]}: one `mlci tune --shard K/N` job per
     target and shard, on the runners that target's bench job uses (tuning records are only valid on
-    the machine kind that made them). Empty when `shards` is 0; targets with `launch` are not sharded."""
+    the machine kind that made them). Empty when `shards` is 0, or when the run gets no S3 cache URL (a
+    fork's pull request: the shards' records could not meet); targets with `launch` are not sharded."""
     if shards < 0:
         raise MatrixError(f"--shards {shards}: expected 0 (no sharded tuning) or more")
+    if trust is not None and not trust.uses_cache_url:
+        return {"include": []}
     # A launched machine serves its bench job alone.
     targets, _ = split_launched(build_matrix(config, only, trust=trust, fork_self_hosted=fork_self_hosted))
     return {

@@ -253,9 +253,7 @@ def start_command(
         # machine before its bench job does (see launch.runner_label).
         _write_outputs(values, env)
         if failed:
-            from mlci.runners import RunnerError
-
-            raise RunnerError("; ".join(failed) if len(requests) == 1 else
+            raise runners.RunnerError("; ".join(failed) if len(requests) == 1 else
                               f"{len(failed)} of {len(requests)} machines did not start (their bench jobs fail at "
                               f"once; the others run): " + "; ".join(failed))
 
